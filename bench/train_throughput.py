@@ -1,0 +1,133 @@
+"""Training throughput and MFU of an lmforge config, against Hugging Face in the same process.
+
+For the model section of CONFIG this builds (1) the lmforge model and (2) the same
+architecture as `transformers` LlamaForCausalLM (dense) or MixtralForCausalLM (MoE), trains
+each for the same number of steps with the same optimizer (AdamW), batch and sequence
+length on random tokens, and prints tokens/s, MFU and the lmforge / Hugging Face ratio.
+
+    python bench/train_throughput.py --config configs/quickstart.yaml
+    python bench/train_throughput.py --config configs/quickstart.yaml --set model.moe=null
+    python bench/train_throughput.py --config configs/bench_gpu.yaml --device cuda --compile
+
+MFU uses lmforge's FLOPs-per-token formula for both models (same architecture, same work).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+from lmforge.core.config import apply_overrides, read_yaml
+from lmforge.core.device import autocast_context, resolve_device
+from lmforge.nn.config import ModelConfig
+from lmforge.nn.counting import count_parameters, flops_per_token
+from lmforge.train.throughput import peak_flops
+
+
+def hf_model(cfg: ModelConfig) -> torch.nn.Module:
+    """The same architecture in transformers (Llama for dense, Mixtral for MoE)."""
+    import transformers
+
+    common = dict(
+        vocab_size=cfg.padded_vocab_size, hidden_size=cfg.d_model, num_hidden_layers=cfg.n_layers,
+        num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_kv_heads or cfg.n_heads,
+        max_position_embeddings=cfg.max_seq_len, rms_norm_eps=cfg.norm_eps, rope_theta=cfg.rope_theta,
+        tie_word_embeddings=cfg.tie_embeddings, attn_implementation="sdpa", head_dim=cfg.head_dim,
+    )
+    if cfg.moe is None:
+        return transformers.LlamaForCausalLM(transformers.LlamaConfig(intermediate_size=cfg.resolved_d_ff, **common))
+    moe = cfg.moe
+    return transformers.MixtralForCausalLM(transformers.MixtralConfig(
+        intermediate_size=moe.d_expert or cfg.resolved_d_ff, num_local_experts=moe.n_experts,
+        num_experts_per_tok=moe.top_k, router_aux_loss_coef=moe.load_balance_weight,
+        output_router_logits=True, **common,
+    ))
+
+
+def measure(model: torch.nn.Module, is_hf: bool, args: argparse.Namespace, vocab: int,
+            device: torch.device) -> float:
+    """Tokens per second over ``args.steps`` timed steps after ``args.warmup`` untimed ones."""
+    model = model.to(device).train()
+    if args.compile:
+        model = torch.compile(model)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    gen = torch.Generator().manual_seed(0)
+    batch = torch.randint(0, vocab, (args.batch_size, args.seq_len + 1), generator=gen).to(device)
+    inputs, targets = batch[:, :-1], batch[:, 1:]
+
+    def step() -> None:
+        with autocast_context(device, args.precision):
+            if is_hf:
+                out = model(input_ids=inputs, labels=batch[:, :-1].clone())
+                loss = out.loss + (out.aux_loss if getattr(out, "aux_loss", None) is not None else 0)
+            else:
+                out = model(inputs, targets)
+                loss = out.loss + out.aux_loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for _ in range(args.warmup):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return args.steps * args.batch_size * args.seq_len / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", required=True, help="run config YAML (its model section is used)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], help="dotted override")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=10, help="timed steps")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
+    parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--no-hf", action="store_true", help="skip the Hugging Face comparison")
+    parser.add_argument("--vocab-size", type=int, default=4096)
+    args = parser.parse_args()
+
+    raw = apply_overrides(read_yaml(args.config), args.overrides)
+    model_raw = {**raw.get("model", {}), "vocab_size": args.vocab_size,
+                 "max_seq_len": max(args.seq_len, raw.get("model", {}).get("max_seq_len", 0))}
+    cfg = ModelConfig.from_dict(model_raw, path="model")
+    device = resolve_device(args.device)
+    peak, peak_source = peak_flops(device)
+    fpt = flops_per_token(cfg, args.seq_len)
+    counts = count_parameters(cfg)
+
+    torch.manual_seed(0)
+    ours = measure(cfg.build(), False, args, cfg.vocab_size, device)
+    result = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu x{torch.get_num_threads()} threads",
+        "precision": "bf16 autocast" if device.type == "cuda" and args.precision != "fp32" else "fp32",
+        "compiled": args.compile, "batch_size": args.batch_size, "seq_len": args.seq_len,
+        "params_total": counts.total, "params_active": counts.active, "flops_per_token": fpt,
+        "peak_flops_source": peak_source,
+        "lmforge_tokens_per_s": round(ours, 1),
+        "lmforge_mfu": round(ours * fpt / peak, 4) if peak else None,
+    }
+    if not args.no_hf:
+        torch.manual_seed(0)
+        theirs = measure(hf_model(cfg), True, args, cfg.vocab_size, device)
+        result.update({
+            "hf_model": "MixtralForCausalLM" if cfg.moe else "LlamaForCausalLM",
+            "hf_tokens_per_s": round(theirs, 1),
+            "hf_mfu": round(theirs * fpt / peak, 4) if peak else None,
+            "ratio_lmforge_over_hf": round(ours / theirs, 3),
+        })
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,133 @@
+"""Implementations of the CLI verbs (kept apart from argument parsing)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+from lmforge.core.config import apply_overrides, read_yaml
+from lmforge.core.device import resolve_device
+from lmforge.core.errors import ConfigError
+from lmforge.core.io import atomic_write_json
+from lmforge.core.logging import get_logger
+
+log = get_logger("lmforge.cli")
+
+
+def repo_configs_dir() -> Path:
+    """``configs/`` of the source checkout: presets live there, not in code."""
+    return Path(__file__).resolve().parents[3] / "configs"
+
+
+def find_config(name: str) -> Path:
+    path = Path(name)
+    if path.is_file():
+        return path
+    candidate = repo_configs_dir() / path.name
+    if candidate.is_file():
+        return candidate
+    raise ConfigError(f"config file not found: {name}")
+
+
+def load_run_config(path: str, overrides: list[str]):
+    from lmforge.train.config import RunConfig
+
+    return RunConfig.from_dict(apply_overrides(read_yaml(find_config(path)), overrides))
+
+
+def data_prepare(args: argparse.Namespace) -> int:
+    from lmforge.data.config import DataConfig
+    from lmforge.data.prepare import prepare_data
+
+    raw = apply_overrides(read_yaml(find_config(args.config)), args.overrides)
+    section = raw["data"] if "data" in raw else raw
+    cfg = DataConfig.from_dict(section, path="data" if "data" in raw else "")
+    manifest = prepare_data(cfg, overwrite=args.overwrite)
+    print(json.dumps({k: v for k, v in manifest.items() if k != "config"}, indent=2)[:4000])
+    return 0
+
+
+def _train(cfg, resume: str | None, write_html: bool) -> Path:
+    from lmforge.report import write_report
+    from lmforge.train.trainer import Trainer
+
+    run_dir = Trainer(cfg, resume=resume).fit()
+    if write_html:
+        print(f"report: {write_report(run_dir)}")
+    return run_dir
+
+
+def train(args: argparse.Namespace) -> int:
+    cfg = load_run_config(args.config, args.overrides)
+    _train(cfg, args.resume, not args.no_report)
+    return 0
+
+
+def quickstart(args: argparse.Namespace) -> int:
+    cfg = load_run_config(args.config or "quickstart.yaml", args.overrides)
+    run_dir = Path(cfg.runs_dir) / cfg.name
+    if args.fresh and run_dir.exists():
+        shutil.rmtree(run_dir)
+    resume = "auto" if (run_dir / "metrics.jsonl").exists() else None
+    if resume:
+        log.info("%s exists: resuming it (pass --fresh to start over)", run_dir)
+    run_dir = _train(cfg, resume, write_html=True)
+    final = json.loads((run_dir / "eval" / "final.json").read_text())
+    print("\nheld-out bits-per-byte: " + ", ".join(f"{k} {v:.3f}" for k, v in final["bpb"].items()))
+    for sample in final["samples"]:
+        print(f"\n--- {sample['prompt']!r}\n{sample['prompt']}{sample['text']}")
+    print(f"\nopen {run_dir / 'report.html'}")
+    return 0
+
+
+def evaluate(args: argparse.Namespace) -> int:
+    from lmforge.eval.heldout import evaluate_heldout
+    from lmforge.eval.isolation import isolation_report
+    from lmforge.eval.samples import sample_texts
+    from lmforge.serve.loading import load_for_inference
+    from lmforge.train.config import RunConfig
+
+    device = resolve_device(args.device)
+    model, tokenizer, raw, checkpoint = load_for_inference(args.target, device)
+    cfg = RunConfig.from_dict(raw)
+    data_dir = Path(cfg.data.out_dir)
+    max_tokens = args.max_tokens or cfg.eval.max_tokens_per_domain
+    result = evaluate_heldout(model, data_dir, cfg.train.seq_len, max_tokens, cfg.eval.batch_size, device)
+    result["isolation"] = isolation_report(data_dir)
+    result["samples"] = sample_texts(model, tokenizer, cfg.eval.sample_prompts, cfg.eval.sample_tokens,
+                                     cfg.eval.temperature, cfg.eval.top_k, cfg.eval.seed)
+    result["checkpoint"] = str(checkpoint)
+    out = checkpoint.parent.parent / "eval" / f"{checkpoint.name}.json"
+    atomic_write_json(out, result)
+    print(f"{'domain':<14}{'loss':>10}{'bits/byte':>12}{'tokens':>10}")
+    for domain in result["bpb"]:
+        print(f"{domain:<14}{result['loss'][domain]:>10.4f}{result['bpb'][domain]:>12.4f}{result['tokens'][domain]:>10}")
+    iso = result["isolation"]
+    print(f"isolation: {iso['overlap']} of {iso['heldout_docs']} held-out documents found in training data")
+    print(f"written: {out}")
+    return 0
+
+
+def generate(args: argparse.Namespace) -> int:
+    import torch
+
+    from lmforge.nn.generation import generate as sample
+    from lmforge.serve.loading import load_for_inference
+
+    device = resolve_device(args.device)
+    model, tokenizer, _, _ = load_for_inference(args.target, device)
+    prompt_ids = torch.tensor([tokenizer.encode(args.prompt)], dtype=torch.long, device=device)
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    out = sample(model, prompt_ids, args.max_new_tokens, temperature=args.temperature,
+                 top_k=args.top_k or None, eos_id=tokenizer.eos_id, generator=generator)
+    print(args.prompt + tokenizer.decode(out[0, prompt_ids.shape[1]:].tolist()))
+    return 0
+
+
+def report(args: argparse.Namespace) -> int:
+    from lmforge.report import write_report
+
+    print(f"report: {write_report(Path(args.run))}")
+    return 0

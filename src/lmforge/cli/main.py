@@ -1,0 +1,106 @@
+"""The ``lmforge`` command line: thin verbs over the library.
+
+    lmforge quickstart
+    lmforge data prepare CONFIG [--set key=value ...] [--overwrite]
+    lmforge train CONFIG [--set key=value ...] [--resume auto|PATH]
+    lmforge eval RUN_OR_CHECKPOINT
+    lmforge generate RUN_OR_CHECKPOINT --prompt TEXT
+    lmforge report RUN
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from lmforge.core.errors import LmforgeError
+
+SET_HELP = "override a config value with a dotted key, e.g. --set model.n_layers=8 (repeatable)"
+
+
+def _add_config_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", help="YAML config file (see configs/)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=SET_HELP)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lmforge",
+        description="lmforge: a compact, complete language-model pretraining system.",
+    )
+    verbs = parser.add_subparsers(dest="verb", required=True, metavar="COMMAND")
+
+    quick = verbs.add_parser("quickstart", help="prepare the demo corpus, train a small MoE, evaluate, report",
+                             description="End to end on the demo corpus (Shakespeare, Milton, Python stdlib): "
+                                         "data preparation, tokenizer, shards, a small MoE model, held-out "
+                                         "bits-per-byte, samples and runs/quickstart/report.html.")
+    quick.add_argument("--config", default=None, help="config to run (default: configs/quickstart.yaml)")
+    quick.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=SET_HELP)
+    quick.add_argument("--fresh", action="store_true",
+                       help="delete runs/<name> first, so the quickstart can be rerun from scratch")
+
+    data = verbs.add_parser("data", help="data preparation").add_subparsers(dest="data_verb", required=True, metavar="ACTION")
+    prep = data.add_parser("prepare", help="read sources, dedup, split, train tokenizer, write shards",
+                           description="Prepare the data section of CONFIG (a run config with a `data:` "
+                                       "section, or a data config) into its out_dir. Finished shards are "
+                                       "skipped on rerun.")
+    _add_config_args(prep)
+    prep.add_argument("--overwrite", action="store_true",
+                      help="replace prepared data in out_dir that came from a different config")
+
+    train = verbs.add_parser("train", help="train a model from a run config",
+                             description="Train the model described by CONFIG. Writes runs/<name>/ "
+                                         "(config, metrics.jsonl, TensorBoard, checkpoints, eval).")
+    _add_config_args(train)
+    train.add_argument("--resume", default=None, metavar="auto|PATH",
+                       help="continue a run: 'auto' picks the newest valid checkpoint of runs/<name>, "
+                            "or give a checkpoint directory")
+    train.add_argument("--no-report", action="store_true", help="skip writing report.html at the end")
+
+    ev = verbs.add_parser("eval", help="held-out bits-per-byte per domain, isolation check, samples",
+                          description="Evaluate a run (its newest valid checkpoint) or a checkpoint directory.")
+    ev.add_argument("target", metavar="RUN_OR_CHECKPOINT", help="run directory or checkpoint directory")
+    ev.add_argument("--max-tokens", type=int, default=None, help="held-out tokens per domain (default: the run's eval config)")
+    ev.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
+
+    gen = verbs.add_parser("generate", help="sample text from a trained model",
+                           description="Generate a continuation of --prompt with a KV cache.")
+    gen.add_argument("target", metavar="RUN_OR_CHECKPOINT", help="run directory or checkpoint directory")
+    gen.add_argument("--prompt", required=True, help="text to continue")
+    gen.add_argument("--max-new-tokens", type=int, default=100, help="tokens to generate (default 100)")
+    gen.add_argument("--temperature", type=float, default=0.8, help="sampling temperature; 0 is greedy (default 0.8)")
+    gen.add_argument("--top-k", type=int, default=40, help="sample among the k most likely tokens (default 40; 0 = all)")
+    gen.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    gen.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
+
+    rep = verbs.add_parser("report", help="write runs/<name>/report.html",
+                           description="Render the run's metrics, evaluation, model card and data into one HTML file.")
+    rep.add_argument("run", help="run directory")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from lmforge.cli import commands
+
+    handler = {
+        "quickstart": commands.quickstart,
+        "data": commands.data_prepare,
+        "train": commands.train,
+        "eval": commands.evaluate,
+        "generate": commands.generate,
+        "report": commands.report,
+    }[args.verb]
+    try:
+        return handler(args) or 0
+    except LmforgeError as exc:
+        print(f"lmforge: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("lmforge: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
+

@@ -1,0 +1,26 @@
+"""Evaluation settings: held-out bits-per-byte budget and sampled generations."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from lmforge.core.config import Config
+
+
+@dataclass
+class EvalConfig(Config):
+    max_tokens_per_domain: int = 32768  # held-out tokens scored per domain (first N, fixed)
+    batch_size: int = 8
+    sample_prompts: list[str] = field(
+        default_factory=lambda: ["ROMEO.\n", "def fibonacci(n):\n", "Of Man's first disobedience"]
+    )
+    sample_tokens: int = 64
+    temperature: float = 0.8
+    top_k: int = 40
+    seed: int = 1234                    # sampling has its own generator: eval never moves training RNG
+
+    def __post_init__(self) -> None:
+        if self.max_tokens_per_domain < 1 or self.batch_size < 1:
+            raise ValueError("max_tokens_per_domain and batch_size must be >= 1")
+        if self.temperature < 0:
+            raise ValueError("temperature must be >= 0")

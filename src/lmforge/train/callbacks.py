@@ -1,0 +1,159 @@
+"""Trainer extras as callbacks: throughput/MFU, metrics, progress, evaluation, checkpoints.
+
+Each callback sees the trainer at fixed points and may keep state that is saved in
+checkpoints (``state_dict`` / ``load_state_dict``). They run in list order, so the
+throughput monitor (which adds tokens/s and MFU to a step's metrics) comes first.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any
+
+from lmforge.core.io import atomic_write_json
+from lmforge.core.logging import RateProgress, get_logger
+from lmforge.core.metrics_file import append_metrics
+from lmforge.eval.heldout import evaluate_heldout
+from lmforge.eval.isolation import isolation_report
+from lmforge.eval.samples import sample_texts
+from lmforge.train.checkpoint import save_training_checkpoint
+
+if TYPE_CHECKING:
+    from lmforge.train.trainer import Trainer
+
+log = get_logger(__name__)
+
+
+class Callback:
+    def on_train_start(self, trainer: "Trainer") -> None: ...
+
+    def on_step_end(self, trainer: "Trainer", metrics: dict[str, Any]) -> None: ...
+
+    def on_train_end(self, trainer: "Trainer") -> None:
+        """Called once after the last step of a run that finished."""
+
+    def close(self) -> None:
+        """Release resources; called however the run ended (also on errors)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+def _due(step: int, every: int, last_step: int) -> bool:
+    return step == last_step or (every > 0 and step % every == 0)
+
+
+class ThroughputMonitor(Callback):
+    """Adds tokens/s and MFU (model FLOPs / peak FLOP/s of the device) to each step."""
+
+    def on_step_end(self, trainer: "Trainer", metrics: dict[str, Any]) -> None:
+        seconds = max(metrics["step_time_s"], 1e-9)
+        tokens_per_s = trainer.cfg.train.tokens_per_step * trainer.world_size / seconds
+        metrics["tokens_per_s"] = tokens_per_s
+        peak = trainer.peak_flops
+        metrics["mfu"] = tokens_per_s * trainer.flops_per_token / peak if peak else 0.0
+
+
+class MetricsLogger(Callback):
+    """Writes train records to ``metrics.jsonl`` and TensorBoard every ``log_every`` steps."""
+
+    def __init__(self) -> None:
+        self.writer: Any = None
+
+    def on_train_start(self, trainer: "Trainer") -> None:
+        if trainer.cfg.train.tensorboard and trainer.is_main:
+            from torch.utils.tensorboard import SummaryWriter
+
+            # purge_step drops TensorBoard events past the resume point (they are redone).
+            self.writer = SummaryWriter(str(trainer.run_dir / "tensorboard"), purge_step=trainer.step + 1)
+
+    def on_step_end(self, trainer: "Trainer", metrics: dict[str, Any]) -> None:
+        if not trainer.is_main or not _due(trainer.step, trainer.cfg.train.log_every, trainer.total_steps):
+            return
+        record = {"kind": "train", **metrics, "epochs": trainer.loader.epochs_consumed()}
+        append_metrics(trainer.run_dir / "metrics.jsonl", record)
+        if self.writer is not None:
+            for key, value in metrics.items():
+                if isinstance(value, (int, float)) and key != "step":
+                    self.writer.add_scalar(f"train/{key}", value, trainer.step)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+
+
+class ProgressBar(Callback):
+    def __init__(self) -> None:
+        self.bar: RateProgress | None = None
+
+    def on_train_start(self, trainer: "Trainer") -> None:
+        self.bar = RateProgress(f"train {trainer.cfg.name}", trainer.total_steps, unit="tokens")
+        self.bar.progress.update(self.bar.task, completed=trainer.step)
+        self.bar.__enter__()
+
+    def on_step_end(self, trainer: "Trainer", metrics: dict[str, Any]) -> None:
+        assert self.bar is not None
+        self.bar.advance(1, units=trainer.cfg.train.tokens_per_step * trainer.world_size,
+                         loss=f"{metrics['loss']:.3f}")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.__exit__()
+            self.bar = None
+
+
+class HeldoutEvaluator(Callback):
+    """Held-out loss and bits-per-byte per domain every ``eval_every`` steps and at the end.
+
+    At the end it also samples text and writes ``eval/final.json`` with the isolation check.
+    """
+
+    def _evaluate(self, trainer: "Trainer") -> dict[str, Any]:
+        ecfg = trainer.cfg.eval
+        result = evaluate_heldout(
+            trainer.model, trainer.data_dir, trainer.cfg.train.seq_len, ecfg.max_tokens_per_domain,
+            batch_size=ecfg.batch_size, device=trainer.device, precision=trainer.cfg.train.precision,
+        )
+        record = {"kind": "eval", "step": trainer.step, "tokens": trainer.tokens, **result}
+        append_metrics(trainer.run_dir / "metrics.jsonl", record)
+        bpb = ", ".join(f"{k} {v:.3f}" for k, v in result["bpb"].items())
+        log.info("step %d held-out bits-per-byte: %s", trainer.step, bpb)
+        return record
+
+    def on_step_end(self, trainer: "Trainer", metrics: dict[str, Any]) -> None:
+        every = trainer.cfg.train.eval_every
+        if trainer.is_main and every > 0 and trainer.step % every == 0 and trainer.step != trainer.total_steps:
+            self._evaluate(trainer)
+
+    def on_train_end(self, trainer: "Trainer") -> None:
+        if not trainer.is_main:
+            return
+        record = self._evaluate(trainer)
+        ecfg = trainer.cfg.eval
+        record["isolation"] = isolation_report(trainer.data_dir)
+        record["samples"] = sample_texts(
+            trainer.model, trainer.tokenizer, ecfg.sample_prompts, ecfg.sample_tokens,
+            ecfg.temperature, ecfg.top_k, ecfg.seed,
+        )
+        atomic_write_json(trainer.run_dir / "eval" / "final.json", record)
+
+
+class Checkpointer(Callback):
+    """Saves a full training checkpoint every ``checkpoint_every`` steps and at the end."""
+
+    def on_step_end(self, trainer: "Trainer", metrics: dict[str, Any]) -> None:
+        if trainer.is_main and _due(trainer.step, trainer.cfg.train.checkpoint_every, trainer.total_steps):
+            start = time.perf_counter()
+            save_training_checkpoint(
+                trainer.run_dir / "checkpoints", trainer.step, trainer.model, trainer.optimizer,
+                trainer.trainer_state(), trainer.cfg.to_yaml(), trainer.data_dir / "tokenizer.json",
+                trainer.cfg.train.keep_checkpoints,
+            )
+            log.debug("checkpoint at step %d in %.2fs", trainer.step, time.perf_counter() - start)
+
+
+def default_callbacks() -> list[Callback]:
+    return [ThroughputMonitor(), MetricsLogger(), ProgressBar(), Checkpointer(), HeldoutEvaluator()]

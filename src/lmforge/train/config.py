@@ -1,0 +1,65 @@
+"""The run config: data + model + optimizer + training + evaluation, as one YAML file."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from lmforge.core.config import Config
+from lmforge.data.config import DataConfig
+from lmforge.eval.config import EvalConfig
+from lmforge.nn.config import ModelConfig
+from lmforge.optim.config import OptimConfig
+
+
+@dataclass
+class TrainConfig(Config):
+    steps: int = 200                 # optimizer steps
+    batch_size: int = 16             # sequences per micro-batch (per process)
+    grad_accum_steps: int = 1        # micro-batches per optimizer step
+    seq_len: int = 128
+    grad_clip: float = 1.0           # max global grad norm; 0 disables clipping
+    seed: int = 0
+    device: str = "auto"             # auto | cpu | cuda | cuda:N
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
+    compile: bool = False            # torch.compile the model
+    activation_checkpointing: bool = False
+    log_every: int = 10              # steps between metrics.jsonl / TensorBoard records
+    eval_every: int = 100            # steps between held-out evaluations (0: only at the end)
+    checkpoint_every: int = 100      # steps between checkpoints (0: only at the end)
+    keep_checkpoints: int = 3        # keep the newest K checkpoints
+    tensorboard: bool = True
+
+    def __post_init__(self) -> None:
+        for key in ("steps", "batch_size", "grad_accum_steps", "seq_len", "log_every", "keep_checkpoints"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
+        for key in ("eval_every", "checkpoint_every"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"{key} must be >= 0, got {getattr(self, key)}")
+        if self.grad_clip < 0:
+            raise ValueError("grad_clip must be >= 0")
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.batch_size * self.grad_accum_steps * self.seq_len
+
+
+@dataclass
+class RunConfig(Config):
+    name: str = "run"
+    runs_dir: str = "runs"
+    data: DataConfig = field(default_factory=lambda: DataConfig.from_dict(
+        {"sources": [{"name": "literature", "kind": "demo_literature"}]}))  # type: ignore[arg-type]
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def __post_init__(self) -> None:
+        if not self.name or "/" in self.name:
+            raise ValueError(f"name must be a non-empty directory name, got {self.name!r}")
+        if self.train.seq_len > self.model.max_seq_len:
+            raise ValueError(
+                f"train.seq_len ({self.train.seq_len}) exceeds model.max_seq_len ({self.model.max_seq_len})"
+            )

@@ -1,0 +1,97 @@
+"""Shared fixtures: a tiny two-domain corpus and a tiny run config, built offline."""
+
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+os.environ.setdefault("LMFORGE_PROGRESS", "0")
+
+WORDS = (
+    "the king queen sword castle river night morning love war peace crown ghost storm "
+    "island letter garden honour shadow friend enemy ship sea fire stone bird song"
+).split()
+
+
+def _prose(rng: random.Random) -> str:
+    lines = []
+    for _ in range(rng.randint(20, 40)):
+        words = [rng.choice(WORDS) for _ in range(rng.randint(4, 10))]
+        lines.append(" ".join(words).capitalize() + rng.choice([".", "!", "?", ","]))
+    return "\n".join(lines) + "\n"
+
+
+def _code(rng: random.Random) -> str:
+    lines = []
+    for i in range(rng.randint(4, 8)):
+        name = "_".join(rng.sample(WORDS, 2))
+        lines += [f"def {name}(x, y={i}):", f"    return x * {rng.randint(1, 9)} + y", ""]
+    return "\n".join(lines)
+
+
+@pytest.fixture(scope="session")
+def tiny_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Two domains of synthetic text (plus one exact duplicate file) in a temp folder."""
+    root = tmp_path_factory.mktemp("corpus")
+    rng = random.Random(0)
+    for domain, make in (("prose", _prose), ("code", _code)):
+        folder = root / domain
+        folder.mkdir()
+        for i in range(40):
+            (folder / f"doc_{i:03d}.txt").write_text(make(rng))
+    (root / "prose" / "doc_dup.txt").write_text((root / "prose" / "doc_000.txt").read_text())
+    return root
+
+
+def tiny_run_dict(tmp_path: Path, corpus: Path, **sections: dict) -> dict:
+    cfg = {
+        "name": "tiny",
+        "runs_dir": str(tmp_path / "runs"),
+        "data": {
+            "out_dir": str(tmp_path / "data"),
+            "vocab_size": 320,
+            "heldout_fraction": 0.2,
+            "num_workers": 1,
+            "sources": [
+                {"name": "prose", "kind": "files", "path": str(corpus / "prose")},
+                {"name": "code", "kind": "files", "path": str(corpus / "code")},
+            ],
+        },
+        "model": {"d_model": 32, "n_layers": 2, "n_heads": 2, "n_kv_heads": 1, "max_seq_len": 32,
+                  "moe": {"n_experts": 4, "top_k": 2}},
+        "optim": {"lr": 0.003, "warmup_steps": 2},
+        "train": {"steps": 12, "batch_size": 4, "seq_len": 32, "log_every": 1, "eval_every": 6,
+                  "checkpoint_every": 4, "keep_checkpoints": 2, "tensorboard": False},
+        "eval": {"max_tokens_per_domain": 256, "sample_tokens": 8, "sample_prompts": ["the "]},
+    }
+    for key, value in sections.items():
+        if isinstance(value, dict) and isinstance(cfg.get(key), dict):
+            cfg[key] = {**cfg[key], **value}
+        else:
+            cfg[key] = value
+    return cfg
+
+
+def write_config(path: Path, cfg: dict) -> Path:
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def run_cli(*args: str, env: dict | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, "LMFORGE_PROGRESS": "0", "OMP_NUM_THREADS": "1", **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "lmforge", *args], capture_output=True, text=True, env=full_env,
+        cwd=cwd, timeout=600,
+    )
+
+
+@pytest.fixture(autouse=True)
+def _single_thread() -> None:
+    torch.set_num_threads(1)
