@@ -84,3 +84,21 @@ def test_truncated_checkpoint_gets_clear_error_and_auto_resume_falls_back(runs, 
     result = run_cli("eval", str(run))
     assert result.returncode == 0, result.stderr
     assert "step_0000008" in result.stdout
+
+
+def test_generate_and_report_commands(runs):
+    run = runs[0] / "a"
+    result = run_cli("generate", str(run), "--prompt", "the king", "--max-new-tokens", "5", "--temperature", "0")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("the king")
+    (run / "report.html").unlink()
+    result = run_cli("report", str(run))
+    assert result.returncode == 0, result.stderr
+    assert (run / "report.html").is_file()
+
+
+def test_fresh_run_refuses_existing_run_dir(runs):
+    config = runs[0].parent / "a.yaml"
+    result = run_cli("train", str(config))
+    assert result.returncode == 2
+    assert "already holds a run" in result.stderr

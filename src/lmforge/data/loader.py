@@ -1,0 +1,140 @@
+"""Training batches from a mixture of sources, and fixed held-out windows for evaluation.
+
+Batch ``i`` is a pure function of ``(seed, i)``: the loader's whole position is one
+integer, so resuming from a checkpoint continues the exact same token stream, and each
+rank takes its own slice of one global batch so ranks never draw the same rows.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+
+from lmforge.core.errors import DataError
+from lmforge.core.logging import get_logger
+from lmforge.data.shards import ShardSet, load_manifest
+
+log = get_logger(__name__)
+EPOCH_WARNING = 4.0  # past ~4 epochs repeated tokens are worth much less (Muennighoff et al. 2023)
+
+
+class MixtureLoader:
+    """Each row: pick a source by weight, then a random window of ``seq_len + 1`` of its tokens.
+
+    ``weights=None`` samples sources in proportion to their token counts (the natural mix);
+    sources given weight 0 or left out of ``weights`` are not sampled.
+    """
+
+    def __init__(self, data_dir: str | Path, seq_len: int, batch_size: int, seed: int,
+                 weights: dict[str, float] | None = None, split: str = "train",
+                 rank: int = 0, world_size: int = 1):
+        if seq_len < 1 or batch_size < 1 or seed < 0 or not 0 <= rank < world_size:
+            raise ValueError(f"bad loader arguments: seq_len={seq_len}, batch_size={batch_size}, "
+                             f"seed={seed}, rank={rank}, world_size={world_size}")
+        manifest = load_manifest(data_dir)
+        sets = {name: ShardSet(data_dir, split, name, manifest) for name in manifest["sources"]}
+        if weights is None:
+            weights = {name: float(len(s)) for name, s in sets.items()}
+        unknown = sorted(set(weights) - set(sets))
+        if unknown:
+            raise DataError(f"{data_dir}: mixture weights name unknown sources {unknown} "
+                            f"(prepared sources: {', '.join(sets)})")
+        if any(w < 0 for w in weights.values()):
+            raise DataError(f"mixture weights must be >= 0, got {weights}")
+        self._names = sorted(name for name, w in weights.items() if w > 0)
+        if not self._names:
+            raise DataError(f"mixture weights select no source: {weights}")
+        for name in self._names:
+            if len(sets[name]) < seq_len + 1:
+                raise DataError(f"source {name!r} has {len(sets[name])} {split} tokens, fewer than "
+                                f"seq_len + 1 = {seq_len + 1}; lower its weight to 0 or add data")
+        total = sum(weights[n] for n in self._names)
+        self._probs = np.array([weights[n] / total for n in self._names])
+        self._sets = {n: sets[n] for n in self._names}
+        self.seq_len, self.batch_size, self.seed = seq_len, batch_size, seed
+        self.rank, self.world_size = rank, world_size
+        self.batch_index = 0
+        self._tokens_drawn = {n: 0 for n in self._names}
+        self._warned: set[str] = set()
+
+    def domains(self) -> list[str]:
+        return list(self._names)
+
+    def weights(self) -> dict[str, float]:
+        return {n: float(p) for n, p in zip(self._names, self._probs)}
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(inputs, targets), LongTensors [batch_size, seq_len]; targets are inputs shifted by one."""
+        rng = np.random.default_rng([self.seed, self.batch_index])
+        global_rows = self.batch_size * self.world_size
+        # Every rank draws the whole global batch (cheap) and keeps its own slice.
+        choices = rng.choice(len(self._names), size=global_rows, p=self._probs)
+        positions = rng.random(global_rows)
+        for k, count in zip(*np.unique(choices, return_counts=True)):
+            self._tokens_drawn[self._names[k]] += int(count) * self.seq_len
+        windows = []
+        for row in range(self.rank * self.batch_size, (self.rank + 1) * self.batch_size):
+            tokens = self._sets[self._names[choices[row]]]
+            start = int(positions[row] * (len(tokens) - self.seq_len))
+            windows.append(tokens.get(start, self.seq_len + 1))
+        self.batch_index += 1
+        self._warn_repeats()
+        batch = torch.from_numpy(np.stack(windows).astype(np.int64))
+        return batch[:, :-1].contiguous(), batch[:, 1:].contiguous()
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        while True:
+            yield self.next_batch()
+
+    def epochs_consumed(self) -> dict[str, float]:
+        """Tokens drawn so far (by all ranks) over tokens available, per source."""
+        return {n: self._tokens_drawn[n] / len(self._sets[n]) for n in self._names}
+
+    def _warn_repeats(self) -> None:
+        for name, epochs in self.epochs_consumed().items():
+            if epochs > EPOCH_WARNING and name not in self._warned:
+                self._warned.add(name)
+                log.warning("source %r has been repeated %.1f times: beyond ~%g epochs extra repeats "
+                            "add little; consider more data or a lower weight", name, epochs, EPOCH_WARNING)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"batch_index": self.batch_index, "seed": self.seed, "seq_len": self.seq_len,
+                "batch_size": self.batch_size, "world_size": self.world_size,
+                "tokens_drawn": dict(self._tokens_drawn)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for key in ("seed", "seq_len", "batch_size", "world_size"):
+            if key in state and state[key] != getattr(self, key):
+                log.warning("loader state was saved with %s=%s, now %s: the batch stream will differ "
+                            "from the original run", key, state[key], getattr(self, key))
+        self.batch_index = int(state["batch_index"])
+        drawn = state.get("tokens_drawn", {})
+        self._tokens_drawn = {n: int(drawn.get(n, 0)) for n in self._names}
+        self._warned = {n for n, e in self.epochs_consumed().items() if e > EPOCH_WARNING}
+
+
+def heldout_windows(data_dir: str | Path, source: str, seq_len: int, max_tokens: int | None = None,
+                    batch_size: int = 8) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Contiguous windows over the first ``max_tokens`` held-out tokens of ``source``.
+
+    Window k covers tokens [k*seq_len, (k+1)*seq_len + 1), so every token after the first
+    is a target exactly once. Full windows come in batches of up to ``batch_size``; the
+    final partial window (fewer than seq_len targets) is kept, as a last batch [1, r].
+    """
+    tokens = ShardSet(data_dir, "heldout", source)
+    n = len(tokens) if max_tokens is None else min(len(tokens), max_tokens)
+    if n < 2:
+        return
+    data = torch.from_numpy(tokens.get(0, n).astype(np.int64))
+    n_full = (n - 1) // seq_len
+    for first in range(0, n_full, batch_size):
+        rows = range(first, min(first + batch_size, n_full))
+        batch = torch.stack([data[k * seq_len:(k + 1) * seq_len + 1] for k in rows])
+        yield batch[:, :-1].contiguous(), batch[:, 1:].contiguous()
+    start = n_full * seq_len
+    if start < n - 1:
+        tail = data[start:n]
+        yield tail[:-1].unsqueeze(0), tail[1:].unsqueeze(0)

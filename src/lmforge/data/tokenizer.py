@@ -1,0 +1,118 @@
+"""Byte-level BPE tokenizer (Hugging Face ``tokenizers``), trained on the training split only.
+
+Byte-level means every string is encodable (no unknown token) and every token id stands
+for an exact byte string, which is what makes bits-per-byte comparable across tokenizers.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import decoders, models, pre_tokenizers, trainers
+
+from lmforge.core.errors import DataError
+from lmforge.core.io import atomic_write_text
+
+EOS = "<|endoftext|>"
+
+
+@functools.lru_cache(maxsize=1)
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte -> printable character table, the alphabet ByteLevel BPE tokens are spelled in.
+
+    Printable Latin-1 bytes map to themselves; the other 68 bytes are shifted to
+    code points 256+ so no token contains whitespace or control characters.
+    """
+    printable = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+                 + list(range(ord("®"), ord("ÿ") + 1)))
+    table, shifted = {}, 0
+    for byte in range(256):
+        if byte in printable:
+            table[byte] = chr(byte)
+        else:
+            table[byte] = chr(256 + shifted)
+            shifted += 1
+    return table
+
+
+class Tokenizer:
+    """A thin wrapper: train, save/load, encode/decode, and per-token byte lengths."""
+
+    def __init__(self, hf_tokenizer: HFTokenizer):
+        self._tok = hf_tokenizer
+        # Text that happens to contain "<|endoftext|>" is encoded as plain bytes, so a
+        # document can never inject an end-of-document marker into the token stream.
+        self._tok.encode_special_tokens = True
+        eos_id = self._tok.token_to_id(EOS)
+        if eos_id is None:
+            raise DataError(f"tokenizer has no {EOS} token")
+        self._eos_id = eos_id
+
+    @classmethod
+    def train(cls, texts: Iterable[str], vocab_size: int, length: int | None = None) -> "Tokenizer":
+        tok = HFTokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size, special_tokens=[EOS], show_progress=False,
+            # All 256 bytes from the start, so any text is encodable even if unseen.
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        )
+        tok.train_from_iterator(texts, trainer, length=length)
+        return cls(tok)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Tokenizer":
+        path = Path(path)
+        if not path.is_file():
+            raise DataError(f"tokenizer not found: {path}")
+        try:
+            return cls(HFTokenizer.from_file(str(path)))
+        except Exception as exc:  # the Rust side raises plain Exception on bad JSON
+            raise DataError(f"{path}: not a valid tokenizer file ({exc})") from exc
+
+    def save(self, path: str | Path) -> Path:
+        return atomic_write_text(path, self.to_json())
+
+    def to_json(self) -> str:
+        return self._tok.to_str()
+
+    @property
+    def sha256(self) -> str:
+        return hashlib.sha256(self.to_json().encode("utf-8")).hexdigest()
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tok.get_vocab_size()
+
+    @property
+    def eos_id(self) -> int:
+        return self._eos_id
+
+    def encode(self, text: str) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=False)]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        # Special tokens (eos) stand for no bytes, so they decode to nothing.
+        return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)
+
+    def token_byte_lengths(self) -> np.ndarray:
+        """int64 [vocab_size]: UTF-8 bytes each token id stands for (0 for special tokens)."""
+        char_to_byte = {ch: b for b, ch in bytes_to_unicode().items()}
+        special = {t.content for t in self._tok.get_added_tokens_decoder().values() if t.special}
+        lengths = np.zeros(self.vocab_size, dtype=np.int64)
+        for token, index in self._tok.get_vocab(with_added_tokens=True).items():
+            if token in special:
+                continue
+            if any(ch not in char_to_byte for ch in token):
+                raise DataError(f"token {index} ({token!r}) is not in the byte-level alphabet")
+            lengths[index] = len(token)  # one alphabet character per byte
+        return lengths

@@ -1,0 +1,94 @@
+"""Reading users' data: text folders, JSONL, Parquet, local Hugging Face datasets, limits, errors."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+
+from lmforge.core.errors import DataError
+from lmforge.data.config import SourceConfig
+from lmforge.data.sources import iter_documents
+
+
+@pytest.fixture
+def records():
+    """Warnings from lmforge loggers (they do not propagate to the root, so caplog misses them)."""
+    seen: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = seen.append  # type: ignore[method-assign]
+    logger = logging.getLogger("lmforge")
+    logger.addHandler(handler)
+    yield seen
+    logger.removeHandler(handler)
+
+
+def _read(**kwargs):
+    return list(iter_documents(SourceConfig(name="s", **kwargs)))
+
+
+def test_text_folder_sorted_with_default_globs(tmp_path):
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "b.txt").write_text("bee")
+    (tmp_path / "sub" / "a.md").write_text("ay")
+    (tmp_path / "skip.py").write_text("nope")
+    docs = _read(kind="files", path=str(tmp_path))
+    assert [(d.doc_id, d.text, d.source) for d in docs] == [("b.txt", "bee", "s"), ("sub/a.md", "ay", "s")]
+    assert [d.doc_id for d in _read(kind="files", path=str(tmp_path), glob="*.py")] == ["skip.py"]
+
+
+def test_limits_cut_a_deterministic_prefix(tmp_path):
+    for i in range(10):
+        (tmp_path / f"{i}.txt").write_text("x" * 100)
+    assert len(_read(kind="files", path=str(tmp_path), max_documents=3)) == 3
+    # The document crossing max_bytes is kept: 250 bytes -> 3 documents of 100.
+    docs = _read(kind="files", path=str(tmp_path), max_bytes=250)
+    assert [d.doc_id for d in docs] == ["0.txt", "1.txt", "2.txt"]
+
+
+def test_missing_path_is_named(tmp_path):
+    missing = str(tmp_path / "nowhere")
+    for kind in ("files", "jsonl", "parquet", "hf"):
+        with pytest.raises(DataError, match="nowhere.* does not exist"):
+            _read(kind=kind, path=missing)
+
+
+def test_jsonl_bad_lines_skipped_and_counted(tmp_path, records):
+    path = tmp_path / "data.jsonl"
+    lines = [json.dumps({"body": "one"}), "{broken", json.dumps({"other": 1}), "", json.dumps({"body": "two"})]
+    path.write_text("\n".join(lines) + "\n")
+    docs = _read(kind="jsonl", path=str(path), text_field="body")
+    assert [(d.text, d.doc_id) for d in docs] == [("one", "data.jsonl:1"), ("two", "data.jsonl:5")]
+    warnings = [r.getMessage() for r in records if r.levelno == logging.WARNING]
+    assert any("data.jsonl: skipped 2 bad line(s) (first: line 2: not valid JSON)" in w for w in warnings)
+
+
+def test_jsonl_without_usable_documents_fails(tmp_path):
+    path = tmp_path / "empty.jsonl"
+    path.write_text(json.dumps({"title": "no text"}) + "\n")
+    with pytest.raises(DataError, match="empty.jsonl: no usable documents"):
+        _read(kind="jsonl", path=str(path))
+
+
+def test_parquet(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"content": ["alpha", None, "gamma"], "n": [1, 2, 3]}), tmp_path / "p.parquet")
+    docs = _read(kind="parquet", path=str(tmp_path), text_field="content")
+    assert [(d.text, d.doc_id) for d in docs] == [("alpha", "p.parquet:0"), ("gamma", "p.parquet:2")]
+    with pytest.raises(DataError, match="no column 'text'"):
+        _read(kind="parquet", path=str(tmp_path))
+
+
+def test_local_hf_dataset_saved_to_disk(tmp_path):
+    import datasets
+
+    datasets.Dataset.from_dict({"text": ["first doc", "second doc"], "id": [1, 2]}).save_to_disk(tmp_path / "ds")
+    docs = _read(kind="hf", path=str(tmp_path / "ds"))
+    assert [d.text for d in docs] == ["first doc", "second doc"]
+    datasets.DatasetDict({"validation": datasets.Dataset.from_dict({"text": ["v"]})}).save_to_disk(tmp_path / "dd")
+    assert [d.text for d in _read(kind="hf", path=str(tmp_path / "dd"), split="validation")] == ["v"]
+    with pytest.raises(DataError, match="no split 'train'"):
+        _read(kind="hf", path=str(tmp_path / "dd"))
