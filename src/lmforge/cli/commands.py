@@ -45,7 +45,15 @@ def data_prepare(args: argparse.Namespace) -> int:
     section = raw["data"] if "data" in raw else raw
     cfg = DataConfig.from_dict(section, path="data" if "data" in raw else "")
     manifest = prepare_data(cfg, overwrite=args.overwrite)
-    print(json.dumps({k: v for k, v in manifest.items() if k != "config"}, indent=2)[:4000])
+    print(f"{'source':<14}{'split':<9}{'documents':>10}{'tokens':>12}{'bytes':>13}{'duplicates':>12}")
+    for name, splits in manifest["sources"].items():
+        dups = manifest.get("pipeline", {}).get(name, {}).get("removed_duplicates", 0)
+        for split, info in splits.items():
+            print(f"{name:<14}{split:<9}{info['documents']:>10}{info['tokens']:>12}{info['bytes']:>13}"
+                  f"{dups if split == 'train' else '':>12}")
+    iso = manifest["isolation"]
+    print(f"isolation: {iso['overlap']} of {iso['heldout_docs']} held-out documents in the training split")
+    print(f"written: {cfg.out_dir}/manifest.json")
     return 0
 
 
