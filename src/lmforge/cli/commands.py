@@ -58,11 +58,12 @@ def data_prepare(args: argparse.Namespace) -> int:
 
 
 def _train(cfg, resume: str | None, write_html: bool) -> Path:
-    from lmforge.report import write_report
     from lmforge.train.trainer import Trainer
 
     run_dir = Trainer(cfg, resume=resume).fit()
     if write_html:
+        from lmforge.report import write_report
+
         print(f"report: {write_report(run_dir)}")
     return run_dir
 

@@ -117,7 +117,11 @@ class HeldoutEvaluator(Callback):
             trainer.model, trainer.data_dir, trainer.cfg.train.seq_len, ecfg.max_tokens_per_domain,
             batch_size=ecfg.batch_size, device=trainer.device, precision=trainer.cfg.train.precision,
         )
-        record = {"kind": "eval", "step": trainer.step, "tokens": trainer.tokens, **result}
+        record = {
+            "kind": "eval", "step": trainer.step, "tokens": trainer.tokens,
+            "loss": result["loss"], "bpb": result["bpb"],
+            "eval_tokens": result["tokens"], "eval_bytes": result["bytes"],
+        }
         append_metrics(trainer.run_dir / "metrics.jsonl", record)
         bpb = ", ".join(f"{k} {v:.3f}" for k, v in result["bpb"].items())
         log.info("step %d held-out bits-per-byte: %s", trainer.step, bpb)

@@ -131,7 +131,7 @@ class Trainer:
             # Average over micro-batches so accumulation matches one large batch.
             ((out.loss + out.aux_loss) / cfg.grad_accum_steps).backward()
             loss_sum += out.loss.item()
-            aux_sum += float(out.aux_loss)
+            aux_sum += out.aux_loss.item()
             moe_metrics = out.moe_metrics
         grad_norm = torch.nn.utils.clip_grad_norm_(
             self.model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf")

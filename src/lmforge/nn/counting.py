@@ -1,0 +1,72 @@
+"""Exact parameter and FLOP counts from a ModelConfig alone (no model is built).
+
+These feed the model card, MFU and scaling-law fits. Tests check them against
+``sum(p.numel())`` of built models.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from lmforge.nn.config import ModelConfig
+
+
+@dataclass(frozen=True)
+class ParameterCounts:
+    total: int          # every stored parameter (a tied embedding counted once)
+    active: int         # parameters one token passes through: shared + its top_k routed experts
+    embedding: int      # token embedding rows, padding included
+    lm_head: int        # output head when untied (0 when tied: it is the embedding)
+    non_embedding: int  # total - embedding - lm_head
+
+
+def _swiglu(d_model: int, d_hidden: int) -> int:
+    return 3 * d_model * d_hidden
+
+
+def _layer_counts(cfg: ModelConfig, index: int) -> tuple[int, int]:
+    """(total, active) parameters of block ``index``."""
+    attention = cfg.d_model * cfg.head_dim * (2 * cfg.n_heads + 2 * cfg.kv_heads)
+    if cfg.qk_norm:
+        attention += 2 * cfg.head_dim
+    norms = 2 * cfg.d_model
+    if not cfg.is_moe_layer(index):
+        dense = attention + norms + _swiglu(cfg.d_model, cfg.resolved_d_ff)
+        return dense, dense
+    moe = cfg.moe
+    assert moe is not None
+    expert = _swiglu(cfg.d_model, cfg.d_expert)
+    shared = attention + norms + cfg.d_model * moe.n_experts + moe.n_shared_experts * expert
+    return shared + moe.n_experts * expert, shared + moe.top_k * expert
+
+
+def count_parameters(cfg: ModelConfig) -> ParameterCounts:
+    embedding = cfg.padded_vocab_size * cfg.d_model
+    lm_head = 0 if cfg.tie_embeddings else embedding
+    layers = [_layer_counts(cfg, i) for i in range(cfg.n_layers)]
+    body_total = sum(t for t, _ in layers) + cfg.d_model  # + final norm
+    body_active = sum(a for _, a in layers) + cfg.d_model
+    total = embedding + lm_head + body_total
+    return ParameterCounts(
+        total=total,
+        active=embedding + lm_head + body_active,
+        embedding=embedding,
+        lm_head=lm_head,
+        non_embedding=body_total,
+    )
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int) -> int:
+    """Training FLOPs per token (forward + backward).
+
+        FLOPs/token = 6 * N + 12 * n_layers * n_heads * head_dim * seq_len
+
+    N is the active non-embedding parameter count plus the LM-head matrix
+    (d_model * padded_vocab, counted even when tied, because its matmul is real compute;
+    the embedding lookup is not). The router counts in N. The second term is attention's
+    QK^T and AV matmuls (2 matmuls * 2 FLOPs per multiply-add * 3 for forward+backward),
+    without discounting the causal mask, as in PaLM (Chowdhery et al. 2022, appendix B).
+    """
+    counts = count_parameters(cfg)
+    n = counts.active - counts.embedding - counts.lm_head + cfg.d_model * cfg.padded_vocab_size
+    return 6 * n + 12 * cfg.n_layers * cfg.n_heads * cfg.head_dim * seq_len
