@@ -1,1 +1,5 @@
-"""lmforge.report"""
+"""lmforge.report: one self-contained HTML page per run."""
+
+from lmforge.report.html import write_report
+
+__all__ = ["write_report"]

@@ -1,0 +1,129 @@
+"""Render ``report.html``: one self-contained page (inline CSS, plots as base64 PNG)."""
+
+from __future__ import annotations
+
+import datetime
+from html import escape
+from pathlib import Path
+from typing import Any
+
+from lmforge.core.io import atomic_write_text
+from lmforge.report import plots
+from lmforge.report.run_data import RunData, load_run
+
+STYLE = """
+body{font-family:system-ui,sans-serif;max-width:980px;margin:2em auto;padding:0 1em;color:#222}
+h1{font-size:1.6em}h2{border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:1.6em}
+table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ddd;padding:.3em .7em;text-align:right}
+th{background:#f4f4f4}td:first-child,th:first-child{text-align:left}
+img{max-width:100%}pre{background:#f7f7f7;padding:.8em;overflow-x:auto;white-space:pre-wrap}
+.note{color:#777;font-size:.9em}.grid{display:grid;grid-template-columns:1fr 1fr;gap:.5em}
+"""
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return escape(str(value))
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> str:
+    head = "".join(f"<th>{escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{_fmt(c)}</td>" for c in row) + "</tr>" for row in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def _img(data: str | None, alt: str) -> str:
+    return f'<img alt="{escape(alt)}" src="data:image/png;base64,{data}">' if data else ""
+
+
+def _summary(run: RunData) -> str:
+    rows: list[list[Any]] = []
+    if run.train:
+        last = run.train[-1]
+        rows += [["final train loss", last["loss"]], ["steps", last["step"]], ["tokens trained", last.get("tokens", 0)]]
+        rates = [r["tokens_per_s"] for r in run.train if "tokens_per_s" in r]
+        if rates:
+            rows.append(["mean tokens/s", sum(rates) / len(rates)])
+            mfus = [r.get("mfu", 0.0) for r in run.train]
+            rows.append(["mean MFU", f"{100 * sum(mfus) / len(mfus):.2f}%"])
+    final = run.final or (run.evals[-1] if run.evals else None)
+    if final:
+        for domain, value in final.get("bpb", {}).items():
+            rows.append([f"held-out bits/byte: {domain}", value])
+    if run.model_card:
+        params = run.model_card.get("params", {})
+        rows += [["parameters (total)", params.get("total", "?")], ["parameters (active/token)", params.get("active", "?")],
+                 ["FLOPs per token (training)", run.model_card.get("flops_per_token", "?")]]
+    return _table(["", "value"], rows)
+
+
+def _model_card(card: dict[str, Any] | None) -> str:
+    if not card:
+        return '<p class="note">no model card</p>'
+    params = card.get("params", {})
+    rows = [["architecture", card.get("architecture", "")]] + [[f"parameters: {k}", v] for k, v in params.items()]
+    rows += [["FLOPs per token", card.get("flops_per_token", "")], ["formula", card.get("flops_per_token_formula", "")],
+             ["sequence length", card.get("seq_len", "")], ["vocabulary", card.get("vocab_size", "")],
+             ["device", card.get("device", "")], ["MFU measured against", card.get("peak_flops_source", "")]]
+    return _table(["", ""], rows)
+
+
+def _data(manifest: dict[str, Any] | None, final: dict[str, Any] | None) -> str:
+    if not manifest:
+        return '<p class="note">no data manifest</p>'
+    rows = []
+    pipeline = manifest.get("pipeline", {})
+    for source, splits in manifest.get("sources", {}).items():
+        dups = pipeline.get(source, {}).get("removed_duplicates", "")
+        for split, info in splits.items():
+            if isinstance(info, dict):
+                rows.append([source, split, info.get("documents", ""), info.get("tokens", ""), info.get("bytes", ""),
+                             dups if split == "train" else ""])
+    out = _table(["source", "split", "documents", "tokens", "bytes", "exact duplicates removed"], rows)
+    iso = (final or {}).get("isolation") or manifest.get("isolation")
+    if iso:
+        out += (f"<p>Isolation check: {iso.get('overlap', '?')} of {iso.get('heldout_docs', '?')} held-out "
+                "documents found in the training data (documents are split by a hash of their content).</p>")
+    return out
+
+
+def _samples(final: dict[str, Any] | None) -> str:
+    samples = (final or {}).get("samples") or []
+    if not samples:
+        return '<p class="note">no samples</p>'
+    return "".join(f"<pre><b>{escape(s['prompt'])}</b>{escape(s['text'])}</pre>" for s in samples)
+
+
+def render(run: RunData) -> str:
+    name = run.path.name
+    figures = [
+        _img(plots.loss_plot(run), "loss"), _img(plots.bpb_plot(run), "bits per byte"),
+        _img(plots.throughput_plot(run), "throughput"), _img(plots.expert_load_plot(run), "expert load"),
+        _img(plots.lr_plot(run), "learning rate"),
+    ]
+    version = run.code_version or {}
+    dirty = " (with uncommitted changes, see code.diff)" if version.get("dirty") else ""
+    notes = "".join(f"<li>{escape(n)}</li>" for n in run.notes)
+    return f"""<!doctype html><html><head><meta charset="utf-8"><title>lmforge run {escape(name)}</title>
+<style>{STYLE}</style></head><body>
+<h1>lmforge run: {escape(name)}</h1>
+<p class="note">report written {datetime.datetime.now().isoformat(timespec="seconds")} from {escape(str(run.path))}</p>
+<h2>Summary</h2>{_summary(run)}
+<h2>Curves</h2><div class="grid">{"".join(f"<div>{f}</div>" for f in figures if f)}</div>
+<h2>Model card</h2>{_model_card(run.model_card)}
+<h2>Data</h2>{_data(run.manifest, run.final)}
+<h2>Samples</h2>{_samples(run.final)}
+<h2>Code version</h2><p>lmforge {escape(str(version.get("version", "?")))}, commit
+<code>{escape(str(version.get("commit")))}</code>{dirty}</p>
+<h2>Config</h2><details><summary>resolved config.yaml</summary><pre>{escape(run.config_yaml or "(missing)")}</pre></details>
+{f"<h2>Notes</h2><ul>{notes}</ul>" if notes else ""}
+</body></html>
+"""
+
+
+def write_report(run_dir: Path) -> Path:
+    run = load_run(Path(run_dir))
+    return atomic_write_text(run.path / "report.html", render(run))

@@ -1,0 +1,104 @@
+"""Matplotlib figures for the report, returned as base64 PNG strings."""
+
+from __future__ import annotations
+
+import base64
+import io
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from lmforge.report.run_data import RunData  # noqa: E402
+
+
+def _encode(fig: plt.Figure) -> str:
+    buffer = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buffer, format="png", dpi=110)
+    plt.close(fig)
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def loss_plot(run: RunData) -> str | None:
+    if not run.train:
+        return None
+    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    steps = [r["step"] for r in run.train]
+    ax.plot(steps, [r["loss"] for r in run.train], label="train loss (nats/token)")
+    if any(r.get("aux_loss") for r in run.train):
+        ax.plot(steps, [r.get("aux_loss", 0.0) for r in run.train], label="MoE auxiliary loss")
+    for domain in sorted({d for r in run.evals for d in r.get("loss", {})}):
+        points = [(r["step"], r["loss"][domain]) for r in run.evals if domain in r.get("loss", {})]
+        ax.plot(*zip(*points), "o--", label=f"held-out loss: {domain}")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title("Loss")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    return _encode(fig)
+
+
+def bpb_plot(run: RunData) -> str | None:
+    domains = sorted({d for r in run.evals for d in r.get("bpb", {})})
+    if not domains:
+        return None
+    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    for domain in domains:
+        points = [(r["step"], r["bpb"][domain]) for r in run.evals if domain in r.get("bpb", {})]
+        ax.plot(*zip(*points), "o-", label=domain)
+    ax.set_xlabel("step")
+    ax.set_ylabel("bits per byte")
+    ax.set_title("Held-out bits-per-byte by domain")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    return _encode(fig)
+
+
+def throughput_plot(run: RunData) -> str | None:
+    rows = [r for r in run.train if "tokens_per_s" in r]
+    if not rows:
+        return None
+    fig, ax = plt.subplots(figsize=(6.4, 3.2))
+    steps = [r["step"] for r in rows]
+    ax.plot(steps, [r["tokens_per_s"] for r in rows], color="tab:green")
+    ax.set_xlabel("step")
+    ax.set_ylabel("tokens/s", color="tab:green")
+    mfu = ax.twinx()
+    mfu.plot(steps, [100 * r.get("mfu", 0.0) for r in rows], color="tab:purple", alpha=0.7)
+    mfu.set_ylabel("MFU (%)", color="tab:purple")
+    ax.set_title("Throughput")
+    ax.grid(alpha=0.3)
+    return _encode(fig)
+
+
+def expert_load_plot(run: RunData) -> str | None:
+    rows = [r for r in run.train if r.get("moe/expert_load")]
+    if not rows:
+        return None
+    n_experts = len(rows[0]["moe/expert_load"])
+    fig, ax = plt.subplots(figsize=(6.4, 3.2))
+    steps = [r["step"] for r in rows]
+    for i in range(n_experts):
+        ax.plot(steps, [r["moe/expert_load"][i] for r in rows], label=f"expert {i}")
+    ax.axhline(1 / n_experts, color="black", linestyle=":", label="balanced")
+    ax.set_xlabel("step")
+    ax.set_ylabel("share of token slots")
+    ax.set_title("MoE expert load (mean over MoE layers)")
+    ax.legend(fontsize=7, ncol=2)
+    ax.grid(alpha=0.3)
+    return _encode(fig)
+
+
+def lr_plot(run: RunData) -> str | None:
+    rows = [r for r in run.train if "lr" in r]
+    if not rows:
+        return None
+    fig, ax = plt.subplots(figsize=(6.4, 2.6))
+    ax.plot([r["step"] for r in rows], [r["lr"] for r in rows])
+    ax.set_xlabel("step")
+    ax.set_ylabel("learning rate")
+    ax.set_title("Learning-rate schedule")
+    ax.grid(alpha=0.3)
+    return _encode(fig)

@@ -1,0 +1,69 @@
+"""Read a run directory into one structure for the report (missing parts become None)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from lmforge.core.errors import LmforgeError
+from lmforge.core.metrics_file import read_metrics
+
+
+@dataclass
+class RunData:
+    path: Path
+    config_yaml: str | None
+    train: list[dict[str, Any]]
+    evals: list[dict[str, Any]]
+    model_card: dict[str, Any] | None
+    manifest: dict[str, Any] | None
+    final: dict[str, Any] | None
+    code_version: dict[str, Any] | None
+    notes: list[str] = field(default_factory=list)
+
+
+def _last_per_step(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    # A resumed run re-logs the steps it redoes; the later record is the one that counts.
+    by_step = {r["step"]: r for r in records if "step" in r}
+    return [by_step[s] for s in sorted(by_step)]
+
+
+def _json(path: Path, notes: list[str]) -> dict[str, Any] | None:
+    if not path.is_file():
+        notes.append(f"{path.name} not found")
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        notes.append(f"{path.name} unreadable ({exc})")
+        return None
+
+
+def load_run(path: Path) -> RunData:
+    path = Path(path)
+    if not path.is_dir():
+        raise LmforgeError(f"run directory not found: {path}")
+    metrics = path / "metrics.jsonl"
+    if not metrics.is_file():
+        raise LmforgeError(f"{path}: no metrics.jsonl (not a run directory, or the run never logged)")
+    records = read_metrics(metrics)
+    notes: list[str] = []
+    config = path / "config.yaml"
+    config_yaml = config.read_text() if config.is_file() else None
+    if config_yaml is not None:
+        yaml.safe_load(config_yaml)  # fail early on a corrupt config
+    return RunData(
+        path=path,
+        config_yaml=config_yaml,
+        train=_last_per_step([r for r in records if r.get("kind") == "train"]),
+        evals=_last_per_step([r for r in records if r.get("kind") == "eval"]),
+        model_card=_json(path / "model_card.json", notes),
+        manifest=_json(path / "data_manifest.json", notes),
+        final=_json(path / "eval" / "final.json", notes),
+        code_version=_json(path / "code_version.json", notes),
+        notes=notes,
+    )
