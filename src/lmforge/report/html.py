@@ -72,8 +72,7 @@ def _model_card(card: dict[str, Any] | None) -> str:
 
 
 def _data(manifest: dict[str, Any] | None, final: dict[str, Any] | None) -> str:
-    if not manifest:
-        return '<p class="note">no data manifest</p>'
+    manifest = manifest or {}
     rows = []
     pipeline = manifest.get("pipeline", {})
     for source, splits in manifest.get("sources", {}).items():
@@ -82,7 +81,8 @@ def _data(manifest: dict[str, Any] | None, final: dict[str, Any] | None) -> str:
             if isinstance(info, dict):
                 rows.append([source, split, info.get("documents", ""), info.get("tokens", ""), info.get("bytes", ""),
                              dups if split == "train" else ""])
-    out = _table(["source", "split", "documents", "tokens", "bytes", "exact duplicates removed"], rows)
+    out = (_table(["source", "split", "documents", "tokens", "bytes", "exact duplicates removed"], rows)
+           if rows else '<p class="note">no data manifest</p>')
     iso = (final or {}).get("isolation") or manifest.get("isolation")
     if iso:
         out += (f"<p>Isolation check: {iso.get('overlap', '?')} of {iso.get('heldout_docs', '?')} held-out "

@@ -1,0 +1,54 @@
+"""report.html from a synthetic run directory, and tolerant metrics reading."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from lmforge.core.errors import LmforgeError
+from lmforge.core.metrics_file import append_metrics, read_metrics
+from lmforge.report import write_report
+
+
+def _run_dir(tmp_path):
+    run = tmp_path / "demo-run"
+    (run / "eval").mkdir(parents=True)
+    (run / "config.yaml").write_text("name: demo-run\n")
+    for step in range(1, 21):
+        append_metrics(run / "metrics.jsonl", {
+            "kind": "train", "step": step, "tokens": step * 512, "loss": 8 - step * 0.1, "aux_loss": 0.02,
+            "lr": 1e-3, "grad_norm": 1.0, "tokens_per_s": 5000.0, "mfu": 0.2,
+            "moe/expert_load": [0.25, 0.3, 0.2, 0.25],
+        })
+        if step % 10 == 0:
+            append_metrics(run / "metrics.jsonl", {"kind": "eval", "step": step, "tokens": step * 512,
+                                                   "loss": {"verse": 6.0, "python": 5.5},
+                                                   "bpb": {"verse": 2.3456, "python": 1.9876}})
+    with open(run / "metrics.jsonl", "a") as handle:
+        handle.write('{"kind": "train", "step": 21, "lo')  # killed mid-write
+    (run / "model_card.json").write_text(json.dumps({
+        "architecture": "test", "params": {"total": 1000, "active": 600}, "flops_per_token": 3600,
+        "peak_flops_source": "measured"}))
+    (run / "eval" / "final.json").write_text(json.dumps({
+        "bpb": {"verse": 2.3456, "python": 1.9876}, "isolation": {"overlap": 0, "heldout_docs": 7},
+        "samples": [{"prompt": "x", "text": "<script>alert(1)</script>"}]}))
+    return run
+
+
+def test_read_metrics_skips_truncated_last_line(tmp_path):
+    records = read_metrics(_run_dir(tmp_path) / "metrics.jsonl")
+    assert len(records) == 22 and records[-1]["step"] == 20
+
+
+def test_report_has_plots_numbers_and_escapes_samples(tmp_path):
+    html = write_report(_run_dir(tmp_path)).read_text()
+    assert html.count("data:image/png;base64,") >= 4  # loss, bpb, throughput, expert load, lr
+    assert "verse" in html and "python" in html and "2.346" in html
+    assert "<script>alert" not in html and "&lt;script&gt;" in html
+    assert "0 of 7 held-out" in html
+
+
+def test_report_on_missing_run_is_a_clear_error(tmp_path):
+    with pytest.raises(LmforgeError, match="run directory not found"):
+        write_report(tmp_path / "nope")
