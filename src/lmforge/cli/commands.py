@@ -60,8 +60,13 @@ def data_prepare(args: argparse.Namespace) -> int:
 def _train(cfg, resume: str | None, write_html: bool) -> Path:
     from lmforge.train.trainer import Trainer
 
-    run_dir = Trainer(cfg, resume=resume).fit()
-    if write_html:
+    from lmforge.core import distributed
+
+    try:
+        run_dir = Trainer(cfg, resume=resume).fit()
+    finally:
+        distributed.shutdown()
+    if write_html and distributed.is_main_process():
         from lmforge.report import write_report
 
         print(f"report: {write_report(run_dir)}")

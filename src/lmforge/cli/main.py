@@ -6,6 +6,7 @@
     lmforge eval RUN_OR_CHECKPOINT
     lmforge generate RUN_OR_CHECKPOINT --prompt TEXT
     lmforge report RUN
+    lmforge scaling fit CSV | lmforge scaling plan --compute C
 """
 
 from __future__ import annotations
@@ -56,6 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="continue a run: 'auto' picks the newest valid checkpoint of runs/<name>, "
                             "or give a checkpoint directory")
     train.add_argument("--no-report", action="store_true", help="skip writing report.html at the end")
+    train.add_argument("--max-restarts", type=int, default=0, metavar="N",
+                       help="supervise the run: after a crash, restart it from its newest valid checkpoint, "
+                            "at most N times (default 0: no supervisor). Multi-process runs: use torchrun's "
+                            "--max-restarts instead")
 
     ev = verbs.add_parser("eval", help="held-out bits-per-byte per domain, isolation check, samples",
                           description="Evaluate a run (its newest valid checkpoint) or a checkpoint directory.")
@@ -76,11 +81,26 @@ def build_parser() -> argparse.ArgumentParser:
     rep = verbs.add_parser("report", help="write runs/<name>/report.html",
                            description="Render the run's metrics, evaluation, model card and data into one HTML file.")
     rep.add_argument("run", help="run directory")
+
+    from lmforge.scaling.cli import add_scaling_parser
+
+    add_scaling_parser(verbs)
     return parser
 
 
+def _run_scaling(args: argparse.Namespace) -> int:
+    from lmforge.scaling.cli import run_scaling
+
+    return run_scaling(args)
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
+    if args.verb == "train" and args.max_restarts > 0:
+        from lmforge.train.supervisor import drop_option, supervise
+
+        return supervise(drop_option(argv[1:], "--max-restarts"), args.max_restarts, args.resume)
     from lmforge.cli import commands
 
     handler = {
@@ -90,15 +110,21 @@ def main(argv: list[str] | None = None) -> int:
         "eval": commands.evaluate,
         "generate": commands.generate,
         "report": commands.report,
+        "scaling": _run_scaling,
     }[args.verb]
     try:
-        return handler(args) or 0
+        code = handler(args) or 0
     except LmforgeError as exc:
         print(f"lmforge: error: {exc}", file=sys.stderr)
-        return 2
+        code = getattr(exc, "exit_code", 2)
     except KeyboardInterrupt:
         print("lmforge: interrupted", file=sys.stderr)
-        return 130
+        code = 130
+    from lmforge.core import distributed
+
+    if distributed.joined():
+        distributed.exit_process(code)
+    return code
 
 
 if __name__ == "__main__":

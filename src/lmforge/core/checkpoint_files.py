@@ -125,14 +125,51 @@ def safe_torch_load(path: Path) -> Any:
         raise CheckpointError(f"{path}: refused or unreadable ({type(exc).__name__}: {exc})") from exc
 
 
-def load_safetensors_weights(model: torch.nn.Module, checkpoint: Path) -> None:
-    """Load ``checkpoint/model.safetensors`` into ``model``; any mismatch is a CheckpointError."""
-    from safetensors.torch import load_model
+def alias_groups(model: torch.nn.Module) -> list[list[str]]:
+    """Names that share one parameter (e.g. tied embedding and output head), in model order."""
+    groups: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        groups.setdefault(id(param), []).append(name)
+    return [names for names in groups.values() if len(names) > 1]
+
+
+def save_weights(state_dict: dict[str, torch.Tensor], path: Path, aliases: list[list[str]]) -> None:
+    """Write a full state dict as safetensors, storing each shared tensor once (first name)."""
+    from safetensors.torch import save_file
+
+    skip = {name for names in aliases for name in names[1:]}
+    tensors = {k: v.detach().contiguous() for k, v in state_dict.items() if k not in skip}
+    save_file(tensors, str(path), metadata={"format": "pt"})
+
+
+def read_weights(path: Path, aliases: list[list[str]]) -> dict[str, torch.Tensor]:
+    """Read a safetensors weights file (no code can run) and fill in shared-tensor aliases."""
+    from safetensors.torch import load_file
 
     try:
-        missing, unexpected = load_model(model, str(checkpoint / "model.safetensors"), strict=False)
-    except Exception as exc:  # safetensors raises several types for bad headers / shapes
-        raise CheckpointError(f"{checkpoint}/model.safetensors: cannot load ({exc})") from exc
+        tensors = load_file(str(path))
+    except Exception as exc:  # safetensors raises several types for bad headers
+        raise CheckpointError(f"{path}: cannot read weights ({exc})") from exc
+    for names in aliases:
+        present = [n for n in names if n in tensors]
+        if present:
+            for name in names:
+                tensors.setdefault(name, tensors[present[0]])
+    return tensors
+
+
+def load_safetensors_weights(model: torch.nn.Module, checkpoint: Path) -> None:
+    """Load ``checkpoint/model.safetensors`` into a plain model; any mismatch is a CheckpointError."""
+    tensors = read_weights(checkpoint / "model.safetensors", alias_groups(model))
+    check_weight_names(model.state_dict().keys(), tensors.keys(), checkpoint)
+    try:
+        model.load_state_dict(tensors, strict=True)
+    except RuntimeError as exc:  # shape mismatches
+        raise CheckpointError(f"{checkpoint}: weights do not fit the model ({exc})") from exc
+
+
+def check_weight_names(expected: Any, found: Any, checkpoint: Path) -> None:
+    missing, unexpected = set(expected) - set(found), set(found) - set(expected)
     if missing or unexpected:
         raise CheckpointError(
             f"{checkpoint}: weights do not match the model (missing {sorted(missing)[:5]}, "

@@ -10,13 +10,13 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING, Any
 
+from lmforge.core.errors import CheckpointError
 from lmforge.core.io import atomic_write_json
 from lmforge.core.logging import RateProgress, get_logger
 from lmforge.core.metrics_file import append_metrics
 from lmforge.eval.heldout import evaluate_heldout
 from lmforge.eval.isolation import isolation_report
 from lmforge.eval.samples import sample_texts
-from lmforge.train.checkpoint import save_training_checkpoint
 
 if TYPE_CHECKING:
     from lmforge.train.trainer import Trainer
@@ -50,7 +50,7 @@ class ThroughputMonitor(Callback):
 
     def on_step_end(self, trainer: "Trainer", metrics: dict[str, Any]) -> None:
         seconds = max(metrics["step_time_s"], 1e-9)
-        tokens_per_s = trainer.cfg.train.tokens_per_step * trainer.world_size / seconds
+        tokens_per_s = trainer.cfg.train.tokens_per_step / seconds  # global tokens
         metrics["tokens_per_s"] = tokens_per_s
         peak = trainer.peak_flops
         metrics["mfu"] = tokens_per_s * trainer.flops_per_token / peak if peak else 0.0
@@ -90,13 +90,16 @@ class ProgressBar(Callback):
         self.bar: RateProgress | None = None
 
     def on_train_start(self, trainer: "Trainer") -> None:
+        if not trainer.is_main:
+            return
         self.bar = RateProgress(f"train {trainer.cfg.name}", trainer.total_steps, unit="tokens")
         self.bar.progress.update(self.bar.task, completed=trainer.step)
         self.bar.__enter__()
 
     def on_step_end(self, trainer: "Trainer", metrics: dict[str, Any]) -> None:
-        assert self.bar is not None
-        self.bar.advance(1, units=trainer.cfg.train.tokens_per_step * trainer.world_size,
+        if self.bar is None:
+            return
+        self.bar.advance(1, units=trainer.cfg.train.tokens_per_step,
                          loss=f"{metrics['loss']:.3f}")
 
     def close(self) -> None:
@@ -111,10 +114,14 @@ class HeldoutEvaluator(Callback):
     At the end it also samples text and writes ``eval/final.json`` with the isolation check.
     """
 
+    @staticmethod
+    def _takes_part(trainer: "Trainer") -> bool:
+        return trainer.is_main or trainer.eval_on_all_ranks
+
     def _evaluate(self, trainer: "Trainer") -> dict[str, Any]:
         ecfg = trainer.cfg.eval
         result = evaluate_heldout(
-            trainer.model, trainer.data_dir, trainer.cfg.train.seq_len, ecfg.max_tokens_per_domain,
+            trainer.eval_model, trainer.data_dir, trainer.cfg.train.seq_len, ecfg.max_tokens_per_domain,
             batch_size=ecfg.batch_size, device=trainer.device, precision=trainer.cfg.train.precision,
         )
         record = {
@@ -122,6 +129,8 @@ class HeldoutEvaluator(Callback):
             "loss": result["loss"], "bpb": result["bpb"],
             "eval_tokens": result["tokens"], "eval_bytes": result["bytes"],
         }
+        if not trainer.is_main:
+            return record
         append_metrics(trainer.run_dir / "metrics.jsonl", record)
         bpb = ", ".join(f"{k} {v:.3f}" for k, v in result["bpb"].items())
         log.info("step %d held-out bits-per-byte: %s", trainer.step, bpb)
@@ -129,34 +138,50 @@ class HeldoutEvaluator(Callback):
 
     def on_step_end(self, trainer: "Trainer", metrics: dict[str, Any]) -> None:
         every = trainer.cfg.train.eval_every
-        if trainer.is_main and every > 0 and trainer.step % every == 0 and trainer.step != trainer.total_steps:
+        if self._takes_part(trainer) and every > 0 and trainer.step % every == 0 and trainer.step != trainer.total_steps:
             self._evaluate(trainer)
 
     def on_train_end(self, trainer: "Trainer") -> None:
-        if not trainer.is_main:
+        if not self._takes_part(trainer):
             return
         record = self._evaluate(trainer)
         ecfg = trainer.cfg.eval
-        record["isolation"] = isolation_report(trainer.data_dir)
         record["samples"] = sample_texts(
-            trainer.model, trainer.tokenizer, ecfg.sample_prompts, ecfg.sample_tokens,
+            trainer.eval_model, trainer.tokenizer, ecfg.sample_prompts, ecfg.sample_tokens,
             ecfg.temperature, ecfg.top_k, ecfg.seed,
         )
+        if not trainer.is_main:
+            return
+        record["isolation"] = isolation_report(trainer.data_dir)
         atomic_write_json(trainer.run_dir / "eval" / "final.json", record)
 
 
 class Checkpointer(Callback):
-    """Saves a full training checkpoint every ``checkpoint_every`` steps and at the end."""
+    """Saves a full training checkpoint every ``checkpoint_every`` steps and at the end.
+
+    Collective (every rank takes part; rank 0 writes). Each save is logged as a
+    ``checkpoint`` record with its duration. A failed periodic save (disk full, I/O error)
+    is logged and training goes on — the previous checkpoints are untouched and the next
+    save tries again; a failed final save is an error.
+    """
 
     def on_step_end(self, trainer: "Trainer", metrics: dict[str, Any]) -> None:
-        if trainer.is_main and _due(trainer.step, trainer.cfg.train.checkpoint_every, trainer.total_steps):
-            start = time.perf_counter()
-            save_training_checkpoint(
-                trainer.run_dir / "checkpoints", trainer.step, trainer.model, trainer.optimizer,
-                trainer.trainer_state(), trainer.cfg.to_yaml(), trainer.data_dir / "tokenizer.json",
-                trainer.cfg.train.keep_checkpoints,
-            )
-            log.debug("checkpoint at step %d in %.2fs", trainer.step, time.perf_counter() - start)
+        if not _due(trainer.step, trainer.cfg.train.checkpoint_every, trainer.total_steps):
+            return
+        start = time.perf_counter()
+        record: dict[str, Any] = {"kind": "checkpoint", "step": trainer.step}
+        try:
+            path = trainer.save_checkpoint()
+        except CheckpointError as exc:
+            if trainer.step == trainer.total_steps:
+                raise
+            log.error("%s", exc)
+            record["error"] = str(exc)
+        else:
+            record["path"] = str(path)
+        record["seconds"] = time.perf_counter() - start
+        if trainer.is_main:
+            append_metrics(trainer.run_dir / "metrics.jsonl", record)
 
 
 def default_callbacks() -> list[Callback]:

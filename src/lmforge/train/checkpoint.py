@@ -1,9 +1,19 @@
-"""Save and restore everything needed to continue a run bit-for-bit.
+"""Save and restore everything needed to continue a run bit-for-bit, at any world size.
 
-Files in each checkpoint: ``model.safetensors`` (weights), ``optimizer.pt`` (optimizer
-state), ``trainer_state.pt`` (step, tokens, data-loader position, RNG states, callback
-state), ``config.yaml`` and ``tokenizer.json`` (so a checkpoint is self-contained for
-eval and generation). ``.pt`` files are plain containers loaded with weights_only=True.
+Files in each checkpoint: ``model.safetensors`` (full weights), ``optimizer.pt`` (full
+optimizer state keyed by parameter name), ``trainer_state.pt`` (step, tokens, data-loader
+position, RNG states, guard and callback state), ``config.yaml`` and ``tokenizer.json`` (so
+a checkpoint is self-contained for eval and generation). ``.pt`` files are plain containers
+loaded with ``weights_only=True``.
+
+State dicts go through ``torch.distributed.checkpoint.state_dict``: with DDP or FSDP2 the
+full (unsharded) weights and optimizer state are gathered to rank 0, which writes them; on
+load rank 0 reads and broadcasts, and each rank keeps its own shard. Because the files hold
+full tensors keyed by name, a run saved with 2 ranks resumes with 1 and the other way.
+Why not DCP's sharded ``FileSystemWriter``: its ``.metadata`` file is read back with
+``pickle.load``, which would let a checkpoint run code; lmforge loads only safetensors and
+weights-only files. Gathering to rank 0 bounds the model size by one host's memory, which
+covers the models this project trains; sharded safetensors is the path beyond that.
 """
 
 from __future__ import annotations
@@ -13,28 +23,44 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_model
 from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
 
+from lmforge.core import distributed
 from lmforge.core.checkpoint_files import (
-    load_safetensors_weights,
+    alias_groups,
+    check_weight_names,
     prune_checkpoints,
+    read_weights,
     safe_torch_load,
+    save_weights,
     verify_checkpoint_dir,
     write_checkpoint_dir,
 )
 from lmforge.core.errors import CheckpointError
 
+FORMAT = "lmforge-2"
+
+
+def unwrap_compiled(model: nn.Module) -> nn.Module:
+    return getattr(model, "_orig_mod", model)
+
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """The plain model under torch.compile / DDP wrappers."""
-    while True:
-        if hasattr(model, "_orig_mod"):
-            model = model._orig_mod  # type: ignore[assignment]
-        elif hasattr(model, "module") and isinstance(model.module, nn.Module):
-            model = model.module
-        else:
-            return model
+    """The plain model under torch.compile / DDP wrappers (FSDP2 shards in place, no wrapper)."""
+    model = unwrap_compiled(model)
+    inner = getattr(model, "module", None)
+    return inner if isinstance(inner, nn.Module) else model
+
+
+def _optimizers(optimizer: Any) -> list[torch.optim.Optimizer]:
+    return list(getattr(optimizer, "optimizers", [optimizer]))
 
 
 def save_training_checkpoint(
@@ -46,27 +72,63 @@ def save_training_checkpoint(
     config_yaml: str,
     tokenizer_path: Path,
     keep: int,
-) -> Path:
-    plain = unwrap(model)
-    writers = {
-        # save_model handles tied embeddings (shared storage), which save_file refuses.
-        "model.safetensors": lambda p: save_model(plain, str(p)),
-        "optimizer.pt": lambda p: torch.save(optimizer.state_dict(), p),
-        "trainer_state.pt": lambda p: torch.save(trainer_state, p),
-        "config.yaml": lambda p: p.write_text(config_yaml),
-        "tokenizer.json": lambda p: shutil.copyfile(tokenizer_path, p),
-    }
-    path = write_checkpoint_dir(checkpoints_dir, step, writers, {"format": "lmforge-1"})
-    prune_checkpoints(checkpoints_dir, keep)
+) -> Path | None:
+    """Collective: every rank calls it; rank 0 writes. Returns the path on rank 0."""
+    model = unwrap_compiled(model)
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    weights = get_model_state_dict(model, options=options)
+    optim_state = get_optimizer_state_dict(model, _optimizers(optimizer), options=options)
+    path, error = None, None
+    if distributed.is_main_process():
+        aliases = alias_groups(unwrap(model))
+        writers = {
+            "model.safetensors": lambda p: save_weights(weights, p, aliases),
+            "optimizer.pt": lambda p: torch.save(optim_state, p),
+            "trainer_state.pt": lambda p: torch.save(trainer_state, p),
+            "config.yaml": lambda p: p.write_text(config_yaml),
+            "tokenizer.json": lambda p: shutil.copyfile(tokenizer_path, p),
+        }
+        meta = {"format": FORMAT, "world_size": distributed.world_size()}
+        try:
+            path = write_checkpoint_dir(checkpoints_dir, step, writers, meta)
+            prune_checkpoints(checkpoints_dir, keep)
+        except OSError as exc:  # disk full, quota, I/O error: the temporary directory is gone
+            error = f"{checkpoints_dir}: saving step {step} failed ({exc}); earlier checkpoints are intact"
+    # Also the barrier that keeps ranks together while rank 0 writes.
+    error = distributed.broadcast_object(error)
+    if error is not None:
+        raise CheckpointError(error)
     return path
 
 
 def load_training_checkpoint(checkpoint: Path, model: nn.Module, optimizer: Any) -> dict[str, Any]:
-    """Verify checksums, restore weights and optimizer in place, return the trainer state."""
-    verify_checkpoint_dir(checkpoint)
-    load_safetensors_weights(unwrap(model), checkpoint)
+    """Collective: verify checksums, restore weights and optimizer in place, return the trainer state.
+
+    Rank 0 reads the files and broadcasts; the other ranks receive their part.
+    """
+    model = unwrap_compiled(model)
+    main = distributed.is_main_process()
+    weights: dict[str, Any] = {}
+    optim_state: dict[str, Any] = {}
+    error = None
+    if main:
+        try:
+            manifest = verify_checkpoint_dir(checkpoint)
+            if manifest.get("format") != FORMAT:
+                raise CheckpointError(f"{checkpoint}: format {manifest.get('format')!r}, this lmforge reads {FORMAT!r}")
+            weights = read_weights(checkpoint / "model.safetensors", alias_groups(unwrap(model)))
+            check_weight_names(unwrap(model).state_dict().keys(), weights.keys(), checkpoint)
+            optim_state = safe_torch_load(checkpoint / "optimizer.pt")
+        except CheckpointError as exc:
+            error = str(exc)
+    error = distributed.broadcast_object(error)
+    if error is not None:
+        raise CheckpointError(error)
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=distributed.is_distributed(), strict=True)
     try:
-        optimizer.load_state_dict(safe_torch_load(checkpoint / "optimizer.pt"))
+        set_model_state_dict(model, weights, options=options)
+        set_optimizer_state_dict(model, _optimizers(optimizer), optim_state, options=options)
     except (ValueError, KeyError, RuntimeError) as exc:
-        raise CheckpointError(f"{checkpoint}/optimizer.pt: does not match this optimizer ({exc})") from exc
-    return safe_torch_load(checkpoint / "trainer_state.pt")
+        raise CheckpointError(f"{checkpoint}: does not match this model or optimizer ({exc})") from exc
+    state = safe_torch_load(checkpoint / "trainer_state.pt") if main else None
+    return distributed.broadcast_object(state)  # type: ignore[return-value]

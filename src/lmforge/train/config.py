@@ -10,12 +10,13 @@ from lmforge.data.config import DataConfig
 from lmforge.eval.config import EvalConfig
 from lmforge.nn.config import ModelConfig
 from lmforge.optim.config import OptimConfig
+from lmforge.train.guard import GuardConfig
 
 
 @dataclass
 class TrainConfig(Config):
     steps: int = 200                 # optimizer steps
-    batch_size: int = 16             # sequences per micro-batch (per process)
+    batch_size: int = 16             # sequences per micro-batch, global: split evenly over processes
     grad_accum_steps: int = 1        # micro-batches per optimizer step
     seq_len: int = 128
     grad_clip: float = 1.0           # max global grad norm; 0 disables clipping
@@ -24,11 +25,13 @@ class TrainConfig(Config):
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
     compile: bool = False            # torch.compile the model
     activation_checkpointing: bool = False
+    data_parallel: Literal["ddp", "fsdp"] = "ddp"  # used under torchrun with more than one process
     log_every: int = 10              # steps between metrics.jsonl / TensorBoard records
     eval_every: int = 100            # steps between held-out evaluations (0: only at the end)
     checkpoint_every: int = 100      # steps between checkpoints (0: only at the end)
     keep_checkpoints: int = 3        # keep the newest K checkpoints
     tensorboard: bool = True
+    guard: GuardConfig = field(default_factory=GuardConfig)  # skip non-finite / spiking steps
 
     def __post_init__(self) -> None:
         for key in ("steps", "batch_size", "grad_accum_steps", "seq_len", "log_every", "keep_checkpoints"):
@@ -42,6 +45,7 @@ class TrainConfig(Config):
 
     @property
     def tokens_per_step(self) -> int:
+        """Tokens per optimizer step, over all processes."""
         return self.batch_size * self.grad_accum_steps * self.seq_len
 
 

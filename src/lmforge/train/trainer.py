@@ -2,15 +2,18 @@
 
 Exact resume: every source of change between steps is checkpoint state — weights,
 optimizer, data-loader position (batch index; batches are a pure function of seed and
-index), RNG states and step. On CPU a resumed run therefore reproduces the losses of an
-uninterrupted one bit for bit.
+index), RNG states, stability-guard window and step. On CPU a resumed run therefore
+reproduces the losses of an uninterrupted one bit for bit.
+
+Multi-process: under ``torchrun`` each rank takes its slice of the same global batch
+(``train.batch_size`` rows per micro-step across all ranks), the model is wrapped with DDP
+or FSDP2, logged losses are averaged over ranks, and only rank 0 writes files. A run
+saved at one world size resumes at another with the same global batch stream.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import os
-import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -18,9 +21,9 @@ from typing import Any
 import torch
 
 from lmforge.core import distributed
-from lmforge.core.device import autocast_context, resolve_device
-from lmforge.core.errors import CheckpointError
 from lmforge.core.checkpoint_files import latest_valid_checkpoint
+from lmforge.core.device import autocast_context, resolve_device
+from lmforge.core.errors import CheckpointError, ConfigError
 from lmforge.core.logging import get_logger
 from lmforge.core.seeding import rng_state, seed_everything, set_rng_state
 from lmforge.data.loader import MixtureLoader
@@ -31,23 +34,37 @@ from lmforge.nn.counting import count_parameters, flops_per_token
 from lmforge.optim.optimizers import build_optimizer, set_learning_rate
 from lmforge.optim.schedules import lr_multiplier
 from lmforge.parallel.apply import apply_parallelism
+from lmforge.train import faults
 from lmforge.train.callbacks import Callback, default_callbacks
-from lmforge.train.checkpoint import load_training_checkpoint
+from lmforge.train.checkpoint import load_training_checkpoint, save_training_checkpoint, unwrap
 from lmforge.train.config import RunConfig
+from lmforge.train.guard import StabilityGuard
 from lmforge.train.model_card import write_model_card
-from lmforge.train.run_dir import init_run_dir
+from lmforge.train.run_dir import init_run_dir, run_path
+from lmforge.train.signals import PreemptionHandler, Preempted
 from lmforge.train.throughput import peak_flops
 
 log = get_logger(__name__)
-_CRASH_AT_STEP = int(os.environ.get("LMFORGE_CRASH_AT_STEP", "-1"))
+
+
+def _device_for_rank(name: str) -> torch.device:
+    device = resolve_device(name)
+    if device.type == "cuda" and device.index is None and distributed.world_size() > 1:
+        device = torch.device("cuda", distributed.local_rank())
+    return device
 
 
 class Trainer:
     def __init__(self, cfg: RunConfig, resume: str | None = None, callbacks: list[Callback] | None = None):
+        self.device = _device_for_rank(cfg.train.device)
+        distributed.init_distributed(self.device)
         self.rank, self.world_size = distributed.rank(), distributed.world_size()
         self.is_main = self.rank == 0
+        if cfg.train.batch_size % self.world_size:
+            raise ConfigError(f"train.batch_size ({cfg.train.batch_size}) is the global batch and must be "
+                              f"divisible by the number of processes ({self.world_size})")
         self.data_dir = Path(cfg.data.out_dir)
-        prepare_data(cfg.data)
+        distributed.run_on_main(lambda: prepare_data(cfg.data))
         require_isolation(self.data_dir)
         self.tokenizer = Tokenizer.load(self.data_dir / "tokenizer.json")
         if cfg.model.vocab_size != self.tokenizer.vocab_size:
@@ -56,55 +73,75 @@ class Trainer:
             cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=self.tokenizer.vocab_size))
         self.cfg = cfg
         self.total_steps = cfg.train.steps
-        self.device = resolve_device(cfg.train.device)
 
         checkpoint = self._find_checkpoint(resume)
-        self.run_dir = init_run_dir(cfg, self.data_dir, resuming=resume is not None)
+        self.run_dir = run_path(cfg)
+        distributed.run_on_main(lambda: init_run_dir(cfg, self.data_dir, resuming=resume is not None))
 
         seed_everything(cfg.train.seed)
         model = cfg.model.build().to(self.device)
         counts = count_parameters(cfg.model)
         self.flops_per_token = flops_per_token(cfg.model, cfg.train.seq_len)
         self.peak_flops, peak_source = peak_flops(self.device)
-        self.optimizer = build_optimizer(model, cfg.optim)
+        self.model = apply_parallelism(model, cfg.train, self.device, has_unused_parameters=cfg.model.moe is not None)
+        # Built after wrapping: FSDP2 replaces parameters with sharded DTensors.
+        self.optimizer = build_optimizer(self.model, cfg.optim)
         self.loader = MixtureLoader(
-            self.data_dir, cfg.train.seq_len, cfg.train.batch_size, cfg.train.seed,
+            self.data_dir, cfg.train.seq_len, cfg.train.batch_size // self.world_size, cfg.train.seed,
             weights={s.name: s.weight for s in cfg.data.sources},
             rank=self.rank, world_size=self.world_size,
         )
+        self.guard = StabilityGuard(cfg.train.guard)
         self.step, self.tokens = 0, 0
+        self.last_checkpoint: Path | None = None
         self.callbacks = callbacks if callbacks is not None else default_callbacks()
         if checkpoint is not None:
-            self._restore(checkpoint, model)
-        self.model = apply_parallelism(model, cfg.train, self.device)
+            self._restore(checkpoint)
         if self.is_main:
             write_model_card(self.run_dir, cfg, counts, self.flops_per_token, self.device,
                              self.peak_flops, peak_source, self.tokens)
         log.info(
-            "model: %.2fM parameters (%.2fM active), %.2f MFLOPs/token; device %s",
+            "model: %.2fM parameters (%.2fM active), %.2f MFLOPs/token; device %s%s",
             counts.total / 1e6, counts.active / 1e6, self.flops_per_token / 1e6, self.device,
+            f"; {self.world_size} processes ({cfg.train.data_parallel})" if self.world_size > 1 else "",
         )
 
+    # ---- evaluation target -------------------------------------------------------------
+    @property
+    def eval_on_all_ranks(self) -> bool:
+        """FSDP2 forward passes are collective: every rank must take part in evaluation."""
+        return distributed.is_distributed() and self.cfg.train.data_parallel == "fsdp"
+
+    @property
+    def eval_model(self) -> torch.nn.Module:
+        return self.model if self.eval_on_all_ranks else unwrap(self.model)
+
+    # ---- checkpoints -------------------------------------------------------------------
     def _find_checkpoint(self, resume: str | None) -> Path | None:
         if resume is None:
             return None
         if resume == "auto":
-            found = latest_valid_checkpoint(Path(self.cfg.runs_dir) / self.cfg.name / "checkpoints")
-            if found is None:
-                log.info("--resume auto: no checkpoint yet, starting from step 0")
-            return found
+            found = None
+            if self.is_main:
+                found = latest_valid_checkpoint(run_path(self.cfg) / "checkpoints")
+                if found is None:
+                    log.info("--resume auto: no valid checkpoint yet, starting from step 0")
+            return distributed.broadcast_object(found)  # type: ignore[return-value]
         path = Path(resume)
         if not path.exists():
             raise CheckpointError(f"--resume {resume}: no such checkpoint")
         return path
 
-    def _restore(self, checkpoint: Path, model: torch.nn.Module) -> None:
-        state = load_training_checkpoint(checkpoint, model, self.optimizer)
+    def _restore(self, checkpoint: Path, keep_data_position: bool = False) -> None:
+        state = load_training_checkpoint(checkpoint, self.model, self.optimizer)
         self.step, self.tokens = int(state["step"]), int(state["tokens"])
-        self.loader.load_state_dict(state["loader"])
+        if not keep_data_position:
+            self.loader.load_state_dict(state["loader"])
+            self.guard.load_state_dict(state.get("guard", {}))
+            for callback, cb_state in zip(self.callbacks, state.get("callbacks", [])):
+                callback.load_state_dict(cb_state)
         set_rng_state(state["rng"])
-        for callback, cb_state in zip(self.callbacks, state.get("callbacks", [])):
-            callback.load_state_dict(cb_state)
+        self.last_checkpoint = checkpoint
         log.info("resumed from %s at step %d", checkpoint, self.step)
 
     def trainer_state(self) -> dict[str, Any]:
@@ -113,9 +150,21 @@ class Trainer:
             "tokens": self.tokens,
             "loader": self.loader.state_dict(),
             "rng": rng_state(),
+            "guard": self.guard.state_dict(),
             "callbacks": [cb.state_dict() for cb in self.callbacks],
         }
 
+    def save_checkpoint(self) -> Path | None:
+        """Collective; returns the checkpoint path (on rank 0)."""
+        path = save_training_checkpoint(
+            self.run_dir / "checkpoints", self.step, self.model, self.optimizer,
+            self.trainer_state(), self.cfg.to_yaml(), self.data_dir / "tokenizer.json",
+            self.cfg.train.keep_checkpoints,
+        )
+        self.last_checkpoint = distributed.broadcast_object(path)  # type: ignore[assignment]
+        return path
+
+    # ---- one step ----------------------------------------------------------------------
     def train_step(self) -> dict[str, Any]:
         cfg = self.cfg.train
         multiplier = lr_multiplier(self.step, self.total_steps, self.cfg.optim)
@@ -123,35 +172,69 @@ class Trainer:
         start = time.perf_counter()
         loss_sum, aux_sum = 0.0, 0.0
         moe_metrics: dict[str, Any] = {}
+        factor = faults.loss_factor(self.step + 1)
         for _ in range(cfg.grad_accum_steps):
             inputs, targets = self.loader.next_batch()
             inputs, targets = inputs.to(self.device), targets.to(self.device)
             with autocast_context(self.device, cfg.precision):
                 out = self.model(inputs, targets)
+            loss = out.loss * factor if factor != 1.0 else out.loss
             # Average over micro-batches so accumulation matches one large batch.
-            ((out.loss + out.aux_loss) / cfg.grad_accum_steps).backward()
-            loss_sum += out.loss.item()
+            ((loss + out.aux_loss) / cfg.grad_accum_steps).backward()
+            loss_sum += loss.item()
             aux_sum += out.aux_loss.item()
             moe_metrics = out.moe_metrics
         grad_norm = torch.nn.utils.clip_grad_norm_(
             self.model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
         )
-        self.optimizer.step()
+        if hasattr(grad_norm, "full_tensor"):  # FSDP2 returns a DTensor
+            grad_norm = grad_norm.full_tensor()
+        # Ranks agree on the logged loss and on every decision: one small all-reduce.
+        loss_mean, aux_mean = distributed.all_reduce(
+            [loss_sum / cfg.grad_accum_steps, aux_sum / cfg.grad_accum_steps], "mean", self._collective_device)
+        skipped = self.guard.check(loss_mean, float(grad_norm))
+        if skipped is None:
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        self.tokens += cfg.tokens_per_step * self.world_size
-        return {
+        self.tokens += cfg.tokens_per_step
+        metrics = {
             "step": self.step,
             "tokens": self.tokens,
-            "loss": loss_sum / cfg.grad_accum_steps,
-            "aux_loss": aux_sum / cfg.grad_accum_steps,
+            "loss": loss_mean,
+            "aux_loss": aux_mean,
             "lr": self.cfg.optim.lr * multiplier,
             "grad_norm": float(grad_norm),
             "step_time_s": time.perf_counter() - start,
             **moe_metrics,
+            **self.guard.counts,
         }
+        if skipped is not None:
+            metrics["skipped"] = skipped
+            log.warning("step %d skipped: %s loss %.4g, grad norm %.4g", self.step, skipped, loss_mean, float(grad_norm))
+        return metrics
 
+    @property
+    def _collective_device(self) -> torch.device:
+        return self.device if self.device.type == "cuda" else torch.device("cpu")
+
+    def _rollback(self) -> None:
+        guard = self.guard
+        if guard.counts["rollbacks"] >= self.cfg.train.guard.max_rollbacks:
+            raise CheckpointError(f"stability guard: {guard.counts['rollbacks']} rollbacks already; "
+                                  "the run keeps diverging — lower the learning rate or inspect the data")
+        if self.last_checkpoint is None:
+            log.warning("stability guard: no checkpoint to roll back to yet; the step was skipped only")
+            return
+        guard.counts["rollbacks"] += 1
+        counts = dict(guard.counts)
+        log.warning("stability guard: rolling back to %s; the data loader keeps its position", self.last_checkpoint)
+        self._restore(self.last_checkpoint, keep_data_position=True)
+        guard.counts.update(counts)
+
+    # ---- the loop ----------------------------------------------------------------------
     def fit(self) -> Path:
+        preemption = PreemptionHandler().install()
         for callback in self.callbacks:
             callback.on_train_start(self)
         self.model.train()
@@ -160,12 +243,22 @@ class Trainer:
                 metrics = self.train_step()
                 for callback in self.callbacks:
                     callback.on_step_end(self, metrics)
-                if self.step == _CRASH_AT_STEP:
-                    # Fault injection for the kill-and-resume tests: a real SIGKILL, no cleanup.
-                    os.kill(os.getpid(), signal.SIGKILL)
+                faults.maybe_crash(self.step)
+                if "skipped" in metrics and self.cfg.train.guard.rollback:
+                    self._rollback()
+                (signum,) = distributed.all_reduce([float(preemption.signum or 0)], "max", self._collective_device)
+                if signum:
+                    self._stop_for_preemption(int(signum))
             for callback in self.callbacks:
                 callback.on_train_end(self)
+            distributed.barrier()  # rank 0 may still be evaluating; leave together
         finally:
+            preemption.restore()
             for callback in self.callbacks:
                 callback.close()
         return self.run_dir
+
+    def _stop_for_preemption(self, signum: int) -> None:
+        saved = self.last_checkpoint is not None and self.last_checkpoint.name.endswith(f"{self.step:07d}")
+        path = self.last_checkpoint if saved else self.save_checkpoint()
+        raise Preempted(signum, self.step, str(path))

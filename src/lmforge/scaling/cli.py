@@ -1,0 +1,319 @@
+"""``lmforge scaling fit`` and ``lmforge scaling plan``: argument parsing and printing.
+
+Wired into the main command line with::
+
+    add_scaling_parser(verbs)                  # verbs = parser.add_subparsers(...)
+    handler = {"scaling": run_scaling, ...}    # run_scaling(args) -> exit code
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+from pathlib import Path
+
+from lmforge.core.errors import ConfigError, DataError, LmforgeError
+
+FIT_FILE = "fit.json"
+
+
+def _positive_float(text: str) -> float:
+    from lmforge.scaling.table import parse_number
+
+    try:
+        value = parse_number(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number like 1e21 or 70B, got {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
+def _level(text: str) -> float:
+    value = float(text)
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"expected a level in (0, 1) such as 0.95, got {text!r}")
+    return value
+
+
+def add_scaling_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Add ``scaling fit`` and ``scaling plan`` to ``subparsers``; returns the ``scaling`` parser."""
+    scaling = subparsers.add_parser(
+        "scaling", help="fit scaling laws to runs and plan compute-optimal models",
+        description="Fit L(N, D) and compute-optimal allocations to measured (parameters, tokens, loss) "
+                    "points, and plan model size and data for a compute budget.")
+    verbs = scaling.add_subparsers(dest="scaling_verb", required=True, metavar="ACTION")
+
+    fit = verbs.add_parser(
+        "fit", help="fit scaling laws to a CSV of runs (Hoffmann et al. Approaches 1-3, bootstrap intervals)",
+        description="Read CSV (one row per run or training-curve point: parameters N, tokens D, loss; "
+                    "optional compute C, unique_tokens U, run), fit the requested approaches with bootstrap "
+                    "intervals, and write fit.json and plots to --out.")
+    fit.add_argument("csv", metavar="CSV", help="CSV file with a header row (see docs/scaling.md)")
+    fit.add_argument("--out", default=None, metavar="DIR",
+                     help="output directory for fit.json and plots (default: runs/scaling/<CSV name>)")
+    fit.add_argument("--bootstrap", type=int, default=100, metavar="K",
+                     help="bootstrap resamples per approach for the intervals; 0 for none (default 100)")
+    fit.add_argument("--columns", default=None, metavar="KEY=NAME,...",
+                     help="map logical columns to the CSV's header, e.g. params=n_active,loss=val_loss "
+                          "(keys: params, tokens, loss, compute, unique_tokens, run; default: usual names)")
+    fit.add_argument("--approach", default="auto", metavar="LIST",
+                     help="comma-separated approaches to fit: 1 (min-loss envelope), 2 (IsoFLOP parabolas), "
+                          "3 (parametric L(N, D)); 'auto' fits those the data supports (default auto)")
+    fit.add_argument("--seed", type=int, default=0, help="seed for the bootstrap resamples (default 0)")
+    fit.add_argument("--level", type=_level, default=0.95, help="confidence level of the intervals (default 0.95)")
+    fit.add_argument("--r-star", default="auto", metavar="auto|fit|none|VALUE",
+                     help="data-constrained fit (Muennighoff et al. 2023): 'fit' fits R*, a number fixes it, "
+                          "'none' ignores unique tokens; 'auto' fits R* when some row has tokens > unique_tokens "
+                          "(default auto)")
+    fit.add_argument("--huber-delta", type=_positive_float, default=1e-3,
+                     help="Huber loss threshold on log-loss residuals for Approach 3 (default 1e-3)")
+    fit.add_argument("--budget-tolerance", type=_positive_float, default=0.05, metavar="DECADES",
+                     help="rows whose compute differs by at most this many decades form one IsoFLOP budget "
+                          "(default 0.05)")
+    fit.add_argument("--starts", type=int, default=16,
+                     help="L-BFGS-B runs from the best points of the initialisation grid (default 16)")
+    fit.add_argument("--no-plots", action="store_true", help="write fit.json only, no PNG figures")
+
+    plan = verbs.add_parser(
+        "plan", help="compute-optimal (and inference-aware) model size, tokens and shape for a budget",
+        description="From a fit (or a published law), the N and D minimising loss at C = 6·N·D, its "
+                    "predicted loss, the smaller model that reaches the same loss at the lowest training "
+                    "plus inference cost, and a concrete model shape near N.")
+    plan.add_argument("--compute", type=_positive_float, required=True, metavar="C",
+                      help="training compute in FLOPs, e.g. 1e21")
+    plan.add_argument("--inference-tokens", type=_positive_float, default=None, metavar="I",
+                      help="tokens the model will process in deployment; adds the inference-aware plan "
+                           "minimising 6·N·D + 2·N·I")
+    plan.add_argument("--fit", default=None, metavar="FIT_JSON",
+                      help="fit.json from `scaling fit` (its Approach-3 law and bootstrap intervals)")
+    plan.add_argument("--law", default="hoffmann2022", choices=["hoffmann2022", "besiroglu2024"],
+                      help="published law to use when no --fit is given (default hoffmann2022)")
+    plan.add_argument("--unique-tokens", type=_positive_float, default=None, metavar="U",
+                      help="unique tokens available (a data-constrained fit then accounts for repetition)")
+    plan.add_argument("--level", type=_level, default=None,
+                      help="confidence level of the intervals (default: the fit's)")
+    plan.add_argument("--aspect-ratio", type=_positive_float, default=128.0,
+                      help="d_model / n_layers of the proposed shape (default 128)")
+    plan.add_argument("--vocab-size", type=int, default=None,
+                      help="vocabulary size of the proposed shape (default: ModelConfig's)")
+    plan.add_argument("--seq-len", type=int, default=None,
+                      help="sequence length for the shape's FLOPs per token (default: ModelConfig's)")
+    plan.add_argument("--n-experts", type=int, default=None,
+                      help="propose a mixture of experts with this many experts (N is then active parameters)")
+    plan.add_argument("--top-k", type=int, default=2, help="experts per token for --n-experts (default 2)")
+    plan.add_argument("--count", default="active", choices=["active", "active_non_embedding"],
+                      help="which parameter count N means, as in the fitted data (default active)")
+    plan.add_argument("--json", default=None, metavar="PATH", help="also write the plan as JSON to PATH")
+    return scaling
+
+
+def run_scaling(args: argparse.Namespace) -> int:
+    """Run ``scaling fit`` or ``scaling plan``; 0 on success, 2 on bad input (message on stderr)."""
+    if "scipy.linalg" not in sys.modules:
+        # Before scipy's OpenBLAS loads: one thread (see fit.single_threaded_blas for why).
+        os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+    try:
+        if args.scaling_verb == "fit":
+            return _run_fit(args)
+        return _run_plan(args)
+    except LmforgeError as exc:
+        print(f"lmforge: error: {exc}", file=sys.stderr)
+        return 2
+
+
+# --------------------------------------------------------------------------- printing
+
+
+def human(value: float | None) -> str:
+    """3.2e10 -> '32.2B'; small numbers with 4 significant digits."""
+    if value is None or not math.isfinite(value):
+        return "-" if value is None else str(value)
+    for scale, suffix in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if abs(value) >= scale and abs(value) < 1e15:
+            return f"{value / scale:.3g}{suffix}"
+    if abs(value) >= 1e15:
+        return f"{value:.3e}"
+    return f"{value:.4g}"
+
+
+def _console():
+    from rich.console import Console
+
+    return Console(file=sys.stdout, width=120)
+
+
+def _print_fit(fit: dict) -> None:
+    from rich.markup import escape
+    from rich.table import Table
+
+    level = fit["settings"]["level"]
+    table = Table(title=escape(f"Scaling fit of {fit['source']['path']} ({fit['source']['rows']} rows; "
+                               f"{level:.0%} bootstrap intervals)"))
+    for column in ("approach", "quantity", "value", "low", "high"):
+        table.add_column(column, justify="left" if column in ("approach", "quantity") else "right")
+    names = {"approach1": "1 envelope", "approach2": "2 IsoFLOP", "approach3": "3 L(N,D)"}
+    for key, title in names.items():
+        if key not in fit:
+            continue
+        for i, (name, q) in enumerate(fit[key]["quantities"].items()):
+            table.add_row(title if i == 0 else "", name, f"{q['value']:.4g}",
+                          f"{q['low']:.4g}" if "low" in q else "-", f"{q['high']:.4g}" if "high" in q else "-")
+        table.add_section()
+    console = _console()
+    console.print(table)
+    for key, reason in fit.get("skipped", {}).items():
+        console.print(f"{key} skipped: {reason}", markup=False)
+
+
+def _parse_approaches(text: str) -> tuple[tuple[int, ...], bool]:
+    if text.strip() == "auto":
+        return (1, 2, 3), False
+    try:
+        chosen = tuple(sorted({int(part) for part in text.split(",") if part.strip()}))
+    except ValueError:
+        raise ConfigError(f"--approach: expected 'auto' or a list like 1,2,3, got {text!r}") from None
+    if not chosen or any(a not in (1, 2, 3) for a in chosen):
+        raise ConfigError(f"--approach: approaches are 1, 2 and 3, got {text!r}")
+    return chosen, True
+
+
+def _parse_r_star(text: str, table) -> float | str | None:
+    text = text.strip().lower()
+    if text == "auto":  # fit R* only when some run saw repeated data
+        repeats = table.unique_tokens is not None and bool((table.tokens > table.unique_tokens).any())
+        return "fit" if repeats else None
+    if text == "none":
+        return None
+    if text == "fit":
+        return "fit"
+    try:
+        value = float(text)
+    except ValueError:
+        raise ConfigError(f"--r-star: expected auto, fit, none or a number, got {text!r}") from None
+    if not value > 0:
+        raise ConfigError(f"--r-star: must be positive, got {text!r}")
+    return value
+
+
+def _run_fit(args: argparse.Namespace) -> int:
+    from lmforge.core.code_version import code_version
+    from lmforge.scaling.fit import fit_scaling, law_from_fit, save_fit
+    from lmforge.scaling.table import parse_columns, read_table
+
+    if args.bootstrap < 0:
+        raise ConfigError(f"--bootstrap: must be >= 0, got {args.bootstrap}")
+    if args.starts < 1:
+        raise ConfigError(f"--starts: must be >= 1, got {args.starts}")
+    approaches, strict = _parse_approaches(args.approach)
+    table = read_table(args.csv, parse_columns(args.columns))
+    out = Path(args.out) if args.out else Path("runs") / "scaling" / Path(args.csv).stem
+    fit = fit_scaling(table, approaches=approaches, n_bootstrap=args.bootstrap, seed=args.seed, level=args.level,
+                      huber_delta=args.huber_delta, r_star=_parse_r_star(args.r_star, table),
+                      budget_tolerance=args.budget_tolerance, n_starts=args.starts, strict=strict)
+    if not any(f"approach{a}" in fit for a in approaches):
+        raise DataError(f"{args.csv}: no approach could be fitted: "
+                        + "; ".join(f"{k}: {v}" for k, v in fit["skipped"].items()))
+    # What produced these numbers: the command line (when run as `lmforge scaling fit`) and the code.
+    fit["command"] = ["lmforge", "scaling", "fit", *sys.argv[3:]] if sys.argv[1:3] == ["scaling", "fit"] else None
+    version = code_version()
+    fit["code_version"] = {key: version[key] for key in ("version", "commit", "dirty")}
+    written = [save_fit(out / FIT_FILE, fit)]
+    if not args.no_plots:
+        from lmforge.scaling import plots
+
+        if "approach2" in fit:
+            written.append(plots.plot_isoflops(table, fit["approach2"], out / "isoflops.png",
+                                               args.budget_tolerance))
+        if "approach3" in fit:
+            law, _ = law_from_fit(fit)
+            written.append(plots.plot_loss_surface(law, table, out / "loss_surface.png"))
+            written.append(plots.plot_residuals(law, table, out / "residuals.png"))
+    _print_fit(fit)
+    for path in written:
+        print(f"written: {path}")
+    return 0
+
+
+def _run_plan(args: argparse.Namespace) -> int:
+    from lmforge.core.io import atomic_write_json
+    from lmforge.scaling.fit import PUBLISHED_LAWS, law_from_fit, load_fit
+    from lmforge.scaling.plan import plan, propose_shape
+
+    level = args.level
+    if args.fit:
+        fit = load_fit(args.fit)
+        law, samples = law_from_fit(fit)
+        level = level or fit["settings"].get("level", 0.95)
+        source = f"fit {args.fit}"
+    else:
+        law, samples, source = PUBLISHED_LAWS[args.law], [], f"published law {args.law} (no intervals)"
+    for name, value in (("--vocab-size", args.vocab_size), ("--seq-len", args.seq_len),
+                        ("--n-experts", args.n_experts), ("--top-k", args.top_k)):
+        if value is not None and value < 1:
+            raise ConfigError(f"{name}: must be >= 1, got {value}")
+    if args.n_experts is not None and args.top_k > args.n_experts:
+        raise ConfigError(f"--top-k ({args.top_k}) must not exceed --n-experts ({args.n_experts})")
+    result = plan(law, args.compute, inference_tokens=args.inference_tokens, unique_tokens=args.unique_tokens,
+                  samples=samples, level=level or 0.95)
+    targets = {"optimal": result.params.value}
+    if result.inference is not None:
+        targets["inference"] = result.inference.params.value
+    shapes = {name: propose_shape(n, aspect_ratio=args.aspect_ratio, vocab_size=args.vocab_size,
+                                  seq_len=args.seq_len, n_experts=args.n_experts, top_k=args.top_k,
+                                  count=args.count) for name, n in targets.items()}
+    _print_plan(result, shapes, source)
+    if args.json:
+        data = result.to_dict()
+        data["source"] = source
+        data["shapes"] = {name: {"config": shape.config.to_dict(), "params": shape.params,
+                                 "total_params": shape.total_params, "active_params": shape.active_params,
+                                 "flops_per_token": shape.flops_per_token, "count": shape.count}
+                          for name, shape in shapes.items()}
+        print(f"written: {atomic_write_json(args.json, data)}")
+    return 0
+
+
+def _print_plan(result, shapes: dict, source: str) -> None:
+    from rich.markup import escape
+    from rich.table import Table
+
+    pct = f"{result.level:.0%} interval" if result.level else "interval"
+    table = Table(title=escape(f"Plan for C = {result.compute:.3g} FLOPs from {source}"))
+    for column in ("", "value", f"{pct} low", "high"):
+        table.add_column(column, justify="left" if not column else "right")
+
+    def row(name: str, est, fmt=human) -> None:
+        table.add_row(name, fmt(est.value), fmt(est.low) if est.low is not None else "-",
+                      fmt(est.high) if est.high is not None else "-")
+
+    row("compute-optimal parameters N", result.params)
+    row("compute-optimal tokens D", result.tokens)
+    row("tokens per parameter", result.tokens_per_param, lambda v: f"{v:.1f}")
+    row("predicted loss", result.loss, lambda v: f"{v:.4f}")
+    inf = result.inference
+    if inf is not None:
+        table.add_section()
+        row(f"inference-aware N (I = {human(inf.inference_tokens)})", inf.params)
+        row("inference-aware tokens D", inf.tokens)
+        row("times smaller than compute-optimal", inf.params_ratio, lambda v: f"{v:.2f}x")
+        row("times more training tokens", inf.tokens_ratio, lambda v: f"{v:.2f}x")
+        row("training compute 6ND", inf.train_compute, lambda v: f"{v:.3g}")
+        row("training + inference cost", inf.total_cost, lambda v: f"{v:.3g}")
+        row("... of the compute-optimal model", inf.compute_optimal_total_cost, lambda v: f"{v:.3g}")
+        row("cost saving", inf.cost_saving, lambda v: f"{v:.1%}")
+    console = _console()
+    console.print(table)
+    shape_table = Table(title="Proposed shapes (d_model = aspect ratio x n_layers, head size 64, SwiGLU)")
+    for column in ("model", "n_layers", "d_model", "n_heads", "d_ff", "experts", "N counted", "vs target",
+                   "total params", "FLOPs/token vs 6N"):
+        shape_table.add_column(column, justify="left" if column == "model" else "right")
+    for name, shape in shapes.items():
+        cfg = shape.config
+        experts = f"{cfg.moe.n_experts} (top {cfg.moe.top_k})" if cfg.moe else "-"
+        shape_table.add_row(name, str(cfg.n_layers), str(cfg.d_model), str(cfg.n_heads), str(cfg.resolved_d_ff),
+                            experts, human(shape.params), f"{shape.relative_error:+.1%}", human(shape.total_params),
+                            f"{shape.flops_per_token / (6 * shape.active_params):.3f}")
+    console.print(shape_table)
