@@ -116,6 +116,12 @@ def _coerce(path: str, annotation: Any, value: Any) -> Any:
     return value
 
 
+def _key_text(key: Any) -> str:
+    """A key as it should appear in a one-line message (quoted if it is not a plain name)."""
+    text = str(key)
+    return text if text.replace("_", "").replace("-", "").isalnum() else repr(key)
+
+
 class Config:
     """Base for config dataclasses (subclasses must be decorated with ``@dataclass``)."""
 
@@ -127,7 +133,7 @@ class Config:
             raise ConfigError(f"{path or cls.__name__}: expected a mapping, got {type(data).__name__}")
         hints = get_type_hints(cls)
         fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
-        unknown = sorted(set(data) - set(fields))
+        unknown = sorted((_key_text(k) for k in set(data) - set(fields)))
         if unknown:
             known = ", ".join(sorted(fields))
             raise ConfigError(

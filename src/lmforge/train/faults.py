@@ -7,7 +7,8 @@ make it fail at a chosen step:
 - ``LMFORGE_NAN_AT_STEP=K``: the loss of step K becomes NaN;
 - ``LMFORGE_SPIKE_AT_STEP=K``: the loss of step K is multiplied by 50.
 
-Unset variables cost nothing. Steps count from 1 (the step number after the update).
+Unset variables cost nothing. Steps count from 1 (the step number after the update). Each
+fault fires once per process, so a rollback past step K does not meet it again.
 """
 
 from __future__ import annotations
@@ -25,11 +26,21 @@ NAN_AT = _step("LMFORGE_NAN_AT_STEP")
 SPIKE_AT = _step("LMFORGE_SPIKE_AT_STEP")
 
 
+_fired: set[str] = set()
+
+
+def _fires(name: str, step: int, at: int) -> bool:
+    if step != at or name in _fired:
+        return False
+    _fired.add(name)
+    return True
+
+
 def loss_factor(step: int) -> float:
     """Multiplier for the loss of the step about to be taken (``step`` = its number)."""
-    if step == NAN_AT:
+    if _fires("nan", step, NAN_AT):
         return float("nan")
-    if step == SPIKE_AT:
+    if _fires("spike", step, SPIKE_AT):
         return 50.0
     return 1.0
 
