@@ -222,3 +222,16 @@ def test_guard_rollback_returns_to_last_checkpoint_and_skips_the_batches(base):
     # After the rollback the loader kept its position: step 5 now sees a later batch.
     reference = losses(tmp / "runs" / "reference")
     assert records[6]["loss"] != reference[5]
+
+
+@pytest.mark.slow
+def test_chaos_script_random_sigkills_end_bit_identical(base, tmp_path):
+    tmp, config = base
+    script = Path(__file__).resolve().parents[1] / "bench" / "chaos.py"
+    result = subprocess.run(
+        [sys.executable, str(script), "--config", str(config), "--kills", "3", "--seed", "1",
+         "--set", "train.steps=20", "--set", "train.checkpoint_every=2", "--workdir", str(tmp_path)],
+        capture_output=True, text=True, env={**os.environ, "LMFORGE_PROGRESS": "0"}, timeout=900,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "final weights bit-identical: True; every logged loss identical: True" in result.stdout
