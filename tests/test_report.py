@@ -52,3 +52,23 @@ def test_report_has_plots_numbers_and_escapes_samples(tmp_path):
 def test_report_on_missing_run_is_a_clear_error(tmp_path):
     with pytest.raises(LmforgeError, match="run directory not found"):
         write_report(tmp_path / "nope")
+
+
+def test_report_shows_guard_decisions_and_checkpoint_costs(tmp_path):
+    run = _run_dir(tmp_path)
+    # (the truncated line is the file's last: start the extra records on a new line)
+    with open(run / "metrics.jsonl", "a") as handle:
+        handle.write("\n")
+    append_metrics(run / "metrics.jsonl", {"kind": "train", "step": 21, "tokens": 21 * 512, "loss": 9.0,
+                                           "step_time_s": 0.5, "skipped": "spike", "skipped_nonfinite": 2,
+                                           "skipped_spike": 1, "rollbacks": 1})
+    append_metrics(run / "metrics.jsonl", {"kind": "checkpoint", "step": 10, "seconds": 0.25, "path": "x"})
+    append_metrics(run / "metrics.jsonl", {"kind": "checkpoint", "step": 20, "seconds": 0.1,
+                                           "error": "disk full"})
+    html = write_report(run).read_text()
+    section = html[html.index("<h2>Reliability</h2>"):]
+    assert "steps skipped: loss spike</td><td>1" in section
+    assert "non-finite loss or gradient</td><td>2" in section
+    assert "rollbacks to the last checkpoint</td><td>1" in section
+    assert "failed saves (earlier checkpoints kept)</td><td>1" in section
+    assert "step 21 (spike)" in section

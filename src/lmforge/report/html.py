@@ -90,6 +90,31 @@ def _data(manifest: dict[str, Any] | None, final: dict[str, Any] | None) -> str:
     return out
 
 
+def _reliability(run: RunData) -> str:
+    """Stability-guard decisions and checkpoint saves: what the run survived and what it cost."""
+    last = run.train[-1] if run.train else {}
+    skipped = [r for r in run.train if "skipped" in r]
+    saves = [c for c in run.checkpoints if "error" not in c]
+    failed = [c for c in run.checkpoints if "error" in c]
+    step_time = sum(r.get("step_time_s", 0.0) for r in run.train)
+    save_time = sum(c.get("seconds", 0.0) for c in saves)
+    rows: list[list[Any]] = [
+        ["steps skipped: non-finite loss or gradient", last.get("skipped_nonfinite", 0)],
+        ["steps skipped: loss spike", last.get("skipped_spike", 0)],
+        ["rollbacks to the last checkpoint", last.get("rollbacks", 0)],
+        ["checkpoints saved", len(saves)],
+        ["seconds per checkpoint save (mean)", save_time / len(saves) if saves else "-"],
+        ["checkpoint time / (step time of logged steps + checkpoint time)",
+         f"{100 * save_time / (step_time + save_time):.1f}%" if saves and step_time else "-"],
+        ["failed saves (earlier checkpoints kept)", len(failed)],
+    ]
+    out = _table(["", "value"], rows)
+    if skipped:
+        items = ", ".join(f"step {r['step']} ({r['skipped']})" for r in skipped[:50])
+        out += f"<p>Skipped updates: {escape(items)}.</p>"
+    return out
+
+
 def _samples(final: dict[str, Any] | None) -> str:
     samples = (final or {}).get("samples") or []
     if not samples:
@@ -114,6 +139,7 @@ def render(run: RunData) -> str:
 <h2>Summary</h2>{_summary(run)}
 <h2>Curves</h2><div class="grid">{"".join(f"<div>{f}</div>" for f in figures if f)}</div>
 <h2>Model card</h2>{_model_card(run.model_card)}
+<h2>Reliability</h2>{_reliability(run)}
 <h2>Data</h2>{_data(run.manifest, run.final)}
 <h2>Samples</h2>{_samples(run.final)}
 <h2>Code version</h2><p>lmforge {escape(str(version.get("version", "?")))}, commit

@@ -23,6 +23,7 @@ class RunData:
     manifest: dict[str, Any] | None
     final: dict[str, Any] | None
     code_version: dict[str, Any] | None
+    checkpoints: list[dict[str, Any]] = field(default_factory=list)  # one record per save (or failed save)
     notes: list[str] = field(default_factory=list)
 
 
@@ -65,5 +66,6 @@ def load_run(path: Path) -> RunData:
         manifest=_json(path / "data_manifest.json", notes),
         final=_json(path / "eval" / "final.json", notes),
         code_version=_json(path / "code_version.json", notes),
+        checkpoints=[r for r in records if r.get("kind") == "checkpoint"],
         notes=notes,
     )
