@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import time
+from typing import Callable
 
 import torch
 
@@ -47,9 +49,9 @@ def hf_model(cfg: ModelConfig) -> torch.nn.Module:
     ))
 
 
-def measure(model: torch.nn.Module, is_hf: bool, args: argparse.Namespace, vocab: int,
-            device: torch.device) -> float:
-    """Tokens per second over ``args.steps`` timed steps after ``args.warmup`` untimed ones."""
+def make_step(model: torch.nn.Module, is_hf: bool, args: argparse.Namespace, vocab: int,
+              device: torch.device) -> Callable[[], None]:
+    """One training step (forward, backward, AdamW) on a fixed random batch."""
     model = model.to(device).train()
     if args.compile:
         model = torch.compile(model)
@@ -72,6 +74,11 @@ def measure(model: torch.nn.Module, is_hf: bool, args: argparse.Namespace, vocab
 
     for _ in range(args.warmup):
         step()
+    return step
+
+
+def timed(step: Callable[[], None], args: argparse.Namespace, device: torch.device) -> float:
+    """Tokens per second over ``args.steps`` steps."""
     if device.type == "cuda":
         torch.cuda.synchronize()
     start = time.perf_counter()
@@ -82,13 +89,24 @@ def measure(model: torch.nn.Module, is_hf: bool, args: argparse.Namespace, vocab
     return args.steps * args.batch_size * args.seq_len / (time.perf_counter() - start)
 
 
+def alternate(steps: dict[str, Callable[[], None]], args: argparse.Namespace, device: torch.device) -> dict[str, float]:
+    """Median tokens/s per model over ``args.rounds`` rounds that alternate the models, so a
+    change in machine load during the benchmark hits both alike."""
+    rates: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(args.rounds):
+        for name, step in steps.items():
+            rates[name].append(timed(step, args, device))
+    return {name: statistics.median(values) for name, values in rates.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", required=True, help="run config YAML (its model section is used)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="dotted override")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--seq-len", type=int, default=128)
-    parser.add_argument("--steps", type=int, default=10, help="timed steps")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per round")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds; the median is reported")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
@@ -107,19 +125,24 @@ def main() -> None:
     counts = count_parameters(cfg)
 
     torch.manual_seed(0)
-    ours = measure(cfg.build(), False, args, cfg.vocab_size, device)
+    steps = {"lmforge": make_step(cfg.build(), False, args, cfg.vocab_size, device)}
+    if not args.no_hf:
+        torch.manual_seed(0)
+        steps["hf"] = make_step(hf_model(cfg), True, args, cfg.vocab_size, device)
+    rates = alternate(steps, args, device)
+    ours = rates["lmforge"]
     result = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu x{torch.get_num_threads()} threads",
         "precision": "bf16 autocast" if device.type == "cuda" and args.precision != "fp32" else "fp32",
         "compiled": args.compile, "batch_size": args.batch_size, "seq_len": args.seq_len,
+        "timed_steps": f"{args.rounds} rounds x {args.steps}, median",
         "params_total": counts.total, "params_active": counts.active, "flops_per_token": fpt,
         "peak_flops_source": peak_source,
         "lmforge_tokens_per_s": round(ours, 1),
         "lmforge_mfu": round(ours * fpt / peak, 4) if peak else None,
     }
     if not args.no_hf:
-        torch.manual_seed(0)
-        theirs = measure(hf_model(cfg), True, args, cfg.vocab_size, device)
+        theirs = rates["hf"]
         result.update({
             "hf_model": "MixtralForCausalLM" if cfg.moe else "LlamaForCausalLM",
             "hf_tokens_per_s": round(theirs, 1),
