@@ -165,6 +165,13 @@ class Trainer:
         return path
 
     # ---- one step ----------------------------------------------------------------------
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+        """(inputs, targets, extra model kwargs) on the device. Subclasses that feed the model
+        more than tokens (e.g. retrieved neighbours) override this; whatever they read must be
+        a pure function of the loader position so resume stays exact."""
+        inputs, targets = self.loader.next_batch()
+        return inputs.to(self.device), targets.to(self.device), {}
+
     def train_step(self) -> dict[str, Any]:
         cfg = self.cfg.train
         multiplier = lr_multiplier(self.step, self.total_steps, self.cfg.optim)
@@ -174,10 +181,9 @@ class Trainer:
         moe_metrics: dict[str, Any] = {}
         factor = faults.loss_factor(self.step + 1)
         for _ in range(cfg.grad_accum_steps):
-            inputs, targets = self.loader.next_batch()
-            inputs, targets = inputs.to(self.device), targets.to(self.device)
+            inputs, targets, extra = self.next_batch()
             with autocast_context(self.device, cfg.precision):
-                out = self.model(inputs, targets)
+                out = self.model(inputs, targets, **extra)
             loss = out.loss * factor if factor != 1.0 else out.loss
             # Average over micro-batches so accumulation matches one large batch.
             ((loss + out.aux_loss) / cfg.grad_accum_steps).backward()
