@@ -145,3 +145,18 @@ def report(args: argparse.Namespace) -> int:
 
     print(f"report: {write_report(Path(args.run))}")
     return 0
+
+
+def export(args: argparse.Namespace) -> int:
+    import torch
+
+    from lmforge.export.hf import export_hf
+    from lmforge.nn.config import ModelConfig
+    from lmforge.serve.loading import load_for_inference
+
+    model, _, config, checkpoint = load_for_inference(args.target, torch.device("cpu"))
+    cfg = ModelConfig.from_dict(config["model"], path="model")
+    summary = export_hf(model, cfg, checkpoint / "tokenizer.json", Path(args.out), overwrite=args.overwrite)
+    print(f"exported {checkpoint} as {summary['architecture']} ({summary['parameters']:,} parameters) "
+          f"to {summary['out_dir']}; reloaded logits match lmforge's within {summary['max_logit_difference']:.2g}")
+    return 0

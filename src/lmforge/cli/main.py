@@ -6,6 +6,7 @@
     lmforge eval RUN_OR_CHECKPOINT
     lmforge generate RUN_OR_CHECKPOINT --prompt TEXT
     lmforge report RUN
+    lmforge export RUN_OR_CHECKPOINT --out DIR
     lmforge scaling fit CSV | lmforge scaling plan --compute C
 """
 
@@ -82,6 +83,15 @@ def build_parser() -> argparse.ArgumentParser:
                            description="Render the run's metrics, evaluation, model card and data into one HTML file.")
     rep.add_argument("run", help="run directory")
 
+    exp = verbs.add_parser("export", help="write a Hugging Face transformers model folder",
+                           description="Export a run (its newest valid checkpoint) or a checkpoint as a "
+                                       "transformers model: Llama / Qwen3 (dense) or Mixtral / Qwen3-MoE, with "
+                                       "safetensors weights and the tokenizer. The export is reloaded and its "
+                                       "logits checked against lmforge's before it is kept.")
+    exp.add_argument("target", metavar="RUN_OR_CHECKPOINT", help="run directory or checkpoint directory")
+    exp.add_argument("--out", required=True, help="folder to create (loadable with AutoModelForCausalLM.from_pretrained)")
+    exp.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+
     from lmforge.scaling.cli import add_scaling_parser
 
     add_scaling_parser(verbs)
@@ -111,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         "generate": commands.generate,
         "report": commands.report,
         "scaling": _run_scaling,
+        "export": commands.export,
     }[args.verb]
     try:
         code = handler(args) or 0

@@ -1,0 +1,167 @@
+"""Export an lmforge checkpoint as a Hugging Face ``transformers`` model folder.
+
+The lmforge Transformer was built to match standard architectures (RMSNorm, rotate-half
+RoPE, SwiGLU, GQA, Mixtral-style renormalised top-k routing), so a checkpoint maps onto
+an existing ``transformers`` class with no custom code:
+
+| lmforge model                      | transformers class      |
+|------------------------------------|-------------------------|
+| dense                              | ``LlamaForCausalLM``    |
+| dense, QK-norm                     | ``Qwen3ForCausalLM``    |
+| MoE in every layer                 | ``MixtralForCausalLM``  |
+| MoE with QK-norm (any MoE spacing) | ``Qwen3MoeForCausalLM`` |
+
+Shared experts have no equivalent there and are refused. The exported folder holds
+``config.json``, safetensors weights and the tokenizer (``PreTrainedTokenizerFast``), loads
+with ``AutoModelForCausalLM.from_pretrained``, and is checked after writing: its logits on a
+probe batch must match lmforge's.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lmforge.core.errors import LmforgeError
+from lmforge.nn.config import ModelConfig
+
+
+class ExportError(LmforgeError):
+    """The model cannot be expressed in the requested format."""
+
+
+def _transformers() -> Any:
+    try:
+        import transformers
+    except ImportError as exc:  # optional dependency
+        raise ExportError("exporting to Hugging Face needs transformers: pip install 'lmforge[hf]'") from exc
+    return transformers
+
+
+def hf_config(cfg: ModelConfig) -> Any:
+    """The ``transformers`` config object for ``cfg`` (raises ExportError if none fits)."""
+    tf = _transformers()
+    common = dict(
+        vocab_size=cfg.padded_vocab_size, hidden_size=cfg.d_model, num_hidden_layers=cfg.n_layers,
+        num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.kv_heads, head_dim=cfg.head_dim,
+        max_position_embeddings=cfg.max_seq_len, rms_norm_eps=cfg.norm_eps, rope_theta=cfg.rope_theta,
+        tie_word_embeddings=cfg.tie_embeddings, attention_bias=False,
+    )
+    moe = cfg.moe
+    if moe is None:
+        if cfg.qk_norm:
+            return tf.Qwen3Config(intermediate_size=cfg.resolved_d_ff, use_sliding_window=False, **common)
+        return tf.LlamaConfig(intermediate_size=cfg.resolved_d_ff, mlp_bias=False, **common)
+    if moe.n_shared_experts:
+        raise ExportError("MoE with shared experts has no transformers equivalent; export supports "
+                          "Mixtral-style and Qwen3-MoE-style layers only")
+    routing = dict(num_experts_per_tok=moe.top_k)
+    if cfg.qk_norm:
+        return tf.Qwen3MoeConfig(
+            num_experts=moe.n_experts, moe_intermediate_size=cfg.d_expert, intermediate_size=cfg.resolved_d_ff,
+            decoder_sparse_step=moe.every_n_layers, mlp_only_layers=[], norm_topk_prob=True,
+            use_sliding_window=False, router_aux_loss_coef=moe.load_balance_weight, **routing, **common,
+        )
+    if moe.every_n_layers != 1:
+        raise ExportError("Mixtral has MoE in every layer; models with dense layers in between export "
+                          "only with qk_norm (as Qwen3-MoE)")
+    return tf.MixtralConfig(num_local_experts=moe.n_experts, intermediate_size=cfg.d_expert,
+                            router_aux_loss_coef=moe.load_balance_weight, **routing, **common)
+
+
+def hf_state_dict(model: torch.nn.Module, cfg: ModelConfig, target_keys: set[str]) -> dict[str, torch.Tensor]:
+    """lmforge tensors renamed (and, for fused expert layouts, stacked) to ``target_keys``."""
+    ours = model.state_dict()
+    out: dict[str, torch.Tensor] = {"model.embed_tokens.weight": ours["embed.weight"],
+                                    "model.norm.weight": ours["norm.weight"]}
+    if "lm_head.weight" in target_keys:
+        out["lm_head.weight"] = ours["lm_head.weight"]
+    for i in range(cfg.n_layers):
+        src, dst = f"blocks.{i}.", f"model.layers.{i}."
+        out[dst + "input_layernorm.weight"] = ours[src + "attn_norm.weight"]
+        out[dst + "post_attention_layernorm.weight"] = ours[src + "mlp_norm.weight"]
+        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            out[dst + f"self_attn.{name}.weight"] = ours[src + f"attn.{name}.weight"]
+        if cfg.qk_norm:
+            out[dst + "self_attn.q_norm.weight"] = ours[src + "attn.q_norm.weight"]
+            out[dst + "self_attn.k_norm.weight"] = ours[src + "attn.k_norm.weight"]
+        if not cfg.is_moe_layer(i):
+            for ours_name, hf_name in (("gate", "gate_proj"), ("up", "up_proj"), ("down", "down_proj")):
+                out[dst + f"mlp.{hf_name}.weight"] = ours[src + f"mlp.{ours_name}.weight"]
+            continue
+        experts = range(cfg.moe.n_experts)  # type: ignore[union-attr]
+        expert = lambda j, part: ours[src + f"mlp.experts.{j}.{part}.weight"]  # noqa: E731
+        if dst + "mlp.experts.gate_up_proj" in target_keys:  # transformers >= 5: fused experts
+            out[dst + "mlp.gate.weight"] = ours[src + "mlp.router.weight"]
+            out[dst + "mlp.experts.gate_up_proj"] = torch.stack(
+                [torch.cat([expert(j, "gate"), expert(j, "up")]) for j in experts])
+            out[dst + "mlp.experts.down_proj"] = torch.stack([expert(j, "down") for j in experts])
+        elif dst + "block_sparse_moe.gate.weight" in target_keys:  # Mixtral, transformers 4
+            out[dst + "block_sparse_moe.gate.weight"] = ours[src + "mlp.router.weight"]
+            for j in experts:
+                for part, w in (("gate", "w1"), ("down", "w2"), ("up", "w3")):
+                    out[dst + f"block_sparse_moe.experts.{j}.{w}.weight"] = expert(j, part)
+        else:  # Qwen3-MoE, transformers 4
+            out[dst + "mlp.gate.weight"] = ours[src + "mlp.router.weight"]
+            for j in experts:
+                for part in ("gate", "up", "down"):
+                    out[dst + f"mlp.experts.{j}.{part}_proj.weight"] = expert(j, part)
+    return out
+
+
+def _wrap_tokenizer(tokenizer_json: Path, max_len: int) -> Any:
+    tf = _transformers()
+    return tf.PreTrainedTokenizerFast(tokenizer_file=str(tokenizer_json), eos_token="<|endoftext|>",
+                                      model_max_length=max_len)
+
+
+@torch.no_grad()
+def export_hf(model: torch.nn.Module, cfg: ModelConfig, tokenizer_json: Path, out_dir: Path,
+              overwrite: bool = False, atol: float = 1e-4) -> dict[str, Any]:
+    """Write ``out_dir`` as a transformers model folder and verify it; return a summary.
+
+    The folder is written under a temporary name and renamed into place only after the
+    reloaded model reproduces lmforge's logits, so a failed export leaves nothing behind.
+    """
+    tf = _transformers()
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not overwrite:
+        raise ExportError(f"{out_dir} exists; choose another --out or pass --overwrite")
+    config = hf_config(cfg)
+    hf = tf.AutoModelForCausalLM.from_config(config)
+    target = hf.state_dict()
+    tensors = hf_state_dict(model, cfg, set(target))
+    missing, unexpected = set(target) - set(tensors), set(tensors) - set(target)
+    if cfg.tie_embeddings:
+        missing.discard("lm_head.weight")
+    if missing or unexpected:
+        raise ExportError(f"weight names do not line up with {type(hf).__name__} "
+                          f"(missing {sorted(missing)[:4]}, unexpected {sorted(unexpected)[:4]})")
+    hf.load_state_dict(tensors, strict=False)
+    if cfg.tie_embeddings:
+        hf.tie_weights()
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        hf.save_pretrained(tmp, safe_serialization=True)
+        _wrap_tokenizer(tokenizer_json, cfg.max_seq_len).save_pretrained(tmp)
+        reloaded = tf.AutoModelForCausalLM.from_pretrained(tmp).eval()
+        probe = torch.randint(0, cfg.vocab_size, (2, min(16, cfg.max_seq_len)), generator=torch.Generator().manual_seed(0))
+        ours = model.eval()(probe).logits.float()
+        theirs = reloaded(probe).logits.float()
+        max_diff = float((ours - theirs).abs().max())
+        if not max_diff <= atol:
+            raise ExportError(f"exported {type(hf).__name__} does not reproduce lmforge's logits "
+                              f"(max difference {max_diff:.3g} > {atol})")
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        tmp.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return {"architecture": type(hf).__name__, "out_dir": str(out_dir), "max_logit_difference": max_diff,
+            "parameters": sum(p.numel() for p in reloaded.parameters())}
