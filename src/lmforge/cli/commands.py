@@ -121,6 +121,17 @@ def evaluate(args: argparse.Namespace) -> int:
     iso = result["isolation"]
     print(f"isolation: {iso['overlap']} of {iso['heldout_docs']} held-out documents found in training data")
     print(f"written: {out}")
+    if args.lm_eval_tasks:
+        from lmforge.serve.lm_eval_adapter import run_lm_eval
+
+        tasks = [t for t in args.lm_eval_tasks.split(",") if t]
+        scores = run_lm_eval(checkpoint, tasks, args.lm_eval_include, args.limit, str(device))
+        harness_out = checkpoint.parent.parent / "eval" / f"{checkpoint.name}.lm_eval.json"
+        atomic_write_json(harness_out, scores)
+        for task, metrics in scores.items():
+            shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))
+            print(f"lm-eval {task}: {shown}")
+        print(f"written: {harness_out}")
     return 0
 
 

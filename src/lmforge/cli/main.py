@@ -68,6 +68,11 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("target", metavar="RUN_OR_CHECKPOINT", help="run directory or checkpoint directory")
     ev.add_argument("--max-tokens", type=int, default=None, help="held-out tokens per domain (default: the run's eval config)")
     ev.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
+    ev.add_argument("--lm-eval-tasks", default=None, metavar="T1,T2",
+                    help="also run these lm-evaluation-harness tasks (needs `pip install lm-eval`)")
+    ev.add_argument("--lm-eval-include", default=None, metavar="DIR",
+                    help="folder of local lm-eval task YAML files (offline tasks)")
+    ev.add_argument("--limit", type=int, default=None, help="lm-eval: at most this many examples per task")
 
     gen = verbs.add_parser("generate", help="sample text from a trained model",
                            description="Generate a continuation of --prompt with a KV cache.")
