@@ -112,12 +112,20 @@ def evaluate(args: argparse.Namespace) -> int:
     result["isolation"] = isolation_report(data_dir)
     result["samples"] = sample_texts(model, tokenizer, cfg.eval.sample_prompts, cfg.eval.sample_tokens,
                                      cfg.eval.temperature, cfg.eval.top_k, cfg.eval.seed)
+    if cfg.eval.task_items:
+        from lmforge.eval.tasks import build_tasks, evaluate_tasks
+
+        tasks = build_tasks(data_dir, tokenizer, cfg.eval.task_items, cfg.eval.task_seed)
+        result["tasks"] = evaluate_tasks(model, tokenizer, tasks, cfg.eval.batch_size)
     result["checkpoint"] = str(checkpoint)
     out = checkpoint.parent.parent / "eval" / f"{checkpoint.name}.json"
     atomic_write_json(out, result)
     print(f"{'domain':<14}{'loss':>10}{'bits/byte':>12}{'tokens':>10}")
     for domain in result["bpb"]:
         print(f"{domain:<14}{result['loss'][domain]:>10.4f}{result['bpb'][domain]:>12.4f}{result['tokens'][domain]:>10}")
+    for name, score in result.get("tasks", {}).items():
+        print(f"task {name}: acc {score['acc']:.3f}, acc_norm {score['acc_norm']:.3f} "
+              f"(chance {score['chance']:.2f}, {score['items']} items, hash {score['hash']})")
     iso = result["isolation"]
     print(f"isolation: {iso['overlap']} of {iso['heldout_docs']} held-out documents found in training data")
     print(f"written: {out}")

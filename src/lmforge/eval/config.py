@@ -18,9 +18,13 @@ class EvalConfig(Config):
     temperature: float = 0.8
     top_k: int = 40
     seed: int = 1234                    # sampling has its own generator: eval never moves training RNG
+    task_items: int = 100               # multiple-choice items per held-out task at the end (0: no tasks)
+    task_seed: int = 0                  # fixes which items and distractors the tasks use
 
     def __post_init__(self) -> None:
         if self.max_tokens_per_domain < 1 or self.batch_size < 1:
             raise ValueError("max_tokens_per_domain and batch_size must be >= 1")
+        if self.task_items < 0:
+            raise ValueError("task_items must be >= 0")
         if self.temperature < 0:
             raise ValueError("temperature must be >= 0")

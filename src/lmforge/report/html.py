@@ -115,6 +115,16 @@ def _reliability(run: RunData) -> str:
     return out
 
 
+def _tasks(final: dict[str, Any] | None) -> str:
+    tasks = (final or {}).get("tasks") or {}
+    if not tasks:
+        return '<p class="note">no downstream tasks were evaluated</p>'
+    rows = [[name, t["acc"], t["acc_norm"], t["chance"], t["items"], t["hash"]] for name, t in tasks.items()]
+    return (_table(["task (held-out, multiple choice)", "acc", "acc_norm", "chance", "items", "items hash"], rows)
+            + '<p class="note">Built from held-out documents: the true next line (verse/prose) or statement '
+              '(Python) among distractors of similar length; see lmforge/eval/tasks.py.</p>')
+
+
 def _samples(final: dict[str, Any] | None) -> str:
     samples = (final or {}).get("samples") or []
     if not samples:
@@ -141,6 +151,7 @@ def render(run: RunData) -> str:
 <h2>Model card</h2>{_model_card(run.model_card)}
 <h2>Reliability</h2>{_reliability(run)}
 <h2>Data</h2>{_data(run.manifest, run.final)}
+<h2>Downstream tasks</h2>{_tasks(run.final)}
 <h2>Samples</h2>{_samples(run.final)}
 <h2>Code version</h2><p>lmforge {escape(str(version.get("version", "?")))}, commit
 <code>{escape(str(version.get("commit")))}</code>{dirty}</p>

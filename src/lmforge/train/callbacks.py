@@ -17,6 +17,7 @@ from lmforge.core.metrics_file import append_metrics
 from lmforge.eval.heldout import evaluate_heldout
 from lmforge.eval.isolation import isolation_report
 from lmforge.eval.samples import sample_texts
+from lmforge.eval.tasks import build_tasks, evaluate_tasks
 
 if TYPE_CHECKING:
     from lmforge.train.trainer import Trainer
@@ -150,8 +151,14 @@ class HeldoutEvaluator(Callback):
             trainer.eval_model, trainer.tokenizer, ecfg.sample_prompts, ecfg.sample_tokens,
             ecfg.temperature, ecfg.top_k, ecfg.seed,
         )
+        if ecfg.task_items:
+            tasks = build_tasks(trainer.data_dir, trainer.tokenizer, ecfg.task_items, ecfg.task_seed)
+            record["tasks"] = evaluate_tasks(trainer.eval_model, trainer.tokenizer, tasks, ecfg.batch_size)
         if not trainer.is_main:
             return
+        for name, score in record.get("tasks", {}).items():
+            log.info("task %s: acc %.3f, acc_norm %.3f (chance %.2f, %d items)",
+                     name, score["acc"], score["acc_norm"], score["chance"], score["items"])
         record["isolation"] = isolation_report(trainer.data_dir)
         atomic_write_json(trainer.run_dir / "eval" / "final.json", record)
 
