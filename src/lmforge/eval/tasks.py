@@ -163,12 +163,19 @@ def evaluate_tasks(model: torch.nn.Module, tokenizer: Tokenizer, tasks: dict[str
                    batch_size: int = 16) -> dict[str, dict[str, Any]]:
     """acc / acc_norm per task (see the module docstring), with the item count and content hash."""
     results = {}
-    for name, items in tasks.items():
-        requests, spans = [], []
-        for item in items:
+    max_len = model.cfg.max_seq_len if hasattr(model, "cfg") else None
+    for name, all_items in tasks.items():
+        requests, spans, items = [], [], []
+        for item in all_items:
             context = tokenizer.encode(item.context) or [tokenizer.eos_id]
+            choices = [tokenizer.encode(choice + "\n") for choice in item.choices]
+            if max_len is not None and max(len(c) for c in choices) >= max_len:
+                continue  # a candidate longer than the model's context cannot be scored whole
+            items.append(item)
             spans.append((len(requests), len(item.choices)))
-            requests += [(context, tokenizer.encode(choice + "\n")) for choice in item.choices]
+            requests += [(context, choice) for choice in choices]
+        if not items:
+            continue
         scores = [lp for lp, _ in score_continuations(model, requests, batch_size)]
         correct = correct_norm = 0
         for item, (first, count) in zip(items, spans):
@@ -178,5 +185,6 @@ def evaluate_tasks(model: torch.nn.Module, tokenizer: Tokenizer, tasks: dict[str
             correct_norm += int(max(range(count), key=per_byte.__getitem__) == item.answer)
         n = len(items)
         results[name] = {"acc": correct / n, "acc_norm": correct_norm / n, "items": n,
+                         "skipped_too_long": len(all_items) - n,
                          "chance": sum(1 / len(i.choices) for i in items) / n, "hash": task_hash(items)}
     return results
