@@ -97,9 +97,7 @@ def quickstart(args: argparse.Namespace) -> int:
 
 
 def evaluate(args: argparse.Namespace) -> int:
-    from lmforge.eval.heldout import evaluate_heldout
-    from lmforge.eval.isolation import isolation_report
-    from lmforge.eval.samples import sample_texts
+    from lmforge.eval.suite import complete_evaluation, describe, heldout_record
     from lmforge.serve.loading import load_for_inference
     from lmforge.train.config import RunConfig
 
@@ -107,27 +105,12 @@ def evaluate(args: argparse.Namespace) -> int:
     model, tokenizer, raw, checkpoint = load_for_inference(args.target, device)
     cfg = RunConfig.from_dict(raw)
     data_dir = Path(cfg.data.out_dir)
-    max_tokens = args.max_tokens or cfg.eval.max_tokens_per_domain
-    result = evaluate_heldout(model, data_dir, cfg.train.seq_len, max_tokens, cfg.eval.batch_size, device)
-    result["isolation"] = isolation_report(data_dir)
-    result["samples"] = sample_texts(model, tokenizer, cfg.eval.sample_prompts, cfg.eval.sample_tokens,
-                                     cfg.eval.temperature, cfg.eval.top_k, cfg.eval.seed)
-    if cfg.eval.task_items:
-        from lmforge.eval.tasks import build_tasks, evaluate_tasks
-
-        tasks = build_tasks(data_dir, tokenizer, cfg.eval.task_items, cfg.eval.task_seed)
-        result["tasks"] = evaluate_tasks(model, tokenizer, tasks, cfg.eval.batch_size)
+    result = heldout_record(model, data_dir, cfg.train.seq_len, cfg.eval, device, max_tokens=args.max_tokens)
+    complete_evaluation(result, model, tokenizer, data_dir, cfg.eval)
     result["checkpoint"] = str(checkpoint)
     out = checkpoint.parent.parent / "eval" / f"{checkpoint.name}.json"
     atomic_write_json(out, result)
-    print(f"{'domain':<14}{'loss':>10}{'bits/byte':>12}{'tokens':>10}")
-    for domain in result["bpb"]:
-        print(f"{domain:<14}{result['loss'][domain]:>10.4f}{result['bpb'][domain]:>12.4f}{result['tokens'][domain]:>10}")
-    for name, score in result.get("tasks", {}).items():
-        print(f"task {name}: acc {score['acc']:.3f}, acc_norm {score['acc_norm']:.3f} "
-              f"(chance {score['chance']:.2f}, {score['items']} items, hash {score['hash']})")
-    iso = result["isolation"]
-    print(f"isolation: {iso['overlap']} of {iso['heldout_docs']} held-out documents found in training data")
+    print("\n".join(describe(result)))
     print(f"written: {out}")
     if args.lm_eval_tasks:
         from lmforge.serve.lm_eval_adapter import run_lm_eval

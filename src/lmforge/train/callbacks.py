@@ -14,10 +14,7 @@ from lmforge.core.errors import CheckpointError
 from lmforge.core.io import atomic_write_json
 from lmforge.core.logging import RateProgress, get_logger
 from lmforge.core.metrics_file import append_metrics
-from lmforge.eval.heldout import evaluate_heldout
-from lmforge.eval.isolation import isolation_report
-from lmforge.eval.samples import sample_texts
-from lmforge.eval.tasks import build_tasks, evaluate_tasks
+from lmforge.eval.suite import complete_evaluation, describe, heldout_record
 
 if TYPE_CHECKING:
     from lmforge.train.trainer import Trainer
@@ -120,20 +117,13 @@ class HeldoutEvaluator(Callback):
         return trainer.is_main or trainer.eval_on_all_ranks
 
     def _evaluate(self, trainer: "Trainer") -> dict[str, Any]:
-        ecfg = trainer.cfg.eval
-        result = evaluate_heldout(
-            trainer.eval_model, trainer.data_dir, trainer.cfg.train.seq_len, ecfg.max_tokens_per_domain,
-            batch_size=ecfg.batch_size, device=trainer.device, precision=trainer.cfg.train.precision,
-        )
-        record = {
-            "kind": "eval", "step": trainer.step, "tokens": trainer.tokens,
-            "loss": result["loss"], "bpb": result["bpb"],
-            "eval_tokens": result["tokens"], "eval_bytes": result["bytes"],
-        }
+        record = {"kind": "eval", "step": trainer.step, "tokens": trainer.tokens,
+                  **heldout_record(trainer.eval_model, trainer.data_dir, trainer.cfg.train.seq_len,
+                                   trainer.cfg.eval, trainer.device, trainer.cfg.train.precision)}
         if not trainer.is_main:
             return record
         append_metrics(trainer.run_dir / "metrics.jsonl", record)
-        bpb = ", ".join(f"{k} {v:.3f}" for k, v in result["bpb"].items())
+        bpb = ", ".join(f"{k} {v:.3f}" for k, v in record["bpb"].items())
         log.info("step %d held-out bits-per-byte: %s", trainer.step, bpb)
         return record
 
@@ -145,22 +135,12 @@ class HeldoutEvaluator(Callback):
     def on_train_end(self, trainer: "Trainer") -> None:
         if not self._takes_part(trainer):
             return
-        record = self._evaluate(trainer)
-        ecfg = trainer.cfg.eval
-        record["samples"] = sample_texts(
-            trainer.eval_model, trainer.tokenizer, ecfg.sample_prompts, ecfg.sample_tokens,
-            ecfg.temperature, ecfg.top_k, ecfg.seed,
-        )
-        if ecfg.task_items:
-            tasks = build_tasks(trainer.data_dir, trainer.tokenizer, ecfg.task_items, ecfg.task_seed)
-            record["tasks"] = evaluate_tasks(trainer.eval_model, trainer.tokenizer, tasks, ecfg.batch_size)
-        if not trainer.is_main:
-            return
-        for name, score in record.get("tasks", {}).items():
-            log.info("task %s: acc %.3f, acc_norm %.3f (chance %.2f, %d items)",
-                     name, score["acc"], score["acc_norm"], score["chance"], score["items"])
-        record["isolation"] = isolation_report(trainer.data_dir)
-        atomic_write_json(trainer.run_dir / "eval" / "final.json", record)
+        record = complete_evaluation(self._evaluate(trainer), trainer.eval_model, trainer.tokenizer,
+                                     trainer.data_dir, trainer.cfg.eval)
+        if trainer.is_main:
+            for line in describe(record)[1 + len(record["bpb"]):]:
+                log.info("%s", line)
+            atomic_write_json(trainer.run_dir / "eval" / "final.json", record)
 
 
 class Checkpointer(Callback):

@@ -1,0 +1,56 @@
+"""The end-of-run evaluation, shared by the trainer's final evaluation and ``lmforge eval``:
+held-out loss and bits-per-byte per domain, samples, held-out multiple-choice tasks, and
+the isolation check."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lmforge.core.logging import get_logger
+from lmforge.data.tokenizer import Tokenizer
+from lmforge.eval.config import EvalConfig
+from lmforge.eval.heldout import evaluate_heldout
+from lmforge.eval.isolation import isolation_report
+from lmforge.eval.samples import sample_texts
+from lmforge.eval.tasks import build_tasks, evaluate_tasks
+
+log = get_logger(__name__)
+
+
+def heldout_record(model: nn.Module, data_dir: Path, seq_len: int, cfg: EvalConfig, device: torch.device,
+                   precision: str = "auto", max_tokens: int | None = None) -> dict[str, Any]:
+    result = evaluate_heldout(model, data_dir, seq_len, max_tokens or cfg.max_tokens_per_domain,
+                              batch_size=cfg.batch_size, device=device, precision=precision)
+    return {"loss": result["loss"], "bpb": result["bpb"], "eval_tokens": result["tokens"],
+            "eval_bytes": result["bytes"]}
+
+
+def complete_evaluation(record: dict[str, Any], model: nn.Module, tokenizer: Tokenizer, data_dir: Path,
+                        cfg: EvalConfig) -> dict[str, Any]:
+    """Add samples, task scores and the isolation report to a held-out record (in place)."""
+    record["samples"] = sample_texts(model, tokenizer, cfg.sample_prompts, cfg.sample_tokens,
+                                     cfg.temperature, cfg.top_k, cfg.seed)
+    if cfg.task_items:
+        tasks = build_tasks(data_dir, tokenizer, cfg.task_items, cfg.task_seed)
+        record["tasks"] = evaluate_tasks(model, tokenizer, tasks, cfg.batch_size)
+    record["isolation"] = isolation_report(data_dir)
+    return record
+
+
+def describe(record: dict[str, Any]) -> list[str]:
+    """Human-readable lines for a finished evaluation record."""
+    lines = [f"{'domain':<14}{'loss':>10}{'bits/byte':>12}{'tokens':>10}"]
+    for domain in record["bpb"]:
+        lines.append(f"{domain:<14}{record['loss'][domain]:>10.4f}{record['bpb'][domain]:>12.4f}"
+                     f"{record['eval_tokens'][domain]:>10}")
+    for name, score in record.get("tasks", {}).items():
+        lines.append(f"task {name}: acc {score['acc']:.3f}, acc_norm {score['acc_norm']:.3f} "
+                     f"(chance {score['chance']:.2f}, {score['items']} items, hash {score['hash']})")
+    iso = record.get("isolation")
+    if iso:
+        lines.append(f"isolation: {iso['overlap']} of {iso['heldout_docs']} held-out documents found in training data")
+    return lines
