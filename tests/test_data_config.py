@@ -68,3 +68,38 @@ def test_fingerprint_ignores_workers_weights_and_location():
     b.sources[0].weight = 9.0
     assert a.fingerprint_dict() == b.fingerprint_dict()
     assert a.fingerprint_dict() != DataConfig.from_dict(_cfg(vocab_size=999)).fingerprint_dict()
+
+
+def test_new_sections_have_defaults_and_old_configs_load():
+    cfg = DataConfig.from_dict(_cfg())
+    assert cfg.quality.enabled and cfg.quality.min_words == 50
+    assert cfg.near_dedup.shingle_size == 5 and cfg.near_dedup.num_hashes == 128
+    assert cfg.decontamination.ngram_size == 13 and cfg.decontamination.heldout_split
+    assert cfg.executor == "local" and cfg.mixture_temperature is None
+    from pathlib import Path
+
+    raw = read_yaml(Path(__file__).parents[1] / "configs" / "quickstart.yaml")["data"]
+    assert DataConfig.from_dict(raw).near_dedup.threshold == 0.7
+
+
+def test_fingerprint_ignores_how_and_where_the_work_runs():
+    a = DataConfig.from_dict(_cfg())
+    b = DataConfig.from_dict(_cfg(executor="slurm", slurm={"partition": "cpu", "tasks": 64}, chunk_bytes=10,
+                                  mixture_temperature=2.0))
+    assert a.fingerprint_dict() == b.fingerprint_dict()
+    c = DataConfig.from_dict(_cfg(near_dedup={"threshold": 0.8}))
+    assert a.fingerprint_dict() != c.fingerprint_dict()
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"near_dedup": {"threshold": 0.0}}, "threshold must be in"),
+    ({"near_dedup": {"num_bands": 0}}, "num_bands must be >= 1"),
+    ({"decontamination": {"ngram_size": 0}}, "ngram_size"),
+    ({"mixture_temperature": -1.0}, "mixture_temperature must be > 0"),
+    ({"executor": "kubernetes"}, "executor: expected one of"),
+    ({"sources": [{"name": "a", "kind": "demo_code", "near_dedup_threshold": 1.5}]}, "near_dedup_threshold"),
+    ({"sources": [{"name": "a", "kind": "demo_code", "content": "poetry"}]}, r"content: expected one of"),
+])
+def test_invalid_new_values(changes, message):
+    with pytest.raises(ConfigError, match=message):
+        DataConfig.from_dict(_cfg(**changes))

@@ -50,3 +50,63 @@ def test_strip_gutenberg_boilerplate():
             "*** END OF THE PROJECT GUTENBERG EBOOK X ***\nLicense\n")
     assert demo_corpus.strip_gutenberg(text) == "Body line\n"
     assert demo_corpus.strip_gutenberg("no markers\n") == "no markers\n"
+
+
+DEMO_CONFIG = __import__("pathlib").Path(__file__).parents[1] / "configs" / "data_demo.yaml"
+
+
+def test_demo_literature_near_duplicates_are_found():
+    """The sdist holds most plays twice, a modern edition (*_gut.txt) and the First Folio
+    spelling (*_gut_f.txt), and each Milton work twice, byte for byte. With the settings of
+    configs/data_demo.yaml, exact dedup takes the Milton copies and near-dedup pairs every
+    Folio text with its modern edition, and never two different plays."""
+    import numpy as np
+
+    from lmforge.core.config import read_yaml
+    from lmforge.data.near_dedup import MinHasher, find_clusters
+    from lmforge.data.pipeline import ExactDedup, Normalize
+
+    cfg = DataConfig.from_dict(read_yaml(DEMO_CONFIG))
+    literature = next(s for s in cfg.sources if s.name == "literature")
+    everything = list(Normalize()(demo_corpus.iter_literature()))
+    exact = ExactDedup()
+    docs = list(exact(everything))
+    copies = [doc.doc_id for doc in everything if doc.meta.get("removed")]
+    assert len(copies) == 7 and all(c.startswith("miltondata/") for c in copies)
+    hasher = MinHasher(cfg.near_dedup)
+    signed = [hasher.signature(doc.text) for doc in docs]
+    signatures = np.stack([s for s, _ in signed])
+    sizes = np.array([n for _, n in signed])
+    thresholds = np.full(len(docs), cfg.near_dedup_threshold_for(literature))
+    clusters, _ = find_clusters(signatures, sizes > 0, thresholds, sizes, cfg.near_dedup)
+
+    names = [doc.doc_id.rsplit("/", 1)[-1] for doc in docs]
+    folio = [n for n in names if n.endswith("_gut_f.txt")]
+    # The modern edition is the same name without "_f", except where the Folio spells the title its way.
+    spelled = {"all_is_well_that_ends_well": "alls_well_that_ends_well", "anthonie_and_cleopatra":
+               "antony_and_cleopatra", "comedy_of_errours": "comedy_of_errors", "loves_labour_lost":
+               "loves_labours_lost", "midsummer_nights_dreame": "midsummer_nights_dream",
+               "titus_andronicus": "tragedy_of_titus_andronicus", "twelfe-night": "twelfth_night"}
+    expected = {(spelled.get(f[:-10], f[:-10]) + "_gut.txt", f) for f in folio}
+    assert len(expected) == 35 and all(modern in names for modern, _ in expected)
+    found = {tuple(sorted((names[m] for m in c.members), key=lambda n: n.endswith("_f.txt"))) for c in clusters}
+    assert all(len(c.members) == 2 for c in clusters)
+    assert found == expected  # every Folio text with its modern edition, and nothing else
+
+
+@pytest.mark.slow
+def test_demo_config_end_to_end(tmp_path):
+    """configs/data_demo.yaml as `lmforge data prepare` runs it: the figures docs/data.md reports."""
+    from lmforge.core.config import read_yaml
+
+    raw = read_yaml(DEMO_CONFIG)
+    cfg = DataConfig.from_dict({**raw, "out_dir": str(tmp_path / "demo")})
+    manifest = prepare_data(cfg)
+    literature, code = manifest["pipeline"]["literature"], manifest["pipeline"]["code"]
+    assert literature["read"] == 91 and literature["removed_duplicates"] == 7
+    assert literature["removed_near_duplicates"] == 35 and literature["removed_quality"] == {}
+    assert code["removed_quality"] == {} and code["removed_near_duplicates"] > 20  # encodings/* tables
+    assert manifest["isolation"]["overlap"] == 0
+    assert manifest["contamination"]["removed_documents"] == literature["removed_contaminated"] \
+        + code["removed_contaminated"]
+    assert (tmp_path / "demo" / "contamination.json").is_file()

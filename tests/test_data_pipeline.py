@@ -52,3 +52,25 @@ def test_identical_text_never_on_both_sides():
         text = f"shared text {i}"
         sides = {split_by_hash(Document(text, src, f"{src}{i}"), 0.3) for src in ("a", "b", "c")}
         assert len(sides) == 1
+
+
+def test_every_step_has_one_shape_and_counts_by_reason():
+    from lmforge.data.pipeline import ExactDedup, Normalize
+    from lmforge.data.steps import FilterStep, StepStats, run_steps
+
+    class DropShort(FilterStep):
+        name = "drop_short"
+
+        def reason(self, doc):
+            return "too_short" if len(doc.text) < 4 else None
+
+    docs = _docs("alpha", "  ", "alpha", "ab", source="x") + _docs("beta", source="y")
+    steps = [Normalize(), ExactDedup(), DropShort()]
+    kept = list(run_steps(docs, steps, rank=0, world_size=1))
+    assert [d.text for d in kept] == ["alpha\n", "beta\n"]
+    assert [s.stats.summary()["removed"] for s in steps] == [{"empty": 1}, {"exact_duplicate": 1}, {"too_short": 1}]
+    assert steps[1].stats.docs_in == {"x": 3, "y": 1} and steps[1].stats.docs_out == {"x": 2, "y": 1}
+    # Removed documents say why; stats survive a JSON round trip and add up across ranks.
+    assert docs[2].meta == {"removed": "exact_duplicate", "duplicate_of": "x:0"}
+    merged = StepStats.from_dict(steps[2].stats.to_dict()).merge(steps[2].stats)
+    assert merged.removed["x"]["too_short"] == 2 and merged.summary()["documents_in"] == 6

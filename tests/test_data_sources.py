@@ -92,3 +92,44 @@ def test_local_hf_dataset_saved_to_disk(tmp_path):
     assert [d.text for d in _read(kind="hf", path=str(tmp_path / "dd"), split="validation")] == ["v"]
     with pytest.raises(DataError, match="no split 'train'"):
         _read(kind="hf", path=str(tmp_path / "dd"))
+
+
+def test_bad_inputs_are_counted_not_fatal(tmp_path, records):
+    from lmforge.data.sources import InputProblems
+
+    (tmp_path / "good.txt").write_text("fine text")
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9 cr\xe8me".encode("latin-1"))
+    problems = InputProblems()
+    docs = list(iter_documents(SourceConfig(name="s", kind="files", path=str(tmp_path)), problems))
+    assert [d.doc_id for d in docs] == ["good.txt", "latin1.txt"]
+    assert docs[1].text == "caf\ufffd cr\ufffdme"
+    assert dict(problems.counts) == {"empty_file": 1, "invalid_utf8_replaced": 1}
+    listed = {p["problem"]: p for p in problems.listed()}
+    assert listed["empty_file"]["path"].endswith("empty.txt")
+    assert listed["invalid_utf8_replaced"]["first"].startswith("byte 3")
+
+    lines = tmp_path / "j"
+    lines.mkdir()
+    (lines / "a.jsonl").write_bytes(b'{"text": "ok"}\n{"text": 5}\n{"txt": "x"}\nnot json\n{"text": "caf\xe9"}\n')
+    (lines / "b.jsonl").write_text("\n\n")
+    problems = InputProblems()
+    docs = list(iter_documents(SourceConfig(name="s", kind="jsonl", path=str(lines)), problems))
+    assert [d.text for d in docs] == ["ok"]
+    assert dict(problems.counts) == {"missing_text_field": 2, "malformed_json_line": 1, "invalid_utf8_line": 1,
+                                     "empty_file": 1}
+
+
+def test_unreadable_parquet_is_skipped_and_named(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from lmforge.data.sources import InputProblems
+
+    pq.write_table(pa.table({"text": ["alpha"]}), tmp_path / "a.parquet")
+    (tmp_path / "b.parquet").write_bytes(b"PAR1 this is not really parquet")
+    problems = InputProblems()
+    docs = list(iter_documents(SourceConfig(name="s", kind="parquet", path=str(tmp_path)), problems))
+    assert [d.text for d in docs] == ["alpha"]
+    assert dict(problems.counts) == {"unreadable_parquet": 1}
+    assert problems.listed()[0]["path"].endswith("b.parquet")

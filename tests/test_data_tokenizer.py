@@ -51,3 +51,14 @@ def test_load_errors_are_clear(tmp_path):
     (tmp_path / "bad.json").write_text("{not json")
     with pytest.raises(DataError, match="not a valid tokenizer"):
         Tokenizer.load(tmp_path / "bad.json")
+
+
+def test_batch_encoding_cuts_texts_without_changing_tokens(tok):
+    """encode_batch cuts long texts at line starts (for speed); the ids must equal encoding whole."""
+    import random
+
+    rng = random.Random(0)
+    pieces = ["word", " ", "\n", "\n\n", "  ", "\t", "x=1;", "naïve", "東京", EOS, "\r\n", "  indented", "'s", "42"]
+    texts = ["".join(rng.choice(pieces) for _ in range(rng.randint(1, 80))) for _ in range(300)]
+    texts += ["a\nb", "a\n b", "a \nb", "a\n\nb", "\nb", "a\n", "", EOS + "\n" + EOS]
+    assert tok.encode_batch(texts) == [tok.encode(t) for t in texts]

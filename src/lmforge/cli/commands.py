@@ -45,12 +45,21 @@ def data_prepare(args: argparse.Namespace) -> int:
     section = raw["data"] if "data" in raw else raw
     cfg = DataConfig.from_dict(section, path="data" if "data" in raw else "")
     manifest = prepare_data(cfg, overwrite=args.overwrite)
+    if manifest.get("status") == "submitted":  # executor: slurm
+        print(f"submitted {len(manifest.get('stages', []))} Slurm stages: {manifest.get('stages')}")
+        print(f"logs: {manifest.get('logs')}; rerun the same command when they finish to collect the manifest")
+        return 0
     print(f"{'source':<14}{'split':<9}{'documents':>10}{'tokens':>12}{'bytes':>13}{'duplicates':>12}")
     for name, splits in manifest["sources"].items():
         dups = manifest.get("pipeline", {}).get(name, {}).get("removed_duplicates", 0)
         for split, info in splits.items():
             print(f"{name:<14}{split:<9}{info['documents']:>10}{info['tokens']:>12}{info['bytes']:>13}"
                   f"{dups if split == 'train' else '':>12}")
+    totals = manifest.get("totals", {})
+    print(f"removed: {totals.get('removed_quality', 0)} by quality filters, "
+          f"{totals.get('removed_near_duplicates', 0)} near-duplicates, "
+          f"{totals.get('removed_contaminated', 0)} contaminated by eval sets"
+          + (f" (report: {cfg.out_dir}/contamination.json)" if cfg.decontamination.enabled else ""))
     iso = manifest["isolation"]
     print(f"isolation: {iso['overlap']} of {iso['heldout_docs']} held-out documents in the training split")
     print(f"written: {cfg.out_dir}/manifest.json")

@@ -1,10 +1,12 @@
-"""Configs for data preparation: which sources to read and how to split and tokenize them."""
+"""Configs for data preparation: which sources to read, how to filter, dedup, decontaminate,
+split and tokenize them, and where the work runs."""
 
 from __future__ import annotations
 
+import dataclasses
 import re
-from dataclasses import dataclass
-from typing import Literal
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 from lmforge.core.config import Config
 
@@ -13,6 +15,152 @@ _NEEDS_PATH = ("files", "jsonl", "parquet", "hf")
 # Source names become directory names under shards/, so keep them path-safe.
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 N_SPECIAL_TOKENS = 1  # "<|endoftext|>"
+# A files source whose glob picks these is code: the prose quality rules are not for it.
+CODE_SUFFIXES = (".py", ".pyi", ".c", ".h", ".cc", ".cpp", ".hpp", ".rs", ".go", ".java", ".js", ".ts",
+                 ".jsx", ".tsx", ".rb", ".sh", ".scala", ".kt", ".swift", ".cs", ".php", ".lua", ".jl", ".sql")
+
+
+def _fraction(owner: str, key: str, value: float | None) -> None:
+    if value is not None and not 0.0 <= value <= 1.0:
+        raise ValueError(f"{owner}{key} must be in [0, 1], got {value}")
+
+
+@dataclass
+class QualityConfig(Config):
+    """Gopher-style document rules (Rae et al. 2021, "Scaling Language Models", appendix A).
+
+    Each rule removes a document that falls outside its bound; set a bound to null to
+    switch that rule off. Words are whitespace-separated tokens. The rules describe
+    natural-language prose: sources of code skip them (see ``SourceConfig.content``).
+    """
+
+    enabled: bool = True
+    min_words: int | None = 50
+    max_words: int | None = 100_000
+    min_mean_word_length: float | None = 3.0
+    max_mean_word_length: float | None = 10.0
+    max_symbol_word_ratio: float | None = 0.1         # ('#' + ellipses) per word
+    max_ellipsis_line_fraction: float | None = 0.3    # lines ending in "..." or "…"
+    max_bullet_line_fraction: float | None = 0.9      # lines starting with a bullet
+    min_alpha_word_fraction: float | None = 0.8       # words with at least one letter
+    # Gopher also bounds the share of repeated lines at 0.3; off here because drama and
+    # dialogue repeat speaker names (the demo's Merry Wives of Windsor: 30.3% of its lines).
+    # The share of characters in repeated lines (below) still catches boilerplate.
+    max_duplicate_line_fraction: float | None = None  # lines that repeat an earlier line
+    max_duplicate_line_char_fraction: float | None = 0.2
+    # Most frequent word n-gram: the characters it covers over all word characters.
+    # (Keys are n; "2" is read as 2, so the config survives a round trip through JSON.)
+    max_top_ngram_char_fraction: dict[int | str, float] = field(
+        default_factory=lambda: {2: 0.20, 3: 0.18, 4: 0.16})
+    # Word n-grams occurring more than once: the characters they cover over all.
+    max_duplicate_ngram_char_fraction: dict[int | str, float] = field(
+        default_factory=lambda: {5: 0.15, 6: 0.14, 7: 0.13, 8: 0.12, 9: 0.11, 10: 0.10})
+
+    def __post_init__(self) -> None:
+        for key in ("min_words", "max_words"):
+            value = getattr(self, key)
+            if value is not None and value < 0:
+                raise ValueError(f"{key} must be >= 0, got {value}")
+        for key in ("max_ellipsis_line_fraction", "max_bullet_line_fraction", "min_alpha_word_fraction",
+                    "max_duplicate_line_fraction", "max_duplicate_line_char_fraction"):
+            _fraction("", key, getattr(self, key))
+        for key in ("max_top_ngram_char_fraction", "max_duplicate_ngram_char_fraction"):
+            table = getattr(self, key)
+            if not all(isinstance(n, int) or (isinstance(n, str) and n.isdigit()) for n in table):
+                raise ValueError(f"{key}: keys must be n-gram sizes (integers), got {sorted(map(str, table))}")
+            table = {int(n): value for n, value in table.items()}
+            setattr(self, key, table)
+            for n, value in table.items():
+                if n < 1:
+                    raise ValueError(f"{key}: n-gram sizes must be >= 1, got {n}")
+                _fraction(f"{key}.", str(n), value)
+
+
+@dataclass
+class NearDedupConfig(Config):
+    """MinHash-LSH near-duplicate removal over word shingles (Broder 1997; Leskovec et al. ch. 3).
+
+    Each document gets ``num_bands * rows_per_band`` MinHash values; two documents are
+    compared when all rows of at least one band agree, and are near-duplicates when their
+    estimated Jaccard similarity is at least ``threshold``. The chance that a pair of
+    similarity s is compared at all is 1 - (1 - s**rows)**bands, so the bands and rows must
+    make that near 1 at the threshold (prepare warns when they do not).
+    """
+
+    enabled: bool = True
+    shingle_size: int = 5          # words per shingle
+    num_bands: int = 32            # 32 bands of 4 rows: a pair at 0.7 is compared with probability 0.9998
+    rows_per_band: int = 4
+    threshold: float = 0.7         # estimated Jaccard similarity at or above which documents are near-duplicates
+    seed: int = 0                  # picks the hash functions
+
+    def __post_init__(self) -> None:
+        for key in ("shingle_size", "num_bands", "rows_per_band"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
+        if not 0.0 < self.threshold <= 1.0:
+            raise ValueError(f"threshold must be in (0, 1], got {self.threshold}")
+
+    @property
+    def num_hashes(self) -> int:
+        return self.num_bands * self.rows_per_band
+
+    def candidate_probability(self, similarity: float) -> float:
+        """Chance that LSH puts a pair of this Jaccard similarity in a shared bucket."""
+        return 1.0 - (1.0 - similarity ** self.rows_per_band) ** self.num_bands
+
+
+@dataclass
+class EvalSetConfig(Config):
+    """An evaluation set on disk that training data must not contain (read like a source)."""
+
+    name: str
+    kind: Literal["files", "jsonl", "parquet", "hf"]
+    path: str
+    text_field: str = "text"
+    split: str = "test"            # hf split
+    role: Literal["task", "heldout"] = "task"
+    max_items: int | None = None
+
+
+@dataclass
+class DecontaminationConfig(Config):
+    """N-gram decontamination of the training split against every registered eval set.
+
+    A training document that shares any ``ngram_size``-gram of normalized words with an
+    eval item is removed (GPT-3's 13-gram rule, Brown et al. 2020, appendix C). Items with
+    fewer words are matched whole when they have at least ``min_item_words`` words.
+    """
+
+    enabled: bool = True
+    ngram_size: int = 13
+    min_item_words: int = 8
+    heldout_split: bool = True     # also decontaminate against this preparation's own held-out split
+    eval_sets: list[EvalSetConfig] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.ngram_size < 1 or self.min_item_words < 1:
+            raise ValueError("ngram_size and min_item_words must be >= 1")
+        names = [s.name for s in self.eval_sets]
+        if len(set(names)) != len(names):
+            raise ValueError(f"eval_sets: names must be unique, got {names}")
+
+
+@dataclass
+class SlurmConfig(Config):
+    """Where stage tasks go when ``executor: slurm`` (passed to datatrove's SlurmPipelineExecutor)."""
+
+    partition: str = ""
+    time: str = "04:00:00"
+    tasks: int = 16                # array tasks per parallel stage
+    cpus_per_task: int = 2
+    mem_per_cpu_gb: int = 4
+    venv_path: str | None = None   # activated in each job, e.g. the path of .venv/bin/activate
+    sbatch_args: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.tasks < 1 or self.cpus_per_task < 1 or self.mem_per_cpu_gb < 1:
+            raise ValueError("tasks, cpus_per_task and mem_per_cpu_gb must be >= 1")
 
 
 @dataclass
@@ -26,6 +174,11 @@ class SourceConfig(Config):
     max_documents: int | None = None
     max_bytes: int | None = None   # stop reading a source after this many bytes (keeps the demo fast)
     weight: float = 1.0            # mixture weight in the loader
+    # "code" skips the prose quality rules; "auto": demo_code and files globbing code
+    # suffixes are code, other sources are judged document by document.
+    content: Literal["auto", "prose", "code"] = "auto"
+    quality: dict[str, Any] | None = None          # overrides of DataConfig.quality for this source
+    near_dedup_threshold: float | None = None      # overrides DataConfig.near_dedup.threshold
 
     def __post_init__(self) -> None:
         if not _NAME_RE.match(self.name):
@@ -39,6 +192,17 @@ class SourceConfig(Config):
                 raise ValueError(f"source {self.name!r}: {key} must be positive, got {value}")
         if self.weight < 0:
             raise ValueError(f"source {self.name!r}: weight must be >= 0, got {self.weight}")
+        if self.near_dedup_threshold is not None and not 0.0 < self.near_dedup_threshold <= 1.0:
+            raise ValueError(f"source {self.name!r}: near_dedup_threshold must be in (0, 1], "
+                             f"got {self.near_dedup_threshold}")
+
+    def resolved_content(self) -> Literal["prose", "code", "auto"]:
+        """"code", "prose", or "auto" (decide per document) for this source."""
+        if self.content != "auto":
+            return self.content
+        if self.kind == "demo_code" or (self.kind == "files" and self.glob and self.glob.endswith(CODE_SUFFIXES)):
+            return "code"
+        return "prose" if self.kind == "demo_literature" else "auto"
 
 
 @dataclass
@@ -51,6 +215,15 @@ class DataConfig(Config):
     shard_tokens: int = 4_000_000  # max tokens per shard file
     min_doc_chars: int = 1
     seed: int = 0                  # recorded; preparation itself is deterministic (split by hash)
+    quality: QualityConfig = field(default_factory=QualityConfig)
+    near_dedup: NearDedupConfig = field(default_factory=NearDedupConfig)
+    decontamination: DecontaminationConfig = field(default_factory=DecontaminationConfig)
+    # Sampling: p_i proportional to weight_i * tokens_i ** (1 / T). null keeps the weights
+    # as the probabilities; 1 is the natural mix; large T approaches uniform over sources.
+    mixture_temperature: float | None = None
+    executor: Literal["local", "slurm"] = "local"
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)
+    chunk_bytes: int = 1_000_000   # documents are processed in work units of about this many bytes
 
     def __post_init__(self) -> None:
         if not self.sources:
@@ -72,16 +245,34 @@ class DataConfig(Config):
             raise ValueError(f"shard_tokens must be >= 1, got {self.shard_tokens}")
         if self.min_doc_chars < 1:
             raise ValueError(f"min_doc_chars must be >= 1, got {self.min_doc_chars}")
+        if self.mixture_temperature is not None and self.mixture_temperature <= 0:
+            raise ValueError(f"mixture_temperature must be > 0, got {self.mixture_temperature}")
+        if self.chunk_bytes < 1:
+            raise ValueError(f"chunk_bytes must be >= 1, got {self.chunk_bytes}")
+        for source in self.sources:
+            self.quality_for(source)  # per-source overrides fail here, naming the key
+
+    def quality_for(self, source: SourceConfig) -> QualityConfig:
+        """The quality rules for one source: the global ones, off for code, then its overrides."""
+        merged = dataclasses.asdict(self.quality)
+        if source.resolved_content() == "code":
+            merged["enabled"] = False
+        merged.update(source.quality or {})
+        index = self.sources.index(source) if source in self.sources else 0
+        return QualityConfig.from_dict(merged, path=f"sources[{index}].quality")
+
+    def near_dedup_threshold_for(self, source: SourceConfig) -> float:
+        return source.near_dedup_threshold if source.near_dedup_threshold is not None else self.near_dedup.threshold
 
     def fingerprint_dict(self) -> dict:
         """The part of the config that decides the prepared bytes.
 
-        Worker count, output location and mixture weights change how or where data is
-        prepared or how it is sampled later, not what is written, so they are left out:
-        changing them must not force (or block) a re-prepare.
+        Worker count, executor, work-unit size, output location and mixture weights change
+        how or where data is prepared or how it is sampled later, not what is written, so
+        they are left out: changing them must not force (or block) a re-prepare.
         """
         data = self.to_dict()
-        for key in ("out_dir", "num_workers"):
+        for key in ("out_dir", "num_workers", "executor", "slurm", "chunk_bytes", "mixture_temperature"):
             data.pop(key)
         for source in data["sources"]:
             source.pop("weight")

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import unicodedata
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 
 @dataclass
@@ -12,6 +13,7 @@ class Document:
     text: str
     source: str   # the source (domain) name from the config, e.g. "literature"
     doc_id: str   # stable id inside the source, e.g. a relative file path or "file.jsonl:12"
+    meta: dict[str, Any] = field(default_factory=dict)  # what steps learn about it (sha256, position...)
 
 
 def content_hash(text: str) -> str:

@@ -15,22 +15,24 @@ import torch
 
 from lmforge.core.errors import DataError
 from lmforge.core.logging import get_logger
+from lmforge.data.mixture import EPOCH_WARNING, mixture_probabilities
 from lmforge.data.shards import ShardSet, load_manifest
 
 log = get_logger(__name__)
-EPOCH_WARNING = 4.0  # past ~4 epochs repeated tokens are worth much less (Muennighoff et al. 2023)
 
 
 class MixtureLoader:
     """Each row: pick a source by weight, then a random window of ``seq_len + 1`` of its tokens.
 
     ``weights=None`` samples sources in proportion to their token counts (the natural mix);
-    sources given weight 0 or left out of ``weights`` are not sampled.
+    sources given weight 0 or left out of ``weights`` are not sampled. With a
+    ``temperature`` T, source i is drawn with probability ∝ weight_i · tokens_i^(1/T)
+    (see :mod:`lmforge.data.mixture`); without one the weights are the mix.
     """
 
     def __init__(self, data_dir: str | Path, seq_len: int, batch_size: int, seed: int,
                  weights: dict[str, float] | None = None, split: str = "train",
-                 rank: int = 0, world_size: int = 1):
+                 rank: int = 0, world_size: int = 1, temperature: float | None = None):
         if seq_len < 1 or batch_size < 1 or seed < 0 or not 0 <= rank < world_size:
             raise ValueError(f"bad loader arguments: seq_len={seq_len}, batch_size={batch_size}, "
                              f"seed={seed}, rank={rank}, world_size={world_size}")
@@ -51,8 +53,12 @@ class MixtureLoader:
             if len(sets[name]) < seq_len + 1:
                 raise DataError(f"source {name!r} has {len(sets[name])} {split} tokens, fewer than "
                                 f"seq_len + 1 = {seq_len + 1}; lower its weight to 0 or add data")
-        total = sum(weights[n] for n in self._names)
-        self._probs = np.array([weights[n] / total for n in self._names])
+        if temperature is not None:
+            probs = mixture_probabilities({n: len(sets[n]) for n in sets}, weights, temperature)
+            self._probs = np.array([probs[n] for n in self._names])
+        else:
+            total = sum(weights[n] for n in self._names)
+            self._probs = np.array([weights[n] / total for n in self._names])
         self._sets = {n: sets[n] for n in self._names}
         self.seq_len, self.batch_size, self.seed = seq_len, batch_size, seed
         self.rank, self.world_size = rank, world_size
@@ -62,6 +68,10 @@ class MixtureLoader:
 
     def domains(self) -> list[str]:
         return list(self._names)
+
+    def source_tokens(self) -> dict[str, int]:
+        """Tokens available per sampled source (this split)."""
+        return {n: len(self._sets[n]) for n in self._names}
 
     def weights(self) -> dict[str, float]:
         return {n: float(p) for n, p in zip(self._names, self._probs)}
@@ -106,10 +116,16 @@ class MixtureLoader:
                 "tokens_drawn": dict(self._tokens_drawn)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        for key in ("seed", "seq_len", "batch_size", "world_size"):
-            if key in state and state[key] != getattr(self, key):
+        # The stream depends on the global batch only, so a different world size with the
+        # same global batch continues it exactly.
+        saved = dict(state)
+        if "batch_size" in saved:
+            saved["global_batch"] = saved.pop("batch_size") * saved.pop("world_size", 1)
+        now = {"seed": self.seed, "seq_len": self.seq_len, "global_batch": self.batch_size * self.world_size}
+        for key, value in now.items():
+            if key in saved and saved[key] != value:
                 log.warning("loader state was saved with %s=%s, now %s: the batch stream will differ "
-                            "from the original run", key, state[key], getattr(self, key))
+                            "from the original run", key, saved[key], value)
         self.batch_index = int(state["batch_index"])
         drawn = state.get("tokens_drawn", {})
         self._tokens_drawn = {n: int(drawn.get(n, 0)) for n in self._names}

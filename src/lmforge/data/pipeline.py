@@ -1,8 +1,9 @@
-"""Pipeline steps in datatrove's shape: a generator of documents in, a generator out.
+"""The first and last steps: normalize, exact dedup, and the train/held-out split by hash.
 
-Each step takes ``rank`` / ``world_size`` so it can run over one slice of a larger job
-(here everything runs as rank 0 of 1). Counts go into a shared :class:`PipelineStats`,
-so what each step removed is reported, not silent.
+:class:`Normalize` and :class:`ExactDedup` are :class:`~lmforge.data.steps.PipelineStep`s
+(documents in, documents out, told rank and world size, counting removals by reason).
+The functions ``normalize`` / ``exact_dedup`` / ``count_read`` are the same steps with
+counts kept in a shared :class:`PipelineStats`, for callers that want one object per run.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Iterable, Iterator, Literal
 
 from lmforge.data.documents import Document, content_hash
+from lmforge.data.steps import PipelineStep
 
 Split = Literal["train", "heldout"]
 SPLITS: tuple[Split, Split] = ("train", "heldout")
@@ -58,34 +60,70 @@ def normalize_text(text: str) -> str:
     return "\n".join(lines).strip("\n") + "\n" if any(lines) else ""
 
 
+class Normalize(PipelineStep):
+    """Normalize text (see :func:`normalize_text`); drop documents left shorter than
+    ``min_doc_chars`` (ignoring whitespace), counted as "empty"."""
+
+    name = "normalize"
+
+    def __init__(self, min_doc_chars: int = 1):
+        super().__init__()
+        self.min_doc_chars = min_doc_chars
+
+    def run(self, docs: Iterable[Document], rank: int = 0, world_size: int = 1) -> Iterator[Document]:
+        for doc in docs:
+            text = normalize_text(doc.text)
+            if len(text.strip()) < self.min_doc_chars:
+                self.remove(doc, "empty")
+                continue
+            yield Document(text=text, source=doc.source, doc_id=doc.doc_id, meta=doc.meta)
+
+
+class ExactDedup(PipelineStep):
+    """Keep the first document of each content hash, across all sources ("exact_duplicate").
+
+    Global rather than per source: a text in two sources must still never reach both
+    the training and the held-out split, and must not be trained on twice. Uses
+    ``doc.meta["sha256"]`` when an earlier step computed it.
+    """
+
+    name = "exact_dedup"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: dict[str, Document] = {}
+
+    def run(self, docs: Iterable[Document], rank: int = 0, world_size: int = 1) -> Iterator[Document]:
+        for doc in docs:
+            digest = doc.meta.get("sha256") or content_hash(doc.text)
+            first = self.seen.get(digest)
+            if first is not None:
+                doc.meta["duplicate_of"] = f"{first.source}:{first.doc_id}"
+                self.remove(doc, "exact_duplicate")
+                continue
+            self.seen[digest] = doc
+            yield doc
+
+
 def normalize(docs: Iterable[Document], *, min_doc_chars: int = 1, stats: PipelineStats | None = None,
               rank: int = 0, world_size: int = 1) -> Iterator[Document]:
-    """Normalize text; drop documents left shorter than ``min_doc_chars`` (ignoring whitespace)."""
-    for doc in docs:
-        text = normalize_text(doc.text)
-        if len(text.strip()) < min_doc_chars:
-            if stats is not None:
-                stats.removed_empty[doc.source] += 1
-            continue
-        yield Document(text=text, source=doc.source, doc_id=doc.doc_id)
+    """:class:`Normalize` as a function; removals are counted in ``stats.removed_empty``."""
+    step = Normalize(min_doc_chars)
+    yield from step(docs, rank, world_size)
+    if stats is not None:
+        for source, reasons in step.stats.removed.items():
+            stats.removed_empty[source] += reasons["empty"]
 
 
 def exact_dedup(docs: Iterable[Document], *, stats: PipelineStats | None = None,
                 rank: int = 0, world_size: int = 1) -> Iterator[Document]:
-    """Keep the first document of each content hash, across all sources.
-
-    Global rather than per source: a text in two sources must still never reach both
-    the training and the held-out split, and must not be trained on twice.
-    """
-    seen: set[str] = set()
-    for doc in docs:
-        digest = content_hash(doc.text)
-        if digest in seen:
-            if stats is not None:
-                stats.removed_duplicates[doc.source] += 1
-            continue
-        seen.add(digest)
+    """:class:`ExactDedup` as a function; removals are counted in ``stats.removed_duplicates``."""
+    step = ExactDedup()
+    for doc in step(docs, rank, world_size):
         yield doc
+    if stats is not None:
+        for source, reasons in step.stats.removed.items():
+            stats.removed_duplicates[source] += reasons["exact_duplicate"]
 
 
 def split_by_hash(doc: Document, heldout_fraction: float, digest: str | None = None) -> Split:

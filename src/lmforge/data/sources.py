@@ -2,11 +2,19 @@
 
 Every reader yields documents in a fixed order (sorted files, file order within a file),
 so ``max_documents`` / ``max_bytes`` cut the same prefix on every run.
+
+Bad input never surfaces as a deep traceback: a missing path, a missing column or a file
+with no usable line is a :class:`DataError` naming the file; an empty file, undecodable
+bytes, a malformed JSON line, a record without the text field or an unreadable file is
+skipped (or, for bytes, replaced) and counted in :class:`InputProblems`, which prepare
+writes into the manifest.
 """
 
 from __future__ import annotations
 
 import json
+from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
@@ -18,19 +26,74 @@ from lmforge.data.documents import Document
 
 log = get_logger(__name__)
 DEFAULT_TEXT_GLOBS = ("**/*.txt", "**/*.md")
+MAX_LISTED_PROBLEMS = 50  # files named in the manifest per source; the counts cover all
 
 
-def iter_documents(source: SourceConfig) -> Iterator[Document]:
-    """All documents of ``source``, cut to its max_documents / max_bytes."""
+@dataclass
+class InputProblems:
+    """Input that was skipped or repaired while reading, counted by kind and by file."""
+
+    counts: Counter = field(default_factory=Counter)            # kind -> occurrences
+    by_file: dict[tuple[str, str], dict] = field(default_factory=dict)
+
+    def add(self, path: Path | str, kind: str, detail: str = "") -> None:
+        self.counts[kind] += 1
+        entry = self.by_file.setdefault((str(path), kind), {"path": str(path), "problem": kind, "count": 0,
+                                                            "first": detail})
+        entry["count"] += 1
+
+    def listed(self) -> list[dict]:
+        return [self.by_file[k] for k in sorted(self.by_file)][:MAX_LISTED_PROBLEMS]
+
+    def describe(self) -> str:
+        return ", ".join(f"{n} {kind.replace('_', ' ')}" for kind, n in sorted(self.counts.items())) or "none"
+
+
+def iter_documents(source: SourceConfig, problems: InputProblems | None = None) -> Iterator[Document]:
+    """All documents of ``source``, cut to its max_documents / max_bytes.
+
+    Skipped or repaired input is counted in ``problems`` (and logged as a warning).
+    """
+    problems = problems if problems is not None else InputProblems()
     readers = {
         "demo_literature": lambda: iter_literature(source.name),
         "demo_code": lambda: iter_stdlib_code(source.name),
-        "files": lambda: _iter_text_files(source),
-        "jsonl": lambda: _iter_jsonl(source),
-        "parquet": lambda: _iter_parquet(source),
-        "hf": lambda: _iter_hf(source),
+        "files": lambda: _iter_text_files(source, problems),
+        "jsonl": lambda: _iter_jsonl(source, problems),
+        "parquet": lambda: _iter_parquet(source, problems),
+        "hf": lambda: _iter_hf(source, problems),
     }
     yield from _limit(readers[source.kind](), source.max_documents, source.max_bytes)
+
+
+def source_signature(source: SourceConfig) -> str | None:
+    """What the source's input looks like on disk (files, sizes, mtimes), or None if unknowable.
+
+    Lets a rerun skip re-reading a source whose files did not change; a remote dataset
+    has no such signature and is always read again.
+    """
+    import hashlib
+    import sys
+
+    from lmforge.data import demo_corpus
+
+    if source.kind == "demo_literature":
+        return demo_corpus.SHAKESPEARE_SHA256
+    if source.kind == "demo_code":
+        files = demo_corpus.stdlib_files()
+        listing = [sys.version] + [f"{p}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files]
+    elif source.kind == "hf":
+        path = Path(source.path or "")
+        if not path.is_dir():
+            return None
+        listing = [f"{p.relative_to(path)}:{p.stat().st_size}:{p.stat().st_mtime_ns}"
+                   for p in sorted(path.rglob("*")) if p.is_file()]
+    else:
+        patterns = {"files": (source.glob,) if source.glob else DEFAULT_TEXT_GLOBS, "jsonl": ("**/*.jsonl",),
+                    "parquet": ("**/*.parquet",)}[source.kind]
+        root, files = _files(source, patterns)
+        listing = [f"{p.relative_to(root)}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files]
+    return hashlib.sha256("\n".join(listing).encode()).hexdigest()
 
 
 def _limit(docs: Iterable[Document], max_documents: int | None, max_bytes: int | None) -> Iterator[Document]:
@@ -64,65 +127,118 @@ def _files(source: SourceConfig, patterns: tuple[str, ...]) -> tuple[Path, list[
     return path, sorted(found, key=lambda p: p.relative_to(path).as_posix())
 
 
-def _decode(raw: bytes, where: Path) -> str:
+def _decode(raw: bytes, where: Path, problems: InputProblems | None = None) -> str:
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        log.warning("%s: not valid UTF-8 (%s); undecodable bytes replaced", where, exc.reason)
+        log.warning("%s: not valid UTF-8 (%s at byte %d); undecodable bytes replaced", where, exc.reason, exc.start)
+        if problems is not None:
+            problems.add(where, "invalid_utf8_replaced", f"byte {exc.start}: {exc.reason}")
         return raw.decode("utf-8", errors="replace")
 
 
-def _iter_text_files(source: SourceConfig) -> Iterator[Document]:
+def _read_bytes(path: Path, problems: InputProblems) -> bytes | None:
+    """The file's bytes, or None (counted) when it cannot be read or is empty."""
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        log.warning("%s: cannot be read (%s); skipped", path, exc.strerror or exc)
+        problems.add(path, "unreadable_file", str(exc.strerror or exc))
+        return None
+    if not raw.strip():
+        log.warning("%s: empty file; skipped", path)
+        problems.add(path, "empty_file")
+        return None
+    return raw
+
+
+def _iter_text_files(source: SourceConfig, problems: InputProblems) -> Iterator[Document]:
     root, files = _files(source, (source.glob,) if source.glob else DEFAULT_TEXT_GLOBS)
     for path in files:
-        text = _decode(path.read_bytes(), path)
+        raw = _read_bytes(path, problems)
+        if raw is None:
+            continue
+        text = _decode(raw, path, problems)
         yield Document(text=text, source=source.name, doc_id=path.relative_to(root).as_posix())
 
 
-def _iter_jsonl(source: SourceConfig) -> Iterator[Document]:
+def _iter_jsonl(source: SourceConfig, problems: InputProblems) -> Iterator[Document]:
     root, files = _files(source, ("**/*.jsonl",))
-    field = source.text_field
     for path in files:
-        usable, bad, first_bad = 0, 0, ""
-        with open(path, "rb") as handle:
-            for line_no, raw in enumerate(handle, start=1):
-                if not raw.strip():
-                    continue
-                try:
-                    record = json.loads(raw)
-                    text = record[field] if isinstance(record, dict) else None
-                    if not isinstance(text, str):
-                        raise KeyError(field)
-                except (json.JSONDecodeError, UnicodeDecodeError, KeyError) as exc:
-                    bad += 1
-                    if not first_bad:
-                        reason = "not valid JSON" if isinstance(exc, ValueError) else f"no string field {field!r}"
-                        first_bad = f"line {line_no}: {reason}"
-                    continue
-                usable += 1
-                yield Document(text=text, source=source.name, doc_id=f"{path.relative_to(root).as_posix()}:{line_no}")
-        if bad:
-            log.warning("%s: skipped %d bad line(s) (first: %s)", path, bad, first_bad)
-        if usable == 0:
-            raise DataError(f"{path}: no usable documents (every line lacked a string field {field!r} "
-                            "or was not valid JSON)")
+        try:
+            with open(path, "rb") as handle:
+                yield from _jsonl_file(handle, path, root, source, problems)
+        except OSError as exc:
+            log.warning("%s: cannot be read (%s); skipped", path, exc.strerror or exc)
+            problems.add(path, "unreadable_file", str(exc.strerror or exc))
 
 
-def _iter_parquet(source: SourceConfig) -> Iterator[Document]:
+def _jsonl_file(handle: Any, path: Path, root: Path, source: SourceConfig,
+                problems: InputProblems) -> Iterator[Document]:
+    field = source.text_field
+    usable, bad, first_bad = 0, 0, ""
+    for line_no, raw in enumerate(handle, start=1):
+        if not raw.strip():
+            continue
+        kind, detail, why = "", "", ""
+        try:
+            record = json.loads(raw)
+        except UnicodeDecodeError as exc:
+            kind, detail = "invalid_utf8_line", f"line {line_no}: not valid UTF-8 ({exc.reason})"
+        except json.JSONDecodeError as exc:
+            kind, detail, why = "malformed_json_line", f"line {line_no}: not valid JSON", f" ({exc.msg})"
+        else:
+            text = record.get(field) if isinstance(record, dict) else None
+            if not isinstance(text, str):
+                kind, detail = "missing_text_field", f"line {line_no}: no string field {field!r}"
+        if kind:
+            bad += 1
+            first_bad = first_bad or detail
+            problems.add(path, kind, detail + why)
+            continue
+        usable += 1
+        yield Document(text=text, source=source.name, doc_id=f"{path.relative_to(root).as_posix()}:{line_no}")
+    if bad:
+        log.warning("%s: skipped %d bad line(s) (first: %s)", path, bad, first_bad)
+    if usable == 0 and bad == 0:
+        log.warning("%s: empty file; skipped", path)
+        problems.add(path, "empty_file")
+    elif usable == 0:
+        raise DataError(f"{path}: no usable documents (every line lacked a string field {field!r} "
+                        f"or was not valid JSON; first: {first_bad})")
+
+
+def _iter_parquet(source: SourceConfig, problems: InputProblems) -> Iterator[Document]:
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     root, files = _files(source, ("**/*.parquet",))
     for path in files:
-        parquet = pq.ParquetFile(path)
-        if source.text_field not in parquet.schema_arrow.names:
-            raise DataError(f"{path}: no column {source.text_field!r} "
-                            f"(columns: {', '.join(parquet.schema_arrow.names)})")
-        row = 0
-        for batch in parquet.iter_batches(columns=[source.text_field], batch_size=1024):
-            for text in batch.column(0).to_pylist():
-                if isinstance(text, str):
-                    yield Document(text=text, source=source.name, doc_id=f"{path.relative_to(root).as_posix()}:{row}")
-                row += 1
+        try:
+            parquet = pq.ParquetFile(path)
+            names = parquet.schema_arrow.names
+        except (OSError, pa.ArrowException) as exc:
+            log.warning("%s: not a readable Parquet file (%s); skipped", path, exc)
+            problems.add(path, "unreadable_parquet", str(exc)[:200])
+            continue
+        if source.text_field not in names:
+            raise DataError(f"{path}: no column {source.text_field!r} (columns: {', '.join(names)})")
+        row, skipped = 0, 0
+        try:
+            for batch in parquet.iter_batches(columns=[source.text_field], batch_size=1024):
+                for text in batch.column(0).to_pylist():
+                    if isinstance(text, str):
+                        yield Document(text=text, source=source.name,
+                                       doc_id=f"{path.relative_to(root).as_posix()}:{row}")
+                    else:
+                        skipped += 1
+                        problems.add(path, "missing_text_field", f"row {row}: {source.text_field!r} is not a string")
+                    row += 1
+        except (OSError, pa.ArrowException) as exc:
+            log.warning("%s: unreadable after row %d (%s); rest of the file skipped", path, row, exc)
+            problems.add(path, "unreadable_parquet", f"after row {row}: {str(exc)[:200]}")
+        if skipped:
+            log.warning("%s: skipped %d row(s) without a string %r", path, skipped, source.text_field)
 
 
 def _load_hf(source: SourceConfig) -> Any:
@@ -149,7 +265,7 @@ def _load_hf(source: SourceConfig) -> Any:
                         f"split {source.split!r}: {exc}") from exc
 
 
-def _iter_hf(source: SourceConfig) -> Iterator[Document]:
+def _iter_hf(source: SourceConfig, problems: InputProblems) -> Iterator[Document]:
     dataset = _load_hf(source)
     columns = getattr(dataset, "column_names", None)
     if columns is not None and source.text_field not in columns:
@@ -158,3 +274,6 @@ def _iter_hf(source: SourceConfig) -> Iterator[Document]:
         text = record.get(source.text_field)
         if isinstance(text, str):
             yield Document(text=text, source=source.name, doc_id=f"{source.split}:{index}")
+        else:
+            problems.add(f"{source.path}:{source.split}", "missing_text_field",
+                         f"record {index}: {source.text_field!r} is not a string")

@@ -27,6 +27,7 @@ from lmforge.core.errors import CheckpointError, ConfigError
 from lmforge.core.logging import get_logger
 from lmforge.core.seeding import rng_state, seed_everything, set_rng_state
 from lmforge.data.loader import MixtureLoader
+from lmforge.data.mixture import planned_epochs, warn_repeats
 from lmforge.data.prepare import prepare_data
 from lmforge.data.tokenizer import Tokenizer
 from lmforge.eval.isolation import require_isolation
@@ -60,6 +61,9 @@ class Trainer:
         distributed.init_distributed(self.device)
         self.rank, self.world_size = distributed.rank(), distributed.world_size()
         self.is_main = self.rank == 0
+        if cfg.data.executor != "local":
+            raise ConfigError("data.executor: training prepares data locally; run `lmforge data prepare` "
+                              f"with executor {cfg.data.executor!r} first, then train with executor: local")
         if cfg.train.batch_size % self.world_size:
             raise ConfigError(f"train.batch_size ({cfg.train.batch_size}) is the global batch and must be "
                               f"divisible by the number of processes ({self.world_size})")
@@ -89,8 +93,11 @@ class Trainer:
         self.loader = MixtureLoader(
             self.data_dir, cfg.train.seq_len, cfg.train.batch_size // self.world_size, cfg.train.seed,
             weights={s.name: s.weight for s in cfg.data.sources},
-            rank=self.rank, world_size=self.world_size,
+            rank=self.rank, world_size=self.world_size, temperature=cfg.data.mixture_temperature,
         )
+        if self.is_main:
+            total = cfg.train.tokens_per_step * cfg.train.steps
+            warn_repeats(planned_epochs(self.loader.source_tokens(), self.loader.weights(), total))
         self.guard = StabilityGuard(cfg.train.guard)
         self.step, self.tokens = 0, 0
         self.last_checkpoint: Path | None = None
