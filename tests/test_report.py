@@ -72,3 +72,14 @@ def test_report_shows_guard_decisions_and_checkpoint_costs(tmp_path):
     assert "rollbacks to the last checkpoint</td><td>1" in section
     assert "failed saves (earlier checkpoints kept)</td><td>1" in section
     assert "step 21 (spike)" in section
+
+
+def test_report_shows_what_each_data_step_removed(tmp_path):
+    run = _run_dir(tmp_path)
+    (run / "data_manifest.json").write_text(json.dumps({
+        "sources": {"verse": {"train": {"documents": 80, "tokens": 1000, "bytes": 4000}}},
+        "pipeline": {"verse": {"read": 91, "removed_empty": 0, "removed_duplicates": 7, "removed_near_duplicates": 35,
+                               "removed_quality": {"min_words": 2}, "removed_contaminated": 4,
+                               "input_problems": {}}}}))
+    html = write_report(run).read_text()
+    assert "<td>verse</td><td>91</td><td>0</td><td>7</td><td>35</td><td>min_words 2</td><td>4</td>" in html

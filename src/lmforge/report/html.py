@@ -74,15 +74,23 @@ def _model_card(card: dict[str, Any] | None) -> str:
 def _data(manifest: dict[str, Any] | None, final: dict[str, Any] | None) -> str:
     manifest = manifest or {}
     rows = []
-    pipeline = manifest.get("pipeline", {})
     for source, splits in manifest.get("sources", {}).items():
-        dups = pipeline.get(source, {}).get("removed_duplicates", "")
         for split, info in splits.items():
             if isinstance(info, dict):
-                rows.append([source, split, info.get("documents", ""), info.get("tokens", ""), info.get("bytes", ""),
-                             dups if split == "train" else ""])
-    out = (_table(["source", "split", "documents", "tokens", "bytes", "exact duplicates removed"], rows)
+                rows.append([source, split, info.get("documents", ""), info.get("tokens", ""), info.get("bytes", "")])
+    out = (_table(["source", "split", "documents", "tokens", "bytes"], rows)
            if rows else '<p class="note">no data manifest</p>')
+    steps = []
+    for source, p in manifest.get("pipeline", {}).items():
+        quality = p.get("removed_quality", {})
+        quality_text = (", ".join(f"{rule} {n}" for rule, n in quality.items()) or "0") if isinstance(quality, dict) else quality
+        steps.append([source, p.get("read", ""), p.get("removed_empty", ""), p.get("removed_duplicates", ""),
+                      p.get("removed_near_duplicates", ""), quality_text, p.get("removed_contaminated", ""),
+                      len(p.get("input_problems") or {})])
+    if steps:
+        out += _table(["source", "documents read", "empty", "exact duplicates", "near-duplicates",
+                       "quality filters (by rule)", "contaminated (eval n-gram hits)", "files with input problems"],
+                      steps)
     iso = (final or {}).get("isolation") or manifest.get("isolation")
     if iso:
         out += (f"<p>Isolation check: {iso.get('overlap', '?')} of {iso.get('heldout_docs', '?')} held-out "
