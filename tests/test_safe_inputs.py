@@ -142,3 +142,37 @@ def test_bad_device_names_are_config_errors(name):
 
     with pytest.raises(ConfigError, match="device"):
         resolve_device(name)
+
+
+# Raw bytes, and text that may hold lone surrogates (encoded as invalid UTF-8).
+file_bodies = st.one_of(st.binary(max_size=300), st.text(max_size=300).map(lambda t: t.encode("utf-8", "surrogatepass")))
+
+
+@settings(max_examples=12, deadline=None, database=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(kind=st.sampled_from(["files", "jsonl", "parquet"]), bodies=st.lists(file_bodies, min_size=1, max_size=3))
+def test_fuzzed_data_files_prepare_or_fail_cleanly(tmp_path_factory, tiny_corpus, kind, bodies):
+    """Random bytes mixed into a source folder: preparation either succeeds with the problems
+    counted in the manifest, or ends in one DataError — and a failure leaves no manifest."""
+    from lmforge.core.errors import DataError
+    from lmforge.data.config import DataConfig
+    from lmforge.data.prepare import prepare_data
+
+    root = tmp_path_factory.mktemp("fuzzdata")
+    folder = root / "in"
+    folder.mkdir()
+    suffix = {"files": ".txt", "jsonl": ".jsonl", "parquet": ".parquet"}[kind]
+    for i, body in enumerate(bodies):
+        (folder / f"fuzz_{i}{suffix}").write_bytes(body)
+    if kind == "files":  # plus some real documents, so success is possible
+        for i in range(6):
+            (folder / f"real_{i}.txt").write_text((tiny_corpus / "prose" / f"doc_{i:03d}.txt").read_text())
+    cfg = DataConfig.from_dict({"out_dir": str(root / "data"), "vocab_size": 300, "num_workers": 1,
+                                "heldout_fraction": 0.3, "sources": [{"name": "s", "kind": kind, "path": str(folder)}]})
+    try:
+        manifest = prepare_data(cfg)
+    except DataError as exc:
+        assert str(exc).strip() and "Traceback" not in str(exc)
+        assert not (root / "data" / "manifest.json").exists()
+    else:
+        assert manifest["pipeline"]["s"]["read"] >= 1
