@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import torch
 
 from conftest import run_cli, tiny_run_dict, write_config
@@ -69,7 +70,22 @@ def test_training_and_eval_report_task_scores(tmp_path, tiny_corpus):
     for score in final["tasks"].values():
         assert 0 <= score["acc"] <= 1 and score["items"] + score["skipped_too_long"] == 8
         assert score["items"] > 0 and score["chance"] == 0.25
+        assert score["clean"]["items"] + score["dirty"]["items"] == score["items"]
     assert "Downstream tasks" in (tmp_path / "runs" / "tiny" / "report.html").read_text()
     result = run_cli("eval", str(tmp_path / "runs" / "tiny"))
     assert result.returncode == 0, result.stderr
     assert "task code_next_statement: acc" in result.stdout
+
+
+def test_items_sharing_a_13gram_with_training_data_are_scored_as_dirty():
+    from lmforge.data.ngrams import text_ngram_hashes
+    from lmforge.eval.tasks import dirty_items
+
+    seen = TaskItem("one two three four five six seven eight\n", ["nine ten eleven twelve thirteen", "x y"], 0)
+    unseen = TaskItem("alpha beta gamma\n", ["delta", "epsilon"], 0)
+    train = np.unique(text_ngram_hashes("zero one two three four five six seven eight nine ten eleven twelve "
+                                        "thirteen fourteen", 13))
+    assert dirty_items([seen, unseen], train) == [True, False]
+    # only the true answer counts: a distractor that appears in training data does not
+    decoy = TaskItem(seen.context, ["x y", "nine ten eleven twelve thirteen"], 0)
+    assert dirty_items([decoy], train) == [False]

@@ -16,7 +16,7 @@ from lmforge.eval.config import EvalConfig
 from lmforge.eval.heldout import evaluate_heldout
 from lmforge.eval.isolation import isolation_report
 from lmforge.eval.samples import sample_texts
-from lmforge.eval.tasks import build_tasks, evaluate_tasks
+from lmforge.eval.tasks import build_tasks, evaluate_tasks, training_ngrams
 
 log = get_logger(__name__)
 
@@ -36,7 +36,8 @@ def complete_evaluation(record: dict[str, Any], model: nn.Module, tokenizer: Tok
                                      cfg.temperature, cfg.top_k, cfg.seed)
     if cfg.task_items:
         tasks = build_tasks(data_dir, tokenizer, cfg.task_items, cfg.task_seed)
-        record["tasks"] = evaluate_tasks(model, tokenizer, tasks, cfg.batch_size)
+        record["tasks"] = evaluate_tasks(model, tokenizer, tasks, cfg.batch_size,
+                                         train_ngrams=training_ngrams(data_dir, tokenizer))
     record["isolation"] = isolation_report(data_dir)
     return record
 
@@ -50,6 +51,11 @@ def describe(record: dict[str, Any]) -> list[str]:
     for name, score in record.get("tasks", {}).items():
         lines.append(f"task {name}: acc {score['acc']:.3f}, acc_norm {score['acc_norm']:.3f} "
                      f"(chance {score['chance']:.2f}, {score['items']} items, hash {score['hash']})")
+        for label in ("clean", "dirty"):
+            part = score.get(label)
+            if part and part["items"]:
+                lines.append(f"  {label} items (13-gram overlap with training data: {label == 'dirty'}): "
+                             f"{part['items']}, acc {part['acc']:.3f}, acc_norm {part['acc_norm']:.3f}")
     iso = record.get("isolation")
     if iso:
         lines.append(f"isolation: {iso['overlap']} of {iso['heldout_docs']} held-out documents found in training data")

@@ -30,6 +30,9 @@ from typing import Any
 
 import torch
 
+import numpy as np
+
+from lmforge.data.ngrams import text_ngram_hashes
 from lmforge.data.shards import ShardSet, load_manifest
 from lmforge.data.tokenizer import Tokenizer
 from lmforge.nn.scoring import score_continuations
@@ -47,9 +50,10 @@ class TaskItem:
         return hashlib.sha256(json.dumps([self.context, self.choices]).encode()).hexdigest()
 
 
-def heldout_documents(data_dir: Path, source: str, tokenizer: Tokenizer, max_docs: int = 200) -> list[str]:
-    """The held-out documents of ``source`` as text (decoded from the shards, exact for byte-level BPE)."""
-    shards = ShardSet(data_dir, "heldout", source)
+def heldout_documents(data_dir: Path, source: str, tokenizer: Tokenizer, max_docs: int | None = 200,
+                      split: str = "heldout") -> list[str]:
+    """The documents of ``source`` as text (decoded from the shards, exact for byte-level BPE)."""
+    shards = ShardSet(data_dir, split, source)
     ends = list(shards.doc_offsets[1:]) + [len(shards)]
     docs = []
     for start, end in list(zip(shards.doc_offsets, ends))[:max_docs]:
@@ -154,14 +158,40 @@ def build_tasks(data_dir: str | Path, tokenizer: Tokenizer, n_items: int = 100, 
     return tasks
 
 
+def training_ngrams(data_dir: str | Path, tokenizer: Tokenizer, n: int = 13) -> np.ndarray:
+    """Sorted unique hashes of every ``n``-gram of normalized words in the training split
+    (the same n-grams data preparation decontaminates with)."""
+    data_dir = Path(data_dir)
+    hashes = [text_ngram_hashes(doc, n) for source in load_manifest(data_dir)["sources"]
+              for doc in heldout_documents(data_dir, source, tokenizer, max_docs=None, split="train")]
+    return np.unique(np.concatenate(hashes)) if hashes else np.zeros(0, np.uint64)
+
+
+def dirty_items(items: list[TaskItem], train_ngrams: np.ndarray, n: int = 13) -> list[bool]:
+    """True for an item whose context plus answer shares an ``n``-gram with the training data."""
+    out = []
+    for item in items:
+        hashes = text_ngram_hashes(item.context + "\n" + item.choices[item.answer], n)
+        if not len(hashes) or not len(train_ngrams):
+            out.append(False)
+            continue
+        where = np.searchsorted(train_ngrams, hashes).clip(max=len(train_ngrams) - 1)  # sorted, unique
+        out.append(bool((train_ngrams[where] == hashes).any()))
+    return out
+
+
 def task_hash(items: list[TaskItem]) -> str:
     return hashlib.sha256("".join(item.content_hash() for item in items).encode()).hexdigest()[:16]
 
 
 @torch.no_grad()
 def evaluate_tasks(model: torch.nn.Module, tokenizer: Tokenizer, tasks: dict[str, list[TaskItem]],
-                   batch_size: int = 16) -> dict[str, dict[str, Any]]:
-    """acc / acc_norm per task (see the module docstring), with the item count and content hash."""
+                   batch_size: int = 16, train_ngrams: np.ndarray | None = None) -> dict[str, dict[str, Any]]:
+    """acc / acc_norm per task (see the module docstring), with the item count and content hash.
+
+    With ``train_ngrams`` (see :func:`training_ngrams`) the scores are also given separately
+    for ``clean`` items and ``dirty`` ones (an item whose text shares a 13-gram with the
+    training data), so a contamination effect shows as a gap between the two."""
     results = {}
     max_len = model.cfg.max_seq_len if hasattr(model, "cfg") else None
     for name, all_items in tasks.items():
@@ -177,14 +207,22 @@ def evaluate_tasks(model: torch.nn.Module, tokenizer: Tokenizer, tasks: dict[str
         if not items:
             continue
         scores = [lp for lp, _ in score_continuations(model, requests, batch_size)]
-        correct = correct_norm = 0
+        hits, hits_norm = [], []
         for item, (first, count) in zip(items, spans):
             own = scores[first:first + count]
             per_byte = [lp / max(len((c + "\n").encode("utf-8")), 1) for lp, c in zip(own, item.choices)]
-            correct += int(max(range(count), key=own.__getitem__) == item.answer)
-            correct_norm += int(max(range(count), key=per_byte.__getitem__) == item.answer)
+            hits.append(max(range(count), key=own.__getitem__) == item.answer)
+            hits_norm.append(max(range(count), key=per_byte.__getitem__) == item.answer)
         n = len(items)
-        results[name] = {"acc": correct / n, "acc_norm": correct_norm / n, "items": n,
-                         "skipped_too_long": len(all_items) - n,
-                         "chance": sum(1 / len(i.choices) for i in items) / n, "hash": task_hash(items)}
+        result = {"acc": sum(hits) / n, "acc_norm": sum(hits_norm) / n, "items": n,
+                  "skipped_too_long": len(all_items) - n,
+                  "chance": sum(1 / len(i.choices) for i in items) / n, "hash": task_hash(items)}
+        if train_ngrams is not None:
+            dirty = dirty_items(items, train_ngrams)
+            for label, keep in (("clean", False), ("dirty", True)):
+                chosen = [k for k, d in enumerate(dirty) if d == keep]
+                result[label] = {"items": len(chosen),
+                                 "acc": sum(hits[k] for k in chosen) / len(chosen) if chosen else None,
+                                 "acc_norm": sum(hits_norm[k] for k in chosen) / len(chosen) if chosen else None}
+        results[name] = result
     return results

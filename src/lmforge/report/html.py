@@ -127,10 +127,17 @@ def _tasks(final: dict[str, Any] | None) -> str:
     tasks = (final or {}).get("tasks") or {}
     if not tasks:
         return '<p class="note">no downstream tasks were evaluated</p>'
-    rows = [[name, t["acc"], t["acc_norm"], t["chance"], t["items"], t["hash"]] for name, t in tasks.items()]
-    return (_table(["task (held-out, multiple choice)", "acc", "acc_norm", "chance", "items", "items hash"], rows)
+    def part(t: dict[str, Any], label: str) -> str:
+        p = t.get(label) or {}
+        return f"{p['acc']:.3f} ({p['items']})" if p.get("items") else "-"
+
+    rows = [[name, t["acc"], t["acc_norm"], t["chance"], t["items"], part(t, "clean"), part(t, "dirty"), t["hash"]]
+            for name, t in tasks.items()]
+    return (_table(["task (held-out, multiple choice)", "acc", "acc_norm", "chance", "items",
+                    "acc on clean items (n)", "acc on dirty items (n)", "items hash"], rows)
             + '<p class="note">Built from held-out documents: the true next line (verse/prose) or statement '
-              '(Python) among distractors of similar length; see lmforge/eval/tasks.py.</p>')
+              '(Python) among distractors of similar length; see lmforge/eval/tasks.py. Dirty items share a '
+              '13-gram of normalized words with the training data.</p>')
 
 
 def _samples(final: dict[str, Any] | None) -> str:

@@ -1,0 +1,218 @@
+"""Held-out bits-per-byte of a RETRO model with and without retrieval.
+
+Three views, all on the same held-out windows (``heldout_windows``, chunk-aligned because
+``seq_len`` is a multiple of ``chunk_len``):
+
+- **with vs without retrieval**: the same model, neighbours from the database or none;
+- **growing database**: neighbours only from a fixed random fraction of the database's
+  documents (10%, 30%, 100% by default) — more data to retrieve from should help;
+- **overlap buckets**: each evaluated chunk C_u (u >= 1) is read with the neighbours of
+  C_{u-1}; its overlap is the longest run of tokens it shares with any of those
+  neighbours (chunk + continuation), as a fraction of chunk_len. Bits-per-byte per bucket
+  shows how much of the gain is copying versus generalising (RETRO paper, §4).
+
+Held-out documents are not in the database (the database is built from the training
+split), so no neighbour is the evaluated text itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import yaml
+
+from lmforge.core.checkpoint_files import latest_valid_checkpoint, load_safetensors_weights, verify_checkpoint_dir
+from lmforge.core.errors import CheckpointError, DataError
+from lmforge.core.io import atomic_write_json
+from lmforge.data.loader import heldout_windows
+from lmforge.data.tokenizer import Tokenizer
+from lmforge.eval.heldout import heldout_domains
+from lmforge.nn.config import ModelConfig
+from lmforge.nn.retro import RetroModelConfig, RetroTransformer
+from lmforge.retrieval.database import ChunkDatabase
+
+BUCKETS = (0.0, 0.125, 0.25, 0.5, 0.75, 1.01)
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    path = Path(path)
+    if (path / "manifest.json").is_file():
+        return path
+    found = latest_valid_checkpoint(path / "checkpoints") if (path / "checkpoints").is_dir() else None
+    if found is None:
+        raise CheckpointError(f"{path}: neither a checkpoint nor a run directory with a valid checkpoint")
+    return found
+
+
+def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[torch.nn.Module, dict[str, Any], Path]:
+    """A dense, MoE or RETRO model from a run or checkpoint: (model in eval mode, run config dict, checkpoint)."""
+    checkpoint = resolve_checkpoint(path)
+    verify_checkpoint_dir(checkpoint)
+    config = yaml.safe_load((checkpoint / "config.yaml").read_text())
+    model_dict = dict(config["model"])
+    if "retro" in model_dict:
+        # The checkpoint holds every weight; do not reload or freeze a base model.
+        model_dict["retro"] = {**model_dict["retro"], "base_checkpoint": None, "freeze_decoder": False}
+        model: torch.nn.Module = RetroModelConfig.from_dict(model_dict, path="model").build()
+    else:
+        model = ModelConfig.from_dict(model_dict, path="model").build()
+    load_safetensors_weights(model, checkpoint)
+    return model.to(device).eval(), config, checkpoint
+
+
+def longest_common_run(chunks: np.ndarray, neighbours: np.ndarray) -> np.ndarray:
+    """Longest run of consecutive tokens shared by chunks [P, m] and neighbours [P, r] -> int [P]."""
+    equal = chunks[:, :, None] == neighbours[:, None, :]
+    run = np.zeros((chunks.shape[0], neighbours.shape[1]), dtype=np.int64)
+    best = np.zeros(chunks.shape[0], dtype=np.int64)
+    for i in range(chunks.shape[1]):
+        shifted = np.zeros_like(run)
+        shifted[:, 1:] = run[:, :-1]
+        run = (shifted + 1) * equal[:, i, :]
+        best = np.maximum(best, run.max(axis=1))
+    return best
+
+
+def _bucket_names() -> list[str]:
+    return [f"{lo:.3g}-{min(hi, 1):.3g}" for lo, hi in zip(BUCKETS[:-1], BUCKETS[1:])]
+
+
+class HeldoutRetrieval:
+    """Held-out windows of every domain with their chunk embeddings computed once."""
+
+    def __init__(self, db: ChunkDatabase, data_dir: Path, seq_len: int, max_tokens: int, batch_size: int = 8):
+        m = db.chunk_len
+        if seq_len % m:
+            raise DataError(f"seq_len ({seq_len}) must be a multiple of the database chunk_len ({m})")
+        data_tok = Tokenizer.load(Path(data_dir) / "tokenizer.json")
+        if data_tok.sha256 != db.manifest["tokenizer_sha256"]:
+            raise DataError(f"{db.path}: built with another tokenizer than {data_dir}'s")
+        self.db, self.m = db, m
+        self.byte_lengths = data_tok.token_byte_lengths()
+        self.domains: dict[str, list[tuple[torch.Tensor, torch.Tensor, np.ndarray]]] = {}
+        for domain in heldout_domains(Path(data_dir)):
+            windows = []
+            for inputs, targets in heldout_windows(data_dir, domain, seq_len, max_tokens, batch_size):
+                n_complete = inputs.shape[1] // m
+                chunks = inputs[:, : n_complete * m].numpy().reshape(-1, m)
+                vectors = db.embedder.embed(chunks) if len(chunks) else np.zeros((0, db.embedder.dim), np.float32)
+                windows.append((inputs, targets, vectors.reshape(inputs.shape[0], n_complete, -1)))
+            self.domains[domain] = windows
+
+    def neighbours(self, vectors: np.ndarray, k: int, allowed: np.ndarray | None) -> np.ndarray:
+        b, n_chunks, dim = vectors.shape
+        ids = self.db.search(vectors.reshape(-1, dim), k, allowed=allowed) if n_chunks else np.zeros((0, k), np.int64)
+        return ids.reshape(b, n_chunks, k)
+
+
+@torch.no_grad()
+def evaluate_retrieval(model: RetroTransformer, heldout: HeldoutRetrieval, k: int | None = None,
+                       fractions: tuple[float, ...] = (1.0,), buckets: bool = True, seed: int = 0) -> dict[str, Any]:
+    """bpb per domain without retrieval and with retrieval at each database fraction (+ overlap buckets)."""
+    device = next(model.parameters()).device
+    k = k or model.retro.n_neighbours
+    m, db = heldout.m, heldout.db
+    was_training = model.training
+    model.eval()
+    conditions: dict[str, np.ndarray | None] = {"none": None}
+    for fraction in fractions:
+        conditions[f"db_{fraction:g}"] = db.document_mask(fraction, seed) if fraction < 1 else None
+    result: dict[str, Any] = {"bpb": {c: {} for c in conditions}, "loss": {c: {} for c in conditions}, "k": k}
+    bucket_stats: dict[str, dict[str, list[float]]] = {c: {b: [0.0, 0.0, 0] for b in _bucket_names()}
+                                                       for c in ("none", "retrieval")}
+    full = f"db_{max(fractions):g}"
+    for domain, windows in heldout.domains.items():
+        sums = {c: [0.0, 0] for c in conditions}
+        n_bytes = 0
+        for inputs, targets, vectors in windows:
+            nbytes = heldout.byte_lengths[targets.numpy()]
+            n_bytes += int(nbytes.sum())
+            for cond, allowed in conditions.items():
+                if cond == "none":
+                    logits = model(inputs.to(device)).logits
+                    ids = None
+                else:
+                    ids = heldout.neighbours(vectors, k, allowed)
+                    nb = torch.from_numpy(db.neighbour_tokens(ids)).to(device)
+                    logits = model(inputs.to(device), neighbours=nb).logits
+                nll = F.cross_entropy(logits.float().flatten(0, 1), targets.to(device).flatten(),
+                                      reduction="none").view(targets.shape).cpu().numpy()
+                sums[cond][0] += float(nll.sum())
+                sums[cond][1] += targets.numel()
+                if buckets and cond in ("none", full):
+                    if cond == "none":
+                        none_nll = nll
+                    else:
+                        _bucket(bucket_stats, inputs.numpy(), ids, none_nll, nll, nbytes, db, m)
+        for cond, (nll_sum, count) in sums.items():
+            result["loss"][cond][domain] = nll_sum / max(count, 1)
+            result["bpb"][cond][domain] = nll_sum / (math.log(2) * max(n_bytes, 1))
+    if buckets:
+        result["overlap_buckets"] = {
+            name: {"tokens": int(bucket_stats["none"][name][2]),
+                   "bpb_without": _ratio(bucket_stats["none"][name]), "bpb_with": _ratio(bucket_stats["retrieval"][name])}
+            for name in _bucket_names()}
+    model.train(was_training)
+    return result
+
+
+def _ratio(stat: list[float]) -> float | None:
+    return stat[0] / (math.log(2) * stat[1]) if stat[1] else None
+
+
+def _bucket(stats: dict, inputs: np.ndarray, ids: np.ndarray, nll_none: np.ndarray, nll_with: np.ndarray,
+            nbytes: np.ndarray, db: ChunkDatabase, m: int) -> None:
+    b, n = inputs.shape
+    n_complete = ids.shape[1]
+    names = _bucket_names()
+    for u in range(1, n // m + (1 if n % m else 0)):
+        if u - 1 >= n_complete:
+            break
+        chunk = inputs[:, u * m:(u + 1) * m]
+        if chunk.shape[1] < m:
+            chunk = np.pad(chunk, ((0, 0), (0, m - chunk.shape[1])), constant_values=-1)
+        nb = db.neighbour_tokens(ids[:, u - 1])  # [b, k, 2m]
+        runs = np.stack([longest_common_run(chunk, nb[:, j]) for j in range(nb.shape[1])], 1).max(1) / m
+        positions = slice(u * m - 1, min(u * m + m - 1, n))  # targets that are tokens of C_u
+        for row in range(b):
+            which = int(np.searchsorted(BUCKETS, runs[row], side="right") - 1)
+            name = names[min(which, len(names) - 1)]
+            stats["none"][name][0] += float(nll_none[row, positions].sum())
+            stats["retrieval"][name][0] += float(nll_with[row, positions].sum())
+            for cond in ("none", "retrieval"):
+                stats[cond][name][1] += int(nbytes[row, positions].sum())
+            stats["none"][name][2] += len(range(*positions.indices(n)))
+
+
+def run_retrieval_eval(args: argparse.Namespace) -> int:
+    model, config, checkpoint = load_model(args.target)
+    if not isinstance(model, RetroTransformer):
+        raise CheckpointError(f"{checkpoint}: not a RETRO model (its model config has no retro section)")
+    db = ChunkDatabase(args.db)
+    if db.chunk_len != model.retro.chunk_len:
+        raise DataError(f"{args.db}: chunk_len {db.chunk_len}, the model uses {model.retro.chunk_len}")
+    fractions = tuple(float(f) for f in args.fractions.split(","))
+    heldout = HeldoutRetrieval(db, Path(config["data"]["out_dir"]), int(config["train"]["seq_len"]), args.max_tokens)
+    result = evaluate_retrieval(model, heldout, args.k, fractions)
+    result.update(checkpoint=str(checkpoint), database=str(db.path), generation=db.generation)
+    out = Path(args.out) if args.out else checkpoint.parent.parent / "eval" / "retrieval.json"
+    atomic_write_json(out, result)
+    print_retrieval_result(result)
+    print(f"written: {out}")
+    return 0
+
+
+def print_retrieval_result(result: dict[str, Any]) -> None:
+    conds = list(result["bpb"])
+    print(f"{'domain':<14}" + "".join(f"{c:>12}" for c in conds) + "   (bits/byte)")
+    for domain in result["bpb"]["none"]:
+        print(f"{domain:<14}" + "".join(f"{result['bpb'][c][domain]:>12.4f}" for c in conds))
+    for name, b in result.get("overlap_buckets", {}).items():
+        if b["tokens"]:
+            print(f"overlap {name:<10}{b['tokens']:>8} tokens  without {b['bpb_without']:.4f}  with {b['bpb_with']:.4f}")
