@@ -97,9 +97,11 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--out", required=True, help="folder to create (loadable with AutoModelForCausalLM.from_pretrained)")
     exp.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
 
+    from lmforge.retrieval.cli import add_retrieval_parser
     from lmforge.scaling.cli import add_scaling_parser
 
     add_scaling_parser(verbs)
+    add_retrieval_parser(verbs)
     return parser
 
 
@@ -107,6 +109,13 @@ def _run_scaling(args: argparse.Namespace) -> int:
     from lmforge.scaling.cli import run_scaling
 
     return run_scaling(args)
+
+
+def _run_retrieval(args: argparse.Namespace) -> int:
+    # train / eval / facts need the trainer and evaluation (layers above retrieval).
+    from lmforge.train.retro_trainer import run_retro_command
+
+    return run_retro_command(args)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -127,6 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         "report": commands.report,
         "scaling": _run_scaling,
         "export": commands.export,
+        "retrieval": _run_retrieval,
     }[args.verb]
     try:
         code = handler(args) or 0

@@ -36,7 +36,14 @@ def load_for_inference(path: str | Path, device: torch.device) -> tuple[torch.nn
     checkpoint = resolve_checkpoint(path)
     verify_checkpoint_dir(checkpoint)
     config = yaml.safe_load((checkpoint / "config.yaml").read_text())
-    model = ModelConfig.from_dict(config["model"], path="model").build()
+    model_cfg = config["model"]
+    if "retro" in model_cfg:  # a RETRO model: rebuild it without its training-time base/freeze settings
+        from lmforge.nn.retro import RetroModelConfig
+
+        retro = {**model_cfg["retro"], "base_checkpoint": None, "freeze_decoder": False}
+        model = RetroModelConfig.from_dict({**model_cfg, "retro": retro}, path="model").build()
+    else:
+        model = ModelConfig.from_dict(model_cfg, path="model").build()
     load_safetensors_weights(model, checkpoint)
     tokenizer = Tokenizer.load(checkpoint / "tokenizer.json")
     return model.to(device).eval(), tokenizer, config, checkpoint

@@ -1,0 +1,156 @@
+"""``lmforge retrieval build|add|remove|neighbours|info|train|eval|facts``: parsing and the database verbs.
+
+The database verbs (build, add, remove, neighbours, info) run here. ``train``, ``eval`` and
+``facts`` need the trainer and evaluation (layers above ``retrieval``), so the command line
+dispatches every retrieval verb through ``lmforge.train.retro_trainer.run_retro_command``,
+which handles those three and hands the rest to :func:`run_retrieval`::
+
+    add_retrieval_parser(verbs)                          # verbs = parser.add_subparsers(...)
+    handler = {"retrieval": run_retro_command, ...}      # -> exit code
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from lmforge.retrieval.index import INDEX_KINDS
+
+
+def add_retrieval_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    retrieval = subparsers.add_parser(
+        "retrieval", help="chunk database, vector index, neighbours and RETRO evaluation",
+        description="Build and update a retrieval database of token chunks (RETRO), precompute training "
+                    "neighbours, and evaluate models with and without retrieval. See docs/retrieval.md.")
+    verbs = retrieval.add_subparsers(dest="retrieval_verb", required=True, metavar="ACTION")
+
+    build = verbs.add_parser("build", help="chunk a prepared data directory's training split, embed, index",
+                             description="Cut each training source into chunks of --chunk-len tokens, keep each "
+                                         "chunk's continuation and document, embed with a frozen encoder and "
+                                         "index with FAISS. Writes DIR (default SOURCE/retrieval).")
+    build.add_argument("source", metavar="SOURCE", help="prepared data directory (lmforge data prepare)")
+    build.add_argument("--out", default=None, metavar="DIR", help="database directory (default SOURCE/retrieval)")
+    build.add_argument("--chunk-len", type=int, default=64, help="tokens per chunk (default 64)")
+    build.add_argument("--embedder", default="minilm",
+                       help="minilm (default), model:CHECKPOINT (mean token embeddings), bag_of_tokens[:DIM]")
+    build.add_argument("--index", default="auto", choices=INDEX_KINDS,
+                       help="FAISS index kind; auto picks flat (exact) below 200k chunks, IVF above")
+    build.add_argument("--sources", default=None, help="comma-separated training sources (default: all)")
+    build.add_argument("--max-tokens-per-source", type=int, default=None, metavar="N",
+                       help="use only the first N training tokens of each source")
+    build.add_argument("--overwrite", action="store_true", help="replace an existing database in DIR")
+
+    add = verbs.add_parser("add", help="add text files (one document each) to a database",
+                           description="Tokenize, chunk, embed and index text files; the database's manifest "
+                                       "is replaced atomically.")
+    add.add_argument("db", metavar="DB", help="database directory")
+    add.add_argument("paths", nargs="+", metavar="PATH", help="text files, or folders of .txt/.md files")
+    add.add_argument("--source", default="added", help="source name recorded for these documents (default added)")
+
+    remove = verbs.add_parser("remove", help="remove documents by id or by source",
+                              description="Remove documents from the index (and mark their chunks removed).")
+    remove.add_argument("db", metavar="DB", help="database directory")
+    remove.add_argument("--doc", type=int, action="append", default=[], metavar="ID",
+                        help="document id to remove (repeatable; see `retrieval info --documents`)")
+    remove.add_argument("--source", default=None, help="remove every document of this source")
+
+    nb = verbs.add_parser("neighbours", help="precompute top-k neighbours of every training chunk (resumable)",
+                          description="For each training chunk, the k nearest chunks from other documents "
+                                      "(and not within --exclusion-radius chunks of it). Finished blocks are "
+                                      "skipped on rerun.")
+    nb.add_argument("db", metavar="DB", help="database directory")
+    nb.add_argument("-k", type=int, default=2, help="neighbours per chunk (default 2)")
+    nb.add_argument("--out", default=None, metavar="DIR", help="output directory (default DB/neighbours_kK)")
+    nb.add_argument("--block-size", type=int, default=4096, help="queries per resumable block (default 4096)")
+    nb.add_argument("--exclusion-radius", type=int, default=8, metavar="CHUNKS",
+                    help="also exclude chunks this close in the same source stream (default 8)")
+
+    info = verbs.add_parser("info", help="print what a database holds")
+    info.add_argument("db", metavar="DB", help="database directory")
+    info.add_argument("--documents", action="store_true", help="list documents (id, source, name, alive)")
+
+    tr = verbs.add_parser("train", help="train a RETRO model (from scratch or retrofitted) with precomputed neighbours",
+                          description="Train the RETRO model of CONFIG (see configs/retro_*.yaml): a run config "
+                                      "whose model has a `retro:` section and with a `retrieval:` section naming "
+                                      "the database and neighbours.")
+    tr.add_argument("config", help="YAML config file")
+    tr.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a config value with a dotted key (repeatable)")
+    tr.add_argument("--resume", default=None, metavar="auto|PATH", help="continue a run (auto: newest checkpoint)")
+
+    ev = verbs.add_parser("eval", help="held-out bits-per-byte with and without retrieval",
+                          description="Score a RETRO run or checkpoint on held-out data with retrieval from DB, "
+                                      "without retrieval, at growing database fractions, and bucketed by the "
+                                      "token overlap between each chunk and its neighbours.")
+    ev.add_argument("target", metavar="RUN_OR_CHECKPOINT")
+    ev.add_argument("--db", required=True, help="database directory")
+    ev.add_argument("-k", type=int, default=None, help="neighbours per chunk (default: the model's)")
+    ev.add_argument("--max-tokens", type=int, default=16384, help="held-out tokens per domain (default 16384)")
+    ev.add_argument("--fractions", default="0.1,0.3,1.0", help="database fractions to score (default 0.1,0.3,1.0)")
+    ev.add_argument("--out", default=None, help="JSON file for the results (default RUN/eval/retrieval.json)")
+
+    facts = verbs.add_parser("facts", help="knowledge-update benchmark: invented facts before/after add and remove",
+                             description="Score QA about invented entities (absent from training) without the "
+                                         "facts, after `retrieval add` of them, and after `retrieval remove`.")
+    facts.add_argument("target", metavar="RUN_OR_CHECKPOINT")
+    facts.add_argument("--db", required=True, help="database directory (facts are added, then removed again)")
+    facts.add_argument("--entities", type=int, default=24, help="invented entities (default 24)")
+    facts.add_argument("--seed", type=int, default=0)
+    facts.add_argument("--out", default=None, help="JSON file for the results (default RUN/eval/facts.json)")
+    return retrieval
+
+
+def _build(args: argparse.Namespace) -> int:
+    from lmforge.retrieval.database import build_database, database_info
+
+    out = args.out or str(Path(args.source) / "retrieval")
+    sources = [s.strip() for s in args.sources.split(",") if s.strip()] if args.sources else None
+    build_database(args.source, out, chunk_len=args.chunk_len, embedder=args.embedder, index_kind=args.index,
+                   sources=sources, max_tokens_per_source=args.max_tokens_per_source, overwrite=args.overwrite)
+    _print_info(database_info(out))
+    return 0
+
+
+def _print_info(info: dict, documents: list | None = None) -> None:
+    print(f"database {info['path']}: generation {info['generation']}, {info['alive_chunks']}/{info['chunks']} "
+          f"chunks of {info['chunk_len']} tokens alive, {info['alive_documents']}/{info['documents']} documents")
+    print(f"embedder {json.dumps(info['embedder'])}; index {json.dumps(info['index'])}")
+    for name, src in info["sources"].items():
+        print(f"  {name:<16}{src['kind']:<8}{src['n_chunks']:>10} chunks{src['tokens']:>12} tokens")
+    print(f"on disk: {sum(info['bytes'].values()) / 1e6:.1f} MB")
+    for d in documents or []:
+        print(f"  doc {d['id']:>6}  {d['source']:<14}{'alive' if d['alive'] else 'removed':<9}{d['n_chunks']:>6} chunks  {d['name']}")
+
+
+def run_retrieval(args: argparse.Namespace) -> int:
+    verb = args.retrieval_verb
+    if verb == "build":
+        return _build(args)
+    if verb == "add":
+        from lmforge.retrieval.database import add_documents, read_text_documents
+
+        result = add_documents(args.db, read_text_documents(args.paths), source=args.source)
+        print(f"added {result['documents']} documents ({result['chunks']} chunks), ids "
+              f"{result['document_ids'][0]}..{result['document_ids'][-1]}; generation {result['generation']}")
+        return 0
+    if verb == "remove":
+        from lmforge.retrieval.database import remove_documents
+
+        result = remove_documents(args.db, args.doc or None, args.source)
+        print(f"removed {result['documents']} documents ({result['chunks']} chunks); generation {result['generation']}")
+        return 0
+    if verb == "neighbours":
+        from lmforge.retrieval.database import ChunkDatabase
+        from lmforge.retrieval.neighbours import precompute_neighbours
+
+        out = precompute_neighbours(ChunkDatabase(args.db), k=args.k, out=args.out, block_size=args.block_size,
+                                    exclusion_radius=args.exclusion_radius)
+        print(f"neighbours: {out / 'neighbours.npy'}")
+        return 0
+    if verb == "info":
+        from lmforge.retrieval.database import ChunkDatabase, database_info
+
+        _print_info(database_info(args.db), ChunkDatabase(args.db).documents if args.documents else None)
+        return 0
+    raise AssertionError(f"retrieval {verb}: dispatched by lmforge.train.retro_trainer.run_retro_command")

