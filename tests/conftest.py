@@ -95,3 +95,28 @@ def run_cli(*args: str, env: dict | None = None, cwd: Path | None = None) -> sub
 @pytest.fixture(autouse=True)
 def _single_thread() -> None:
     torch.set_num_threads(1)
+
+
+@pytest.fixture
+def records():
+    """Log records from lmforge loggers at INFO and above (they do not propagate to the root
+    logger, so pytest's caplog misses them)."""
+    import logging
+
+    seen: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = seen.append  # type: ignore[method-assign]
+    logger = logging.getLogger("lmforge")
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    logger.addHandler(handler)
+    yield seen
+    logger.removeHandler(handler)
+    logger.setLevel(level)
+
+
+def train_losses(run_dir: Path) -> dict[int, float]:
+    """Last logged training loss per step (a resumed run re-logs the steps it redoes)."""
+    from lmforge.core.metrics_file import read_metrics
+
+    return {r["step"]: r["loss"] for r in read_metrics(run_dir / "metrics.jsonl") if r.get("kind") == "train"}

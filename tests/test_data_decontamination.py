@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import shutil
 from pathlib import Path
 
@@ -35,20 +34,6 @@ def registry():
     yield register
     for name in names:
         unregister_eval_set(name)
-
-
-@pytest.fixture
-def records():
-    seen: list[logging.LogRecord] = []
-    handler = logging.Handler()
-    handler.emit = seen.append  # type: ignore[method-assign]
-    logger = logging.getLogger("lmforge")
-    level = logger.level
-    logger.setLevel(logging.INFO)
-    logger.addHandler(handler)
-    yield seen
-    logger.removeHandler(handler)
-    logger.setLevel(level)
 
 
 def test_index_matches_normalized_ngrams():

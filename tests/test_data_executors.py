@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import shutil
 
 import pytest
@@ -20,20 +19,6 @@ def _cfg(out, corpus, **changes) -> DataConfig:
         "sources": [{"name": "prose", "kind": "files", "path": str(corpus / "prose")},
                     {"name": "code", "kind": "files", "path": str(corpus / "code")}],
         **changes})
-
-
-@pytest.fixture
-def records():
-    seen: list[logging.LogRecord] = []
-    handler = logging.Handler()
-    handler.emit = seen.append  # type: ignore[method-assign]
-    logger = logging.getLogger("lmforge")
-    level = logger.level
-    logger.setLevel(logging.INFO)
-    logger.addHandler(handler)
-    yield seen
-    logger.removeHandler(handler)
-    logger.setLevel(level)
 
 
 @pytest.fixture(scope="module")

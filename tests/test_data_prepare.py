@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import shutil
 from pathlib import Path
 
@@ -34,21 +33,6 @@ def prepared(tmp_path_factory, tiny_corpus):
     out = tmp_path_factory.mktemp("prepared") / "data"
     cfg = make_config(out, tiny_corpus, num_workers=2)  # also exercises the process pool
     return cfg, prepare_data(cfg)
-
-
-@pytest.fixture
-def records():
-    """Records from lmforge loggers (they do not propagate to the root, so caplog misses them)."""
-    seen: list[logging.LogRecord] = []
-    handler = logging.Handler()
-    handler.emit = seen.append  # type: ignore[method-assign]
-    logger = logging.getLogger("lmforge")
-    level = logger.level
-    logger.setLevel(logging.INFO)
-    logger.addHandler(handler)
-    yield seen
-    logger.removeHandler(handler)
-    logger.setLevel(level)
 
 
 def test_manifest_counts_and_duplicates(prepared):

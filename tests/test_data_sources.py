@@ -12,18 +12,6 @@ from lmforge.data.config import SourceConfig
 from lmforge.data.sources import iter_documents
 
 
-@pytest.fixture
-def records():
-    """Warnings from lmforge loggers (they do not propagate to the root, so caplog misses them)."""
-    seen: list[logging.LogRecord] = []
-    handler = logging.Handler()
-    handler.emit = seen.append  # type: ignore[method-assign]
-    logger = logging.getLogger("lmforge")
-    logger.addHandler(handler)
-    yield seen
-    logger.removeHandler(handler)
-
-
 def _read(**kwargs):
     return list(iter_documents(SourceConfig(name="s", **kwargs)))
 

@@ -11,13 +11,11 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
 
-from conftest import run_cli, tiny_run_dict, write_config
-from lmforge.core.metrics_file import read_metrics
+from conftest import run_cli, tiny_run_dict, train_losses, write_config
 
 STEPS = 8
 # Gradients summed in a different order differ in the last bits; Adam's first updates are
@@ -33,12 +31,7 @@ def torchrun(*args: str, env: dict | None = None) -> subprocess.CompletedProcess
     return subprocess.run(command, capture_output=True, text=True, env=full_env, timeout=600)
 
 
-def losses(run_dir: Path) -> dict[int, float]:
-    out = {}
-    for record in read_metrics(run_dir / "metrics.jsonl"):
-        if record.get("kind") == "train":
-            out[record["step"]] = record["loss"]
-    return out
+losses = train_losses
 
 
 def assert_close(a: dict[int, float], b: dict[int, float], rtol: float) -> None:

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import run_cli, tiny_run_dict, write_config
+from conftest import run_cli, tiny_run_dict, train_losses, write_config
 from lmforge.core.checkpoint_files import list_checkpoints, sha256_file, verify_checkpoint_dir
 from lmforge.core.errors import CheckpointError
 from lmforge.core.metrics_file import read_metrics
@@ -35,8 +35,7 @@ def train_records(run_dir: Path) -> list[dict]:
     return [r for r in read_metrics(run_dir / "metrics.jsonl") if r.get("kind") == "train"]
 
 
-def losses(run_dir: Path) -> dict[int, float]:
-    return {r["step"]: r["loss"] for r in train_records(run_dir)}  # last record per step wins
+losses = train_losses
 
 
 @pytest.fixture(scope="module")

@@ -4,22 +4,14 @@ from __future__ import annotations
 
 import json
 import signal
-from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
 
-from conftest import run_cli, tiny_run_dict, write_config
-from lmforge.core.metrics_file import read_metrics
+from conftest import run_cli, tiny_run_dict, train_losses, write_config
 
 
-def _losses(run_dir: Path) -> dict[int, float]:
-    """Last logged loss per step (a resumed run re-logs the steps it redoes)."""
-    losses = {}
-    for record in read_metrics(run_dir / "metrics.jsonl"):
-        if record.get("kind") == "train":
-            losses[record["step"]] = record["loss"]
-    return losses
+_losses = train_losses
 
 
 @pytest.fixture(scope="module")

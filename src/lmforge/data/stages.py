@@ -35,7 +35,7 @@ import numpy as np
 from lmforge.core.errors import DataError
 from lmforge.core.io import atomic_write, atomic_write_json, read_json
 from lmforge.core.logging import get_logger
-from lmforge.data.config import DataConfig, SourceConfig
+from lmforge.data.config import DataConfig
 from lmforge.data.decontaminate import Decontaminate, NgramIndex
 from lmforge.data.documents import Document, content_hash
 from lmforge.data.eval_registry import EvalItem, EvalSet

@@ -30,14 +30,20 @@ class LayerKVCache:
         return self.k[:, :, :end], self.v[:, :, :end]
 
 
+def add_projections(module: nn.Module, cfg: ModelConfig) -> None:
+    """Give ``module`` the q/k/v/o projections of grouped-query attention (no biases), under
+    the parameter names checkpoints and the Hugging Face export rely on."""
+    module.n_heads, module.n_kv_heads, module.head_dim = cfg.n_heads, cfg.kv_heads, cfg.head_dim
+    module.q_proj = nn.Linear(cfg.d_model, cfg.n_heads * cfg.head_dim, bias=False)
+    module.k_proj = nn.Linear(cfg.d_model, cfg.kv_heads * cfg.head_dim, bias=False)
+    module.v_proj = nn.Linear(cfg.d_model, cfg.kv_heads * cfg.head_dim, bias=False)
+    module.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=False)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.head_dim
-        self.q_proj = nn.Linear(cfg.d_model, cfg.n_heads * cfg.head_dim, bias=False)
-        self.k_proj = nn.Linear(cfg.d_model, cfg.kv_heads * cfg.head_dim, bias=False)
-        self.v_proj = nn.Linear(cfg.d_model, cfg.kv_heads * cfg.head_dim, bias=False)
-        self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=False)
+        add_projections(self, cfg)
         # QK-norm keeps attention logits bounded, a common fix for loss spikes at scale.
         self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmforge.core.config import Config
+from lmforge.nn.attention import add_projections
 from lmforge.nn.config import ModelConfig
 from lmforge.nn.mlp import SwiGLU
 from lmforge.nn.norm import RMSNorm
@@ -103,11 +104,7 @@ class CrossAttention(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.head_dim
-        self.q_proj = nn.Linear(cfg.d_model, cfg.n_heads * cfg.head_dim, bias=False)
-        self.k_proj = nn.Linear(cfg.d_model, cfg.kv_heads * cfg.head_dim, bias=False)
-        self.v_proj = nn.Linear(cfg.d_model, cfg.kv_heads * cfg.head_dim, bias=False)
-        self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=False)
+        add_projections(self, cfg)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor, rope: RotaryEmbedding, q_start: int = 0,
                 groups: int = 1) -> torch.Tensor:
