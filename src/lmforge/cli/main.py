@@ -7,6 +7,7 @@
     lmforge generate RUN_OR_CHECKPOINT --prompt TEXT
     lmforge report RUN
     lmforge export RUN_OR_CHECKPOINT --out DIR
+    lmforge ladder CONFIG [--workers K] [--holdout-largest]
     lmforge scaling fit CSV | lmforge scaling plan --compute C
 """
 
@@ -98,9 +99,10 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
 
     from lmforge.retrieval.cli import add_retrieval_parser
-    from lmforge.scaling.cli import add_scaling_parser
+    from lmforge.scaling.cli import add_ladder_parser, add_scaling_parser
 
     add_scaling_parser(verbs)
+    add_ladder_parser(verbs)  # `lmforge ladder CONFIG` = `lmforge scaling ladder CONFIG`
     add_retrieval_parser(verbs)
     return parser
 
@@ -135,6 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         "generate": commands.generate,
         "report": commands.report,
         "scaling": _run_scaling,
+        "ladder": _run_scaling,
         "export": commands.export,
         "retrieval": _run_retrieval,
     }[args.verb]

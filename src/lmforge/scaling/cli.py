@@ -1,4 +1,4 @@
-"""``lmforge scaling fit`` and ``lmforge scaling plan``: argument parsing and printing.
+"""``lmforge scaling fit``, ``plan`` and ``ladder``: argument parsing and printing.
 
 Wired into the main command line with::
 
@@ -39,7 +39,7 @@ def _level(text: str) -> float:
 
 
 def add_scaling_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Add ``scaling fit`` and ``scaling plan`` to ``subparsers``; returns the ``scaling`` parser."""
+    """Add ``scaling fit``, ``plan`` and ``ladder`` to ``subparsers``; returns the ``scaling`` parser."""
     scaling = subparsers.add_parser(
         "scaling", help="fit scaling laws to runs and plan compute-optimal models",
         description="Fit L(N, D) and compute-optimal allocations to measured (parameters, tokens, loss) "
@@ -107,17 +107,67 @@ def add_scaling_parser(subparsers: argparse._SubParsersAction) -> argparse.Argum
     plan.add_argument("--count", default="active", choices=["active", "active_non_embedding"],
                       help="which parameter count N means, as in the fitted data (default active)")
     plan.add_argument("--json", default=None, metavar="PATH", help="also write the plan as JSON to PATH")
+    add_ladder_parser(verbs)
     return scaling
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def add_ladder_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Add ``ladder`` to ``subparsers`` (``lmforge scaling ladder``, or a top-level ``lmforge ladder``
+    alias dispatched to :func:`run_scaling`, which reads ``scaling_verb``)."""
+    ladder = subparsers.add_parser(
+        "ladder", help="train a ladder of small runs (sizes x tokens, or IsoFLOP budgets), gather and fit them",
+        description="Generate every rung's run config from a ladder config (base run config, size rule, token "
+                    "or compute budgets, batch and LR rules, cosine or WSD schedules), train the rungs in "
+                    "parallel worker processes (finished rungs skipped, unfinished ones resumed), gather "
+                    "ladder.csv and curves.csv, and fit them. See docs/scaling.md.")
+    ladder.set_defaults(scaling_verb="ladder")
+    ladder.add_argument("config", metavar="CONFIG", help="ladder config YAML (see configs/ladder_*.yaml)")
+    ladder.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a ladder config value, e.g. --set fit.bootstrap=50 (repeatable)")
+    ladder.add_argument("--workers", type=_positive_int, default=1, metavar="K",
+                        help="rungs trained at once, each a `python -m lmforge train` process with "
+                             "cores/K threads (default 1)")
+    ladder.add_argument("--threads-per-rung", type=_positive_int, default=None, metavar="T",
+                        help="CPU threads per rung process instead of cores/K")
+    ladder.add_argument("--resume", choices=["auto"], default="auto",
+                        help="rerun behaviour (the only one): finished rungs (eval/final.json) are skipped, "
+                             "unfinished ones resume from their newest valid checkpoint")
+    ladder.add_argument("--holdout-largest", action="store_true",
+                        help="train the largest rungs last: fit the others, write prediction.json with a "
+                             "bootstrap interval, then train the held-out rungs and report the relative error")
+    ladder.add_argument("--print-commands", action="store_true",
+                        help="write the rung configs, print one torchrun command per rung and write Slurm "
+                             "array scripts into the ladder directory; train nothing")
+    ladder.add_argument("--dry-run", action="store_true", help="write the rung configs and show the plan only")
+    ladder.add_argument("--rung", default=None, metavar="NAME",
+                        help="train only this rung, in this process (what the printed torchrun commands run)")
+    ladder.add_argument("--predict", action="store_true",
+                        help="with --holdout-largest: gather finished rungs and write prediction.json only")
+    ladder.add_argument("--gather", action="store_true",
+                        help="gather ladder.csv and curves.csv, fit and plot (and score the prediction) only")
+    return ladder
+
+
 def run_scaling(args: argparse.Namespace) -> int:
-    """Run ``scaling fit`` or ``scaling plan``; 0 on success, 2 on bad input (message on stderr)."""
+    """Run ``scaling fit``, ``plan`` or ``ladder``; 0 on success, 2 on bad input (message on stderr)."""
     if "scipy.linalg" not in sys.modules:
         # Before scipy's OpenBLAS loads: one thread (see fit.single_threaded_blas for why).
         os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     try:
         if args.scaling_verb == "fit":
             return _run_fit(args)
+        if args.scaling_verb == "ladder":
+            return _run_ladder(args)
         return _run_plan(args)
     except LmforgeError as exc:
         print(f"lmforge: error: {exc}", file=sys.stderr)
@@ -235,6 +285,21 @@ def _run_fit(args: argparse.Namespace) -> int:
     for path in written:
         print(f"written: {path}")
     return 0
+
+
+def _run_ladder(args: argparse.Namespace) -> int:
+    from lmforge.scaling.ladder import run_ladder
+
+    modes = [name for name, on in (("--print-commands", args.print_commands), ("--dry-run", args.dry_run),
+                                   ("--rung", args.rung is not None), ("--predict", args.predict),
+                                   ("--gather", args.gather)) if on]
+    if len(modes) > 1:
+        raise ConfigError(f"{' and '.join(modes)} cannot be combined")
+    if args.predict and not args.holdout_largest:
+        raise ConfigError("--predict writes the held-out prediction: it needs --holdout-largest")
+    return run_ladder(args.config, args.overrides, workers=args.workers, threads_per_rung=args.threads_per_rung,
+                      holdout=args.holdout_largest, print_commands=args.print_commands, dry_run=args.dry_run,
+                      rung=args.rung, predict_only=args.predict, gather_only=args.gather)
 
 
 def _run_plan(args: argparse.Namespace) -> int:
