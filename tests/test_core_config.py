@@ -76,3 +76,13 @@ def test_run_config_checks_cross_field_constraints(tmp_path, tiny_corpus):
     data = tiny_run_dict(tmp_path, tiny_corpus, train={"seq_len": 64})
     with pytest.raises(ConfigError, match="exceeds model.max_seq_len"):
         RunConfig.from_dict(data)
+
+
+def test_errors_inside_an_optional_section_name_the_inner_key():
+    from lmforge.core.errors import ConfigError
+    from lmforge.nn.config import ModelConfig
+
+    with pytest.raises(ConfigError, match=r"model\.moe\.top_k: expected int"):
+        ModelConfig.from_dict({"moe": {"n_experts": 4, "top_k": "two"}}, path="model")
+    with pytest.raises(ConfigError, match=r"model\.moe\.topk: unknown key"):
+        ModelConfig.from_dict({"moe": {"topk": 2}}, path="model")

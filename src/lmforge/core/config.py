@@ -66,13 +66,19 @@ def _coerce(path: str, annotation: Any, value: Any) -> Any:
         for option in get_args(annotation):
             if option is _NONE_TYPE and value is None:
                 return None
+        specific: ConfigError | None = None
         for option in get_args(annotation):
             if option is _NONE_TYPE:
                 continue
             try:
                 return _coerce(path, option, value)
-            except ConfigError:
-                continue
+            except ConfigError as exc:
+                # A mapping given for an optional section: its own error (naming the inner
+                # key) says more than "expected mapping or null".
+                if isinstance(value, dict) and isinstance(option, type) and issubclass(option, Config):
+                    specific = specific or exc
+        if specific is not None:
+            raise specific
         _fail(path, annotation, value)
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):
