@@ -20,6 +20,7 @@ records a content hash of its items so a result names exactly what was evaluated
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import random
@@ -160,8 +161,16 @@ def build_tasks(data_dir: str | Path, tokenizer: Tokenizer, n_items: int = 100, 
 
 def training_ngrams(data_dir: str | Path, tokenizer: Tokenizer, n: int = 13) -> np.ndarray:
     """Sorted unique hashes of every ``n``-gram of normalized words in the training split
-    (the same n-grams data preparation decontaminates with)."""
-    data_dir = Path(data_dir)
+    (the same n-grams data preparation decontaminates with). Cached per prepared data
+    directory within a process (keyed by its manifest's modification time)."""
+    data_dir = Path(data_dir).resolve()
+    stamp = (data_dir / "manifest.json").stat().st_mtime_ns
+    return _training_ngrams(str(data_dir), stamp, tokenizer.sha256, n, tokenizer)
+
+
+@functools.lru_cache(maxsize=2)
+def _training_ngrams(data_dir_text: str, stamp: int, tokenizer_sha: str, n: int, tokenizer: Tokenizer) -> np.ndarray:
+    data_dir = Path(data_dir_text)
     hashes = [text_ngram_hashes(doc, n) for source in load_manifest(data_dir)["sources"]
               for doc in heldout_documents(data_dir, source, tokenizer, max_docs=None, split="train")]
     return np.unique(np.concatenate(hashes)) if hashes else np.zeros(0, np.uint64)
