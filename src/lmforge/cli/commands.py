@@ -171,3 +171,17 @@ def export(args: argparse.Namespace) -> int:
     print(f"exported {checkpoint} as {summary['architecture']} ({summary['parameters']:,} parameters) "
           f"to {summary['out_dir']}; reloaded logits match lmforge's within {summary['max_logit_difference']:.2g}")
     return 0
+
+
+def mixture_sweep(args: argparse.Namespace) -> int:
+    from lmforge.scaling.mixtures import read_sweep, run_sweep
+
+    out = run_sweep(str(find_config(args.config)), args.mixture, args.overrides, args.out)
+    rows = read_sweep(out / "sweep.csv")
+    columns = [c for c in rows[0] if c.startswith(("bpb_", "epochs_"))] if rows else []
+    print(f"{'mixture':<28}" + "".join(f"{c:>20}" for c in columns))
+    for row in rows:
+        print(f"{row['mixture']:<28}" + "".join(f"{float(row[c]):>20.4f}" if row[c] else f"{'':>20}"
+                                               for c in columns))
+    print(f"written: {out / 'sweep.csv'}, {out / 'sweep.png'}")
+    return 0

@@ -98,6 +98,15 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--out", required=True, help="folder to create (loadable with AutoModelForCausalLM.from_pretrained)")
     exp.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
 
+    mix = verbs.add_parser("mixture-sweep", help="short runs over several data mixtures, bpb per domain",
+                           description="Train one short run per --mixture (source weights replaced in CONFIG) "
+                                       "and write sweep.csv and sweep.png: held-out bits-per-byte per domain "
+                                       "and planned epochs per source. Finished runs are reused.")
+    _add_config_args(mix)
+    mix.add_argument("--mixture", action="append", required=True, metavar="SRC=W,SRC=W",
+                     help="source weights of one run, e.g. literature=3,code=1 (repeat for each run)")
+    mix.add_argument("--out", default=None, help="output folder (default runs/<name>_mixture_sweep)")
+
     from lmforge.retrieval.cli import add_retrieval_parser
     from lmforge.scaling.cli import add_ladder_parser, add_scaling_parser
 
@@ -138,6 +147,7 @@ def main(argv: list[str] | None = None) -> int:
         "report": commands.report,
         "scaling": _run_scaling,
         "ladder": _run_scaling,
+        "mixture-sweep": commands.mixture_sweep,
         "export": commands.export,
         "retrieval": _run_retrieval,
     }[args.verb]
