@@ -265,13 +265,7 @@ class RetroTransformer(Transformer):
                 encoded = self.encode_neighbours(neighbours, x)
             x = x + self.cca[str(i)](x, encoded, self.retro_rope)
             x = x + block.mlp(block.mlp_norm(x))
-        logits = self.lm_head(self.norm(x))
-        loss = None
-        if targets is not None:
-            logits = logits.float()
-            loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
-        aux_loss, metrics = self._moe_losses(logits.device)
-        return ModelOutput(logits=logits, loss=loss, aux_loss=aux_loss, moe_metrics=metrics)
+        return self.output(x, targets)
 
 
 def count_retro_parameters(model: RetroTransformer) -> dict[str, int]:

@@ -94,6 +94,10 @@ class Transformer(nn.Module):
             x = block(x, self.rope, kv_cache.layers[i] if kv_cache is not None else None, start_pos)
         if kv_cache is not None:
             kv_cache.length = start_pos + input_ids.shape[1]
+        return self.output(x, targets)
+
+    def output(self, x: torch.Tensor, targets: torch.Tensor | None) -> ModelOutput:
+        """Final norm, LM head, the loss (fp32, when targets are given) and MoE auxiliary losses."""
         logits = self.lm_head(self.norm(x))
         loss = None
         if targets is not None:
