@@ -120,3 +120,17 @@ def train_losses(run_dir: Path) -> dict[int, float]:
     from lmforge.core.metrics_file import read_metrics
 
     return {r["step"]: r["loss"] for r in read_metrics(run_dir / "metrics.jsonl") if r.get("kind") == "train"}
+
+
+def dense_reference_run(tmp: Path, corpus: Path, steps: int, name: str) -> Path:
+    """Write a tiny dense run config (checkpoints every 4 steps, no mid-run eval) into ``tmp``,
+    train it once as ``name`` for comparisons, and return the config path."""
+    cfg = tiny_run_dict(tmp, corpus,
+                        model={"d_model": 32, "n_layers": 2, "n_heads": 2, "n_kv_heads": 1, "max_seq_len": 32,
+                               "moe": None},
+                        train={"steps": steps, "batch_size": 4, "seq_len": 32, "log_every": 1, "eval_every": 0,
+                               "checkpoint_every": 4, "keep_checkpoints": 3, "tensorboard": False})
+    config = write_config(tmp / "run.yaml", cfg)
+    result = run_cli("train", str(config), "--set", f"name={name}", "--no-report")
+    assert result.returncode == 0, result.stderr
+    return config

@@ -15,7 +15,7 @@ import sys
 import pytest
 from safetensors.torch import load_file
 
-from conftest import run_cli, tiny_run_dict, train_losses, write_config
+from conftest import dense_reference_run, run_cli, train_losses
 
 STEPS = 8
 # Gradients summed in a different order differ in the last bits; Adam's first updates are
@@ -43,13 +43,7 @@ def assert_close(a: dict[int, float], b: dict[int, float], rtol: float) -> None:
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory, tiny_corpus):
     tmp = tmp_path_factory.mktemp("dist")
-    base = tiny_run_dict(tmp, tiny_corpus, model={"d_model": 32, "n_layers": 2, "n_heads": 2, "n_kv_heads": 1,
-                                                  "max_seq_len": 32, "moe": None},
-                         train={"steps": STEPS, "batch_size": 4, "seq_len": 32, "log_every": 1, "eval_every": 0,
-                                "checkpoint_every": 4, "keep_checkpoints": 3, "tensorboard": False})
-    config = write_config(tmp / "run.yaml", base)
-    result = run_cli("train", str(config), "--set", "name=single", "--no-report")
-    assert result.returncode == 0, result.stderr
+    config = dense_reference_run(tmp, tiny_corpus, STEPS, "single")
     return tmp, config
 
 

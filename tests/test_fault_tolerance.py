@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import run_cli, tiny_run_dict, train_losses, write_config
+from conftest import dense_reference_run, run_cli, train_losses
 from lmforge.core.checkpoint_files import list_checkpoints, sha256_file, verify_checkpoint_dir
 from lmforge.core.errors import CheckpointError
 from lmforge.core.metrics_file import read_metrics
@@ -41,14 +41,7 @@ losses = train_losses
 @pytest.fixture(scope="module")
 def base(tmp_path_factory, tiny_corpus):
     tmp = tmp_path_factory.mktemp("faults")
-    cfg = tiny_run_dict(tmp, tiny_corpus,
-                        model={"d_model": 32, "n_layers": 2, "n_heads": 2, "n_kv_heads": 1, "max_seq_len": 32,
-                               "moe": None},
-                        train={"steps": STEPS, "batch_size": 4, "seq_len": 32, "log_every": 1, "eval_every": 0,
-                               "checkpoint_every": 4, "keep_checkpoints": 3, "tensorboard": False})
-    config = write_config(tmp / "run.yaml", cfg)
-    reference = run_cli("train", str(config), "--set", "name=reference", "--no-report")
-    assert reference.returncode == 0, reference.stderr
+    config = dense_reference_run(tmp, tiny_corpus, STEPS, "reference")
     return tmp, config
 
 
