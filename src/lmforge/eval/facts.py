@@ -34,6 +34,7 @@ from lmforge.core.errors import DataError
 from lmforge.core.io import atomic_write_json
 from lmforge.data.tokenizer import Tokenizer
 from lmforge.nn.retro import RetroTransformer
+from lmforge.retrieval.alignment import window_neighbour_tokens
 from lmforge.retrieval.database import ChunkDatabase, add_documents, remove_documents
 
 SOURCE = "facts_benchmark"
@@ -108,7 +109,7 @@ def score_questions(model: torch.nn.Module, tokenizer: Tokenizer, items: list[di
         if db is not None and retro:
             chunks = np.array(prompt).reshape(-1, m)
             ids = db.retrieve(chunks, k or model.retro.n_neighbours)
-            nb = torch.from_numpy(db.neighbour_tokens(ids[None])).to(device)
+            nb = torch.from_numpy(window_neighbour_tokens(db, np.array([prompt]), ids[None], model.retro.align_neighbours)).to(device)
         scores = []
         max_len = model.cfg.max_seq_len // m * m
         for cand in item["candidates"]:

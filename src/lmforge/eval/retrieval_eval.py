@@ -35,6 +35,7 @@ from lmforge.data.tokenizer import Tokenizer
 from lmforge.eval.heldout import heldout_domains
 from lmforge.nn.config import ModelConfig
 from lmforge.nn.retro import RetroModelConfig, RetroTransformer
+from lmforge.retrieval.alignment import window_neighbour_tokens
 from lmforge.retrieval.database import ChunkDatabase
 
 BUCKETS = (0.0, 0.125, 0.25, 0.5, 0.75, 1.01)
@@ -139,7 +140,7 @@ def evaluate_retrieval(model: RetroTransformer, heldout: HeldoutRetrieval, k: in
                     ids = None
                 else:
                     ids = heldout.neighbours(vectors, k, allowed)
-                    nb = torch.from_numpy(db.neighbour_tokens(ids)).to(device)
+                    nb = torch.from_numpy(window_neighbour_tokens(db, inputs.numpy(), ids, model.retro.align_neighbours)).to(device)
                     logits = model(inputs.to(device), neighbours=nb).logits
                 nll = F.cross_entropy(logits.float().flatten(0, 1), targets.to(device).flatten(),
                                       reduction="none").view(targets.shape).cpu().numpy()
@@ -149,7 +150,7 @@ def evaluate_retrieval(model: RetroTransformer, heldout: HeldoutRetrieval, k: in
                     if cond == "none":
                         none_nll = nll
                     else:
-                        _bucket(bucket_stats, inputs.numpy(), ids, none_nll, nll, nbytes, db, m)
+                        _bucket(bucket_stats, inputs.numpy(), nb.cpu().numpy(), none_nll, nll, nbytes, m)
         for cond, (nll_sum, count) in sums.items():
             result["loss"][cond][domain] = nll_sum / max(count, 1)
             result["bpb"][cond][domain] = nll_sum / (math.log(2) * max(n_bytes, 1))
@@ -166,10 +167,11 @@ def _ratio(stat: list[float]) -> float | None:
     return stat[0] / (math.log(2) * stat[1]) if stat[1] else None
 
 
-def _bucket(stats: dict, inputs: np.ndarray, ids: np.ndarray, nll_none: np.ndarray, nll_with: np.ndarray,
-            nbytes: np.ndarray, db: ChunkDatabase, m: int) -> None:
+def _bucket(stats: dict, inputs: np.ndarray, neighbours: np.ndarray, nll_none: np.ndarray, nll_with: np.ndarray,
+            nbytes: np.ndarray, m: int) -> None:
+    """``neighbours`` [b, l, k, 2m]: the tokens the model read for each complete chunk."""
     b, n = inputs.shape
-    n_complete = ids.shape[1]
+    n_complete = neighbours.shape[1]
     names = _bucket_names()
     for u in range(1, n // m + (1 if n % m else 0)):
         if u - 1 >= n_complete:
@@ -177,7 +179,7 @@ def _bucket(stats: dict, inputs: np.ndarray, ids: np.ndarray, nll_none: np.ndarr
         chunk = inputs[:, u * m:(u + 1) * m]
         if chunk.shape[1] < m:
             chunk = np.pad(chunk, ((0, 0), (0, m - chunk.shape[1])), constant_values=-1)
-        nb = db.neighbour_tokens(ids[:, u - 1])  # [b, k, 2m]
+        nb = neighbours[:, u - 1]  # [b, k, 2m]
         runs = np.stack([longest_common_run(chunk, nb[:, j]) for j in range(nb.shape[1])], 1).max(1) / m
         positions = slice(u * m - 1, min(u * m + m - 1, n))  # targets that are tokens of C_u
         for row in range(b):

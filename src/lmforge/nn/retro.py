@@ -52,6 +52,7 @@ class RetroConfig(Config):
     cca_layers: list[int] | None = None   # decoder layers (0-indexed) with CCA; None -> see module docstring
     base_checkpoint: str | None = None    # retrofit: load the decoder's weights from this lmforge checkpoint
     freeze_decoder: bool = False          # retrofit: train only the encoder and CCA
+    align_neighbours: bool = True         # move each neighbour to line up with its query (retrieval.alignment)
 
     def __post_init__(self) -> None:
         if self.chunk_len < 1 or self.n_neighbours < 1 or self.encoder_layers < 0:

@@ -21,7 +21,8 @@ from lmforge.retrieval.database import ChunkDatabase
 
 class RetroLoader:
     def __init__(self, db: ChunkDatabase, neighbours: np.ndarray, seq_len: int, batch_size: int, seed: int,
-                 k: int, weights: dict[str, float] | None = None, rank: int = 0, world_size: int = 1):
+                 k: int, weights: dict[str, float] | None = None, rank: int = 0, world_size: int = 1,
+                 align: bool = False, exclusion_radius: int = 8):
         m = db.chunk_len
         if seq_len % m:
             raise DataError(f"train.seq_len ({seq_len}) must be a multiple of the database chunk_len ({m})")
@@ -29,6 +30,7 @@ class RetroLoader:
             raise DataError(f"the model reads k={k} neighbours but only {neighbours.shape[1]} were precomputed; "
                             f"rerun `lmforge retrieval neighbours {db.path} -k {k}`")
         self.db, self.neighbours, self.k = db, neighbours, k
+        self.align, self.exclusion_radius = align, exclusion_radius
         self.seq_len, self.batch_size, self.seed = seq_len, batch_size, seed
         self.rank, self.world_size = rank, world_size
         self.n_chunks = seq_len // m
@@ -42,6 +44,9 @@ class RetroLoader:
                 raise DataError(f"source {n!r} has {train[n]['n_chunks']} chunks, fewer than a window of "
                                 f"{self.n_chunks + 1}")
         self._names, self._train = names, train
+        self._source_of = np.full(len(db), -1, dtype=np.int64)  # training source of each chunk row
+        for s, info in enumerate(train.values()):
+            self._source_of[info["first_chunk"]:info["first_chunk"] + info["n_chunks"]] = s
         total = sum(weights[n] for n in names)
         self._probs = np.array([weights[n] / total for n in names])
         self.batch_index = 0
@@ -78,8 +83,26 @@ class RetroLoader:
                             for c in starts]).astype(np.int64)
         ids = np.stack([np.asarray(self.neighbours[c:c + self.n_chunks, : self.k]) for c in starts])
         batch = torch.from_numpy(windows)
-        neighbours = torch.from_numpy(self.db.neighbour_tokens(ids))
+        if self.align:
+            rows = (np.asarray(starts)[:, None] + np.arange(self.n_chunks)).reshape(-1)
+            queries = windows[:, : self.seq_len].reshape(len(starts), self.n_chunks, -1)
+            neighbours = torch.from_numpy(self.db.neighbour_tokens(ids, queries, self._usable(rows)))
+        else:
+            neighbours = torch.from_numpy(self.db.neighbour_tokens(ids))
         return batch[:, :-1].contiguous(), batch[:, 1:].contiguous(), neighbours
+
+    def _usable(self, rows: np.ndarray):
+        """An aligned window may read the chunks around a neighbour: never those of the query's own
+        documents or within ``exclusion_radius`` of it in its source (the precomputation's rule)."""
+        docs, source_of = np.asarray(self.db.doc), self._source_of
+
+        def usable(query: np.ndarray, chunk: np.ndarray) -> np.ndarray:
+            row = rows[query]
+            near = (source_of[chunk] == source_of[row]) & (np.abs(chunk - row) <= self.exclusion_radius)
+            shared = (docs[chunk][:, :, None] == docs[row][:, None, :]).any(axis=(1, 2))
+            return ~near & ~shared
+
+        return usable
 
     def epochs_consumed(self) -> dict[str, float]:
         return {n: self._tokens_drawn[n] / max(self._train[n]["tokens"], 1) for n in self._names}

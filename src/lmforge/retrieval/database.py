@@ -32,7 +32,7 @@ import os
 import re
 import shutil
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -41,6 +41,7 @@ from lmforge.core.io import atomic_write, atomic_write_json, read_json
 from lmforge.core.logging import RateProgress, get_logger
 from lmforge.data.shards import ShardSet, load_manifest, token_dtype
 from lmforge.data.tokenizer import Tokenizer
+from lmforge.retrieval.alignment import aligned_windows
 from lmforge.retrieval.embedders import Embedder, build_embedder
 from lmforge.retrieval.index import (add_to_index, build_index, load_index, remove_from_index, save_index,
                                      search_filtered)
@@ -156,11 +157,35 @@ class ChunkDatabase:
         self._embedder = embedder
 
     # ---- reading chunks ----------------------------------------------------------------
-    def neighbour_tokens(self, ids: np.ndarray) -> np.ndarray:
-        """Chunk tokens followed by their continuation: int64 [..., 2 * chunk_len].
+    def neighbour_tokens(self, ids: np.ndarray, queries: np.ndarray | None = None,
+                         usable: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None) -> np.ndarray:
+        """Chunk tokens followed by their continuation: int64 [..., k, 2 * chunk_len] for ``ids`` [..., k].
 
-        Id -1 (no neighbour) and a missing continuation read as end-of-text tokens.
+        Id -1 (no neighbour) and a missing continuation read as end-of-text tokens. With
+        ``queries`` [..., chunk_len] (the chunks that retrieved ``ids``), each window is moved
+        along the database's token stream to line up with its query (see
+        :mod:`lmforge.retrieval.alignment`); removed chunks never enter a moved window, and
+        ``usable(query_index, chunk_ids)`` (over the flattened queries) can forbid more.
         """
+        if queries is None:
+            return self._plain_neighbour_tokens(ids)
+        ids = np.asarray(ids, dtype=np.int64)
+        queries = np.asarray(queries, dtype=np.int64)
+        lead, k, m = ids.shape[:-1], ids.shape[-1], self.chunk_len
+        if queries.shape != (*lead, m):
+            raise DataError(f"aligned neighbours: queries {list(queries.shape)} do not match ids {list(ids.shape)} "
+                            f"and chunk_len {m}")
+        alive = np.asarray(self.alive)
+
+        def allowed(q: np.ndarray, rows: np.ndarray) -> np.ndarray:
+            ok = alive[rows]
+            return ok & usable(q, rows) if usable is not None else ok
+
+        windows, _ = aligned_windows(self.tokens, self.next, ids.reshape(-1, k), queries.reshape(-1, m),
+                                     self.tokenizer.eos_id, allowed)
+        return windows.reshape(*lead, k, 2 * m)
+
+    def _plain_neighbour_tokens(self, ids: np.ndarray) -> np.ndarray:
         ids = np.asarray(ids, dtype=np.int64)
         flat = ids.reshape(-1)
         m, eos = self.chunk_len, self.tokenizer.eos_id

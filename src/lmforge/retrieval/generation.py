@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from lmforge.nn.retro import RetroTransformer
+from lmforge.retrieval.alignment import window_neighbour_tokens
 from lmforge.retrieval.database import ChunkDatabase
 
 
@@ -47,7 +48,7 @@ def generate_with_retrieval(model: RetroTransformer, db: ChunkDatabase, prompt_i
         first_chunk = offset // m
         ids = torch.tensor([window], device=device)
         nb = np.array(neighbour_ids[first_chunk:first_chunk + len(window) // m]).reshape(1, -1, k)
-        nb_tokens = torch.from_numpy(db.neighbour_tokens(nb)).to(device)
+        nb_tokens = torch.from_numpy(window_neighbour_tokens(db, np.array([window]), nb, model.retro.align_neighbours)).to(device)
         logits = model(ids, neighbours=nb_tokens).logits[0, -1, : model.cfg.vocab_size].float()
         if temperature == 0:
             next_id = int(logits.argmax())

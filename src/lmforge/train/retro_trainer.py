@@ -103,14 +103,15 @@ class RetroTrainer(Trainer):
         if tok.sha256 != db.manifest["tokenizer_sha256"]:
             raise DataError(f"{db.path} was built with another tokenizer than {cfg.data.out_dir}'s")
         nb_dir = cfg.retrieval.neighbours or str(default_neighbours_dir(db.path, retro.n_neighbours))
-        neighbours, _ = load_neighbours(nb_dir, db)
+        neighbours, nb_manifest = load_neighbours(nb_dir, db)
         self.db = db
         super().__init__(cfg, resume, callbacks if callbacks is not None else retro_callbacks())
         state = self.loader.state_dict()  # restored from the checkpoint when resuming
         self.loader = RetroLoader(  # type: ignore[assignment]
             db, neighbours, cfg.train.seq_len, cfg.train.batch_size // self.world_size, cfg.train.seed,
             k=retro.n_neighbours, weights={s.name: s.weight for s in cfg.data.sources},
-            rank=self.rank, world_size=self.world_size)
+            rank=self.rank, world_size=self.world_size, align=retro.align_neighbours,
+            exclusion_radius=int(nb_manifest.get("exclusion_radius", 8)))
         self.loader.load_state_dict(state)
         counts = count_retro_parameters(unwrap(self.model))  # type: ignore[arg-type]
         trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
