@@ -22,8 +22,10 @@ def _cfg(**retro) -> RetroModelConfig:
 def _model(**retro) -> RetroTransformer:
     torch.manual_seed(0)
     model = _cfg(**retro).build()
-    for cca in model.cca.values():  # make CCA live, as after training
+    for cca in model.cca.values():  # make CCA (and its aligned read) live, as after training
         torch.nn.init.normal_(cca.attn.o_proj.weight, std=0.2)
+        if cca.aligned is not None:
+            torch.nn.init.normal_(cca.aligned.o_proj.weight, std=0.2)
     return model.eval()
 
 
@@ -42,9 +44,10 @@ def test_changing_neighbours_of_chunk_u_changes_no_logit_before_its_last_token()
         assert not torch.allclose(logits[:, first_reader], base[:, first_reader])
 
 
-def test_neighbours_of_chunk_u_reach_exactly_their_span_in_the_first_cca_layer():
+@pytest.mark.parametrize("aligned_read", [True, False])
+def test_neighbours_of_chunk_u_reach_exactly_their_span_in_the_first_cca_layer(aligned_read):
     # With one CCA layer in the last decoder layer, the span is exact in both directions.
-    model = _model(cca_layers=[3])
+    model = _model(cca_layers=[3], aligned_read=aligned_read)
     n = 4 * M
     ids = torch.randint(0, 50, (1, n))
     nb = torch.randint(0, 50, (1, 4, K, 2 * M))
@@ -105,3 +108,40 @@ def test_default_cca_layers_and_counts():
     with pytest.raises(ConfigError, match="unknown key"):
         _cfg(chunk_length=3)
     assert isinstance(_cfg(), Config)
+
+
+def test_retro_learns_to_copy_a_repeating_neighbour_quickly_and_ignores_unrelated_ones():
+    """Random tokens (nothing to learn but copying); in half of the chunks one neighbour slot
+    holds the true chunk and continuation, the other slot always unrelated tokens. The
+    aligned read lets a tiny model learn to copy within a hundred steps."""
+    torch.manual_seed(0)
+    vocab, m, n, batch = 64, 4, 16, 16
+    model = RetroModelConfig.from_dict({"vocab_size": vocab, "d_model": 32, "n_layers": 2, "n_heads": 2,
+                                        "n_kv_heads": 1, "max_seq_len": n,
+                                        "retro": {"chunk_len": m, "n_neighbours": 2, "encoder_layers": 1}}).build()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+
+    def batch_of(rate: float):
+        x = torch.randint(1, vocab, (batch, n + m + 1))
+        true = torch.stack([x[:, u * m:(u + 2) * m] for u in range(n // m)], 1)
+        use = torch.rand(batch, n // m, 1) < rate
+        other = torch.randint(1, vocab, true.shape)
+        return x[:, :n], x[:, 1:n + 1], true, other, torch.where(use, true, torch.randint(1, vocab, true.shape))
+
+    for _ in range(120):
+        inputs, targets, _, other, slot = batch_of(0.5)
+        loss = model(inputs, targets, neighbours=torch.stack([other, slot], 2)).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+    inputs, targets, true, other, _ = batch_of(1.0)
+    with torch.no_grad():
+        def later_loss(neighbours):  # targets that can read a neighbour's continuation
+            logits = model(inputs, neighbours=neighbours).logits
+            return torch.nn.functional.cross_entropy(logits[:, m:].flatten(0, 1), targets[:, m:].flatten()).item()
+        copying = later_loss(torch.stack([other, true], 2))
+        unrelated = later_loss(torch.stack([other, torch.randint(1, vocab, true.shape)], 2))
+    chance = torch.log(torch.tensor(float(vocab - 1))).item()
+    assert copying < 0.5 * chance, (copying, chance)
+    assert unrelated > 0.9 * chance, (unrelated, chance)

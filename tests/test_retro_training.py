@@ -69,6 +69,24 @@ def test_loader_windows_are_chunk_aligned_and_neighbours_match(setup):
         RetroLoader(db, nb, seq_len=30, batch_size=3, seed=1, k=2)
 
 
+def test_gold_neighbours_hold_the_text_itself_and_only_in_the_last_slot(setup):
+    tmp, base, db = setup
+    nb, _ = load_neighbours(tmp / "db" / "neighbours_k2", db)
+    plain = RetroLoader(db, nb, seq_len=32, batch_size=4, seed=1, k=2, align=True)
+    gold = RetroLoader(db, nb, seq_len=32, batch_size=4, seed=1, k=2, align=True, gold_neighbour_rate=1.0)
+    starts = gold.window_starts(0)
+    inputs, _, with_gold = gold.next_batch()
+    _, _, without = plain.next_batch()
+    assert torch.equal(with_gold[:, :, 0], without[:, :, 0])  # other slots untouched
+    for row, c in enumerate(starts):
+        for u in range(with_gold.shape[1]):
+            text = np.asarray(db.tokens[c + u:c + u + 2]).reshape(-1)
+            assert (with_gold[row, u, 1].numpy() == text).all()
+    half = RetroLoader(db, nb, seq_len=32, batch_size=4, seed=1, k=2, align=True, gold_neighbour_rate=0.5)
+    changed = (half.next_batch()[2][:, :, 1] != without[:, :, 1]).any(-1).float().mean().item()
+    assert 0.0 < changed < 1.0  # a share of the chunks, drawn per chunk
+
+
 def test_retro_training_resumes_exactly_and_evaluates_with_retrieval(setup):
     tmp, base, db = setup
     run_a = RetroTrainer(_cfg(tmp, base, "a")).fit()

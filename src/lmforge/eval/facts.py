@@ -45,7 +45,7 @@ TRADES = ["baker", "sailor", "weaver", "miner", "potter", "glassblower", "beekee
 COLOURS = ["crimson", "violet", "amber", "teal", "ochre", "indigo", "scarlet", "emerald"]
 
 FACT_TEMPLATES = [
-    "{name} was born in the town of {town}. {name} works as a {trade}. The favourite colour of {name} is {colour}.",
+    "{name} was born in {town}, a small town. {name} works as a {trade}. The favourite colour of {name} is {colour}.",
     "Everyone in {town} knows {name}, who grew up there. By trade, {name} is a {trade}, and {name} loves the colour {colour}.",
 ]
 QUESTIONS = {

@@ -11,6 +11,10 @@ Three views, all on the same held-out windows (``heldout_windows``, chunk-aligne
   neighbours (chunk + continuation), as a fraction of chunk_len. Bits-per-byte per bucket
   shows how much of the gain is copying versus generalising (RETRO paper, §4).
 
+With a trained query encoder (``--query-encoder``, see
+:mod:`lmforge.retrieval.query_encoder`), each chunk's neighbours are the encoder's top k of
+the frozen index's top ``--candidates``; without it nothing changes.
+
 Held-out documents are not in the database (the database is built from the training
 split), so no neighbour is the evaluated text itself.
 """
@@ -28,7 +32,7 @@ import torch.nn.functional as F
 import yaml
 
 from lmforge.core.checkpoint_files import latest_valid_checkpoint, load_safetensors_weights, verify_checkpoint_dir
-from lmforge.core.errors import CheckpointError, DataError
+from lmforge.core.errors import CheckpointError, ConfigError, DataError
 from lmforge.core.io import atomic_write_json
 from lmforge.data.loader import heldout_windows
 from lmforge.data.tokenizer import Tokenizer
@@ -37,6 +41,7 @@ from lmforge.nn.config import ModelConfig
 from lmforge.nn.retro import RetroModelConfig, RetroTransformer
 from lmforge.retrieval.alignment import window_neighbour_tokens
 from lmforge.retrieval.database import ChunkDatabase
+from lmforge.retrieval.query_encoder import QueryEncoder, load_query_encoder, rerank
 
 BUCKETS = (0.0, 0.125, 0.25, 0.5, 0.75, 1.01)
 
@@ -114,17 +119,26 @@ class HeldoutRetrieval:
 
 @torch.no_grad()
 def evaluate_retrieval(model: RetroTransformer, heldout: HeldoutRetrieval, k: int | None = None,
-                       fractions: tuple[float, ...] = (1.0,), buckets: bool = True, seed: int = 0) -> dict[str, Any]:
-    """bpb per domain without retrieval and with retrieval at each database fraction (+ overlap buckets)."""
+                       fractions: tuple[float, ...] = (1.0,), buckets: bool = True, seed: int = 0,
+                       query_encoder: QueryEncoder | None = None, candidates: int = 8) -> dict[str, Any]:
+    """bpb per domain without retrieval and with retrieval at each database fraction (+ overlap buckets).
+
+    With ``query_encoder``, each chunk's ``candidates`` nearest chunks under the frozen
+    index are re-ranked by the encoder and its top k are the neighbours.
+    """
     device = next(model.parameters()).device
     k = k or model.retro.n_neighbours
     m, db = heldout.m, heldout.db
+    if query_encoder is not None:
+        _check_candidates(candidates, k)
     was_training = model.training
     model.eval()
     conditions: dict[str, np.ndarray | None] = {"none": None}
     for fraction in fractions:
         conditions[f"db_{fraction:g}"] = db.document_mask(fraction, seed) if fraction < 1 else None
     result: dict[str, Any] = {"bpb": {c: {} for c in conditions}, "loss": {c: {} for c in conditions}, "k": k}
+    if query_encoder is not None:
+        result["reranking"] = {"candidates": candidates, "encoder": query_encoder.kind}
     bucket_stats: dict[str, dict[str, list[float]]] = {c: {b: [0.0, 0.0, 0] for b in _bucket_names()}
                                                        for c in ("none", "retrieval")}
     full = f"db_{max(fractions):g}"
@@ -139,7 +153,7 @@ def evaluate_retrieval(model: RetroTransformer, heldout: HeldoutRetrieval, k: in
                     logits = model(inputs.to(device)).logits
                     ids = None
                 else:
-                    ids = heldout.neighbours(vectors, k, allowed)
+                    ids = _neighbour_ids(heldout, inputs.numpy(), vectors, k, allowed, query_encoder, candidates)
                     nb = torch.from_numpy(window_neighbour_tokens(db, inputs.numpy(), ids, model.retro.align_neighbours)).to(device)
                     logits = model(inputs.to(device), neighbours=nb).logits
                 nll = F.cross_entropy(logits.float().flatten(0, 1), targets.to(device).flatten(),
@@ -161,6 +175,22 @@ def evaluate_retrieval(model: RetroTransformer, heldout: HeldoutRetrieval, k: in
             for name in _bucket_names()}
     model.train(was_training)
     return result
+
+
+def _check_candidates(candidates: int, k: int) -> None:
+    if candidates < k:
+        raise ConfigError(f"--candidates ({candidates}) must be >= k ({k}): re-ranking keeps k of the candidates")
+
+
+def _neighbour_ids(heldout: HeldoutRetrieval, inputs: np.ndarray, vectors: np.ndarray, k: int,
+                   allowed: np.ndarray | None, query_encoder: QueryEncoder | None, candidates: int) -> np.ndarray:
+    """Neighbour ids [b, l, k]: the frozen top k, or the encoder's top k of the frozen top ``candidates``."""
+    if query_encoder is None:
+        return heldout.neighbours(vectors, k, allowed)
+    b, n_chunks, dim = vectors.shape
+    over = heldout.neighbours(vectors, candidates, allowed).reshape(-1, candidates)
+    chunks = inputs[:, : n_chunks * heldout.m].reshape(-1, heldout.m)
+    return rerank(heldout.db, query_encoder, chunks, over, k, vectors.reshape(-1, dim)).reshape(b, n_chunks, k)
 
 
 def _ratio(stat: list[float]) -> float | None:
@@ -200,9 +230,16 @@ def run_retrieval_eval(args: argparse.Namespace) -> int:
     if db.chunk_len != model.retro.chunk_len:
         raise DataError(f"{args.db}: chunk_len {db.chunk_len}, the model uses {model.retro.chunk_len}")
     fractions = tuple(float(f) for f in args.fractions.split(","))
+    encoder_path = getattr(args, "query_encoder", None)
+    encoder = load_query_encoder(encoder_path, db) if encoder_path else None
+    candidates = int(getattr(args, "candidates", 8))
+    if encoder is not None:
+        _check_candidates(candidates, args.k or model.retro.n_neighbours)  # before the held-out data is embedded
     heldout = HeldoutRetrieval(db, Path(config["data"]["out_dir"]), int(config["train"]["seq_len"]), args.max_tokens)
-    result = evaluate_retrieval(model, heldout, args.k, fractions)
+    result = evaluate_retrieval(model, heldout, args.k, fractions, query_encoder=encoder, candidates=candidates)
     result.update(checkpoint=str(checkpoint), database=str(db.path), generation=db.generation)
+    if encoder_path:
+        result["reranking"]["path"] = str(encoder_path)
     out = Path(args.out) if args.out else checkpoint.parent.parent / "eval" / "retrieval.json"
     atomic_write_json(out, result)
     print_retrieval_result(result)
@@ -212,6 +249,8 @@ def run_retrieval_eval(args: argparse.Namespace) -> int:
 
 def print_retrieval_result(result: dict[str, Any]) -> None:
     conds = list(result["bpb"])
+    if "reranking" in result:
+        print(f"neighbours: the query encoder's top {result['k']} of {result['reranking']['candidates']} candidates")
     print(f"{'domain':<14}" + "".join(f"{c:>12}" for c in conds) + "   (bits/byte)")
     for domain in result["bpb"]["none"]:
         print(f"{domain:<14}" + "".join(f"{result['bpb'][c][domain]:>12.4f}" for c in conds))

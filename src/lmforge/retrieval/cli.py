@@ -1,9 +1,11 @@
-"""``lmforge retrieval build|add|remove|neighbours|info|train|eval|facts``: parsing and the database verbs.
+"""``lmforge retrieval build|add|remove|neighbours|info|train|eval|facts|train-query-encoder``: parsing
+and the database verbs.
 
-The database verbs (build, add, remove, neighbours, info) run here. ``train``, ``eval`` and
-``facts`` need the trainer and evaluation (layers above ``retrieval``), so the command line
-dispatches every retrieval verb through ``lmforge.train.retro_trainer.run_retro_command``,
-which handles those three and hands the rest to :func:`run_retrieval`::
+The database verbs (build, add, remove, neighbours, info) run here. ``train``, ``eval``,
+``facts`` and ``train-query-encoder`` need the trainer, a RETRO model and evaluation (layers
+above ``retrieval``), so the command line dispatches every retrieval verb through
+``lmforge.train.retro_trainer.run_retro_command``, which handles those four and hands the
+rest to :func:`run_retrieval`::
 
     add_retrieval_parser(verbs)                          # verbs = parser.add_subparsers(...)
     handler = {"retrieval": run_retro_command, ...}      # -> exit code
@@ -89,6 +91,11 @@ def add_retrieval_parser(subparsers: argparse._SubParsersAction) -> argparse.Arg
     ev.add_argument("--max-tokens", type=int, default=16384, help="held-out tokens per domain (default 16384)")
     ev.add_argument("--fractions", default="0.1,0.3,1.0", help="database fractions to score (default 0.1,0.3,1.0)")
     ev.add_argument("--out", default=None, help="JSON file for the results (default RUN/eval/retrieval.json)")
+    ev.add_argument("--query-encoder", default=None, metavar="PATH",
+                    help="re-rank with a trained query encoder (train-query-encoder): retrieve --candidates with the "
+                         "frozen index, keep the encoder's top k")
+    ev.add_argument("--candidates", type=int, default=8, metavar="K",
+                    help="candidates over-retrieved for --query-encoder to re-rank (default 8)")
 
     facts = verbs.add_parser("facts", help="knowledge-update benchmark: invented facts before/after add and remove",
                              description="Score QA about invented entities (absent from training) without the "
@@ -98,6 +105,31 @@ def add_retrieval_parser(subparsers: argparse._SubParsersAction) -> argparse.Arg
     facts.add_argument("--entities", type=int, default=24, help="invented entities (default 24)")
     facts.add_argument("--seed", type=int, default=0)
     facts.add_argument("--out", default=None, help="JSON file for the results (default RUN/eval/facts.json)")
+
+    qe = verbs.add_parser("train-query-encoder",
+                          help="train a query encoder by perplexity distillation to re-rank retrieved candidates",
+                          description="Over-retrieve K candidates for sampled training chunks, score each alone "
+                                      "with the RETRO model (loss on the next chunk), and train a query encoder "
+                                      "whose ranking of the candidates matches the model's (KL to softmax(-loss / "
+                                      "tau_lm)). The database's embeddings stay as they are. Compares the frozen "
+                                      "and re-ranked top-1 on held-out chunks and writes OUT/relevance.json.")
+    qe.add_argument("target", metavar="RUN_OR_CHECKPOINT", help="a RETRO run or checkpoint")
+    qe.add_argument("--db", required=True, help="database directory")
+    qe.add_argument("--out", default=None, metavar="PATH", help="output folder (default RUN/query_encoder)")
+    qe.add_argument("--queries", type=int, default=512, help="training queries (20%% for validation; default 512)")
+    qe.add_argument("--candidates", type=int, default=8, metavar="K", help="candidates per query (default 8)")
+    qe.add_argument("--heldout-queries", type=int, default=256, help="held-out queries to compare rankings on "
+                                                                     "(default 256)")
+    qe.add_argument("--steps", type=int, default=300, help="AdamW steps (default 300)")
+    qe.add_argument("--lr", type=float, default=0.01, help="learning rate (default 0.01)")
+    qe.add_argument("--tau-lm", type=float, default=0.1, help="LM target temperature, nats (default 0.1)")
+    qe.add_argument("--tau-q", type=float, default=0.05, help="retriever temperature (default 0.05)")
+    qe.add_argument("--context-chunks", type=int, default=None,
+                    help="chunks of context before each query chunk (default: as many as fit, at most 3)")
+    qe.add_argument("--exclusion-radius", type=int, default=8, metavar="CHUNKS",
+                    help="training queries never get candidates this close in their own source (default 8)")
+    qe.add_argument("--device", default="auto", help="device for the RETRO model: auto (cuda if available), cpu, cuda")
+    qe.add_argument("--seed", type=int, default=0)
     return retrieval
 
 

@@ -24,6 +24,7 @@ from lmforge.core.errors import DataError
 from lmforge.core.io import atomic_write, atomic_write_json, read_json
 from lmforge.core.logging import RateProgress, get_logger
 from lmforge.retrieval.database import ChunkDatabase
+from lmforge.retrieval.index import search_filtered
 
 log = get_logger(__name__)
 NEIGHBOURS = "neighbours.npy"
@@ -41,6 +42,53 @@ def _save_npy(array: np.ndarray):
     return write
 
 
+def training_chunk_sources(db: ChunkDatabase) -> tuple[int, np.ndarray]:
+    """(number of training chunks, training-source index of each training chunk).
+
+    Training chunks are the database's first rows, source after source (build order).
+    """
+    train = [info for info in db.sources.values() if info["kind"] == "train"]
+    n_train = sum(info["n_chunks"] for info in train)
+    source_of = np.zeros(n_train, dtype=np.int64)
+    for s, info in enumerate(train):
+        source_of[info["first_chunk"]:info["first_chunk"] + info["n_chunks"]] = s
+    return n_train, source_of
+
+
+def excluded_for_training(docs: np.ndarray, source_of: np.ndarray, rows: np.ndarray, ids: np.ndarray,
+                          exclusion_radius: int) -> np.ndarray:
+    """True where chunk ``ids`` may not serve training chunk ``rows`` (elementwise, same shape).
+
+    The rule of this module: a chunk of one of the query's documents, or a training chunk
+    of the same source within ``exclusion_radius`` chunks of it. ``docs`` is ``db.doc``,
+    ``source_of`` comes from :func:`training_chunk_sources`.
+    """
+    rows, ids = np.broadcast_arrays(np.asarray(rows, dtype=np.int64), np.asarray(ids, dtype=np.int64))
+    n_train = len(source_of)
+    shared = (docs[ids][..., :, None] == docs[rows][..., None, :]).any(axis=(-2, -1))
+    near = (ids < n_train) & (np.abs(ids - rows) <= exclusion_radius)
+    near &= source_of[np.clip(ids, 0, max(n_train - 1, 0))] == source_of[np.clip(rows, 0, max(n_train - 1, 0))]
+    return shared | near
+
+
+def search_training_neighbours(db: ChunkDatabase, rows: np.ndarray, k: int, exclusion_radius: int = 8,
+                               sources: tuple[int, np.ndarray] | None = None) -> np.ndarray:
+    """Top-k chunk ids [len(rows), k] of training chunks ``rows`` under this module's exclusion rule.
+
+    -1 where fewer chunks qualify. ``sources`` is :func:`training_chunk_sources`'s result,
+    passed in to avoid recomputing it block after block.
+    """
+    rows = np.asarray(rows, dtype=np.int64)
+    _, source_of = sources if sources is not None else training_chunk_sources(db)
+    docs, alive = np.asarray(db.doc), np.asarray(db.alive)
+    queries = np.asarray(db.embeddings[rows])
+
+    def keep(q: int, ids: np.ndarray) -> np.ndarray:
+        return ~excluded_for_training(docs, source_of, rows[q], ids, exclusion_radius) & alive[ids]
+
+    return search_filtered(db.index, queries, k, keep)[1]
+
+
 def precompute_neighbours(db: ChunkDatabase, k: int = 2, out: str | Path | None = None, block_size: int = 4096,
                           exclusion_radius: int = 8, max_blocks: int | None = None) -> Path:
     """Write ``out/neighbours.npy`` for every training chunk of ``db``; returns ``out``.
@@ -52,18 +100,14 @@ def precompute_neighbours(db: ChunkDatabase, k: int = 2, out: str | Path | None 
                         f"(got {k}, {block_size}, {exclusion_radius})")
     out = Path(out) if out is not None else default_neighbours_dir(db.path, k)
     train = {name: info for name, info in db.sources.items() if info["kind"] == "train"}
-    n_train = sum(info["n_chunks"] for info in train.values())
+    sources = training_chunk_sources(db)
+    n_train = sources[0]
     if n_train == 0:
         raise DataError(f"{db.path}: no training chunks to compute neighbours for")
-    # Training chunks are the first rows, source after source (build order).
-    source_of = np.zeros(n_train, dtype=np.int64)
-    for s, info in enumerate(train.values()):
-        source_of[info["first_chunk"]:info["first_chunk"] + info["n_chunks"]] = s
     settings = {"generation": db.generation, "k": k, "block_size": block_size,
                 "exclusion_radius": exclusion_radius, "embedder": db.manifest["embedder"], "n_queries": n_train}
     out.mkdir(parents=True, exist_ok=True)
     n_blocks = -(-n_train // block_size)
-    docs = np.asarray(db.doc)
     done_new = 0
     with RateProgress("neighbours", n_train, unit="chunks") as bar:
         for b in range(n_blocks):
@@ -74,20 +118,7 @@ def precompute_neighbours(db: ChunkDatabase, k: int = 2, out: str | Path | None 
                 continue
             if max_blocks is not None and done_new >= max_blocks:
                 return out
-            queries = np.asarray(db.embeddings[start:stop])
-            rows = np.arange(start, stop)
-
-            def keep(q: int, ids: np.ndarray, _rows: np.ndarray = rows) -> np.ndarray:
-                row = int(_rows[q])
-                own = docs[row]
-                ok = ~np.isin(docs[ids], own).any(axis=1)
-                near = (ids < n_train) & (np.abs(ids - row) <= exclusion_radius)
-                near &= source_of[np.minimum(ids, n_train - 1)] == source_of[row]
-                return ok & ~near & np.asarray(db.alive)[ids]
-
-            from lmforge.retrieval.index import search_filtered
-
-            ids = search_filtered(db.index, queries, k, keep)[1]
+            ids = search_training_neighbours(db, np.arange(start, stop), k, exclusion_radius, sources)
             atomic_write(out / f"block_{b:05d}.npy", _save_npy(ids))
             atomic_write_json(marker, settings)
             done_new += 1

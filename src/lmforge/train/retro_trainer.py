@@ -46,6 +46,12 @@ class RetrievalConfig(Config):
     db: str = "data/demo/retrieval"     # chunk database (lmforge retrieval build)
     neighbours: str | None = None       # precomputed neighbours; None -> DB/neighbours_k{retro.n_neighbours}
     eval_with_retrieval: bool = True    # held-out bpb with retrieval at every evaluation
+    gold_neighbour_rate: float = 0.0    # training only: chance that a chunk's last neighbour slot holds the text
+                                        # itself (chunk + continuation), which teaches copying (see batches.py)
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.gold_neighbour_rate <= 1.0:
+            raise ValueError(f"retrieval.gold_neighbour_rate must be in [0, 1], got {self.gold_neighbour_rate}")
 
 
 @dataclass
@@ -111,7 +117,8 @@ class RetroTrainer(Trainer):
             db, neighbours, cfg.train.seq_len, cfg.train.batch_size // self.world_size, cfg.train.seed,
             k=retro.n_neighbours, weights={s.name: s.weight for s in cfg.data.sources},
             rank=self.rank, world_size=self.world_size, align=retro.align_neighbours,
-            exclusion_radius=int(nb_manifest.get("exclusion_radius", 8)))
+            exclusion_radius=int(nb_manifest.get("exclusion_radius", 8)),
+            gold_neighbour_rate=cfg.retrieval.gold_neighbour_rate)
         self.loader.load_state_dict(state)
         counts = count_retro_parameters(unwrap(self.model))  # type: ignore[arg-type]
         trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
@@ -140,7 +147,8 @@ def train_retro(cfg: RetroRunConfig, resume: str | None = None) -> Path:
 
 
 def run_retro_command(args: argparse.Namespace) -> int:
-    """Every ``lmforge retrieval`` verb: train / eval / facts here, the database verbs in retrieval.cli."""
+    """Every ``lmforge retrieval`` verb: train / eval / facts / train-query-encoder here, the database verbs
+    in retrieval.cli."""
     verb = args.retrieval_verb
     if verb == "train":
         run_dir = train_retro(load_retro_run_config(args.config, args.overrides), args.resume)
@@ -154,6 +162,10 @@ def run_retro_command(args: argparse.Namespace) -> int:
         from lmforge.eval.facts import run_facts
 
         return run_facts(args)
+    if verb == "train-query-encoder":
+        from lmforge.train.query_encoder_trainer import run_train_query_encoder
+
+        return run_train_query_encoder(args)
     from lmforge.retrieval.cli import run_retrieval
 
     return run_retrieval(args)
