@@ -85,6 +85,10 @@ def test_gold_neighbours_hold_the_text_itself_and_only_in_the_last_slot(setup):
     half = RetroLoader(db, nb, seq_len=32, batch_size=4, seed=1, k=2, align=True, gold_neighbour_rate=0.5)
     changed = (half.next_batch()[2][:, :, 1] != without[:, :, 1]).any(-1).float().mean().item()
     assert 0.0 < changed < 1.0  # a share of the chunks, drawn per chunk
+    early = RetroLoader(db, nb, seq_len=32, batch_size=4, seed=1, k=2, align=True, gold_neighbour_rate=1.0,
+                        gold_neighbour_steps=1)
+    assert torch.equal(early.next_batch()[2], with_gold)  # the first batch has them
+    assert torch.equal(early.next_batch()[2], plain.next_batch()[2])  # later batches do not
 
 
 def test_retro_training_resumes_exactly_and_evaluates_with_retrieval(setup):

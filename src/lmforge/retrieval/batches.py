@@ -23,7 +23,8 @@ from lmforge.retrieval.neighbours import excluded_for_training, training_chunk_s
 class RetroLoader:
     def __init__(self, db: ChunkDatabase, neighbours: np.ndarray, seq_len: int, batch_size: int, seed: int,
                  k: int, weights: dict[str, float] | None = None, rank: int = 0, world_size: int = 1,
-                 align: bool = False, exclusion_radius: int = 8, gold_neighbour_rate: float = 0.0):
+                 align: bool = False, exclusion_radius: int = 8, gold_neighbour_rate: float = 0.0,
+                 gold_neighbour_steps: int | None = None):
         m = db.chunk_len
         if seq_len % m:
             raise DataError(f"train.seq_len ({seq_len}) must be a multiple of the database chunk_len ({m})")
@@ -32,7 +33,7 @@ class RetroLoader:
                             f"rerun `lmforge retrieval neighbours {db.path} -k {k}`")
         self.db, self.neighbours, self.k = db, neighbours, k
         self.align, self.exclusion_radius = align, exclusion_radius
-        self.gold_neighbour_rate = gold_neighbour_rate
+        self.gold_neighbour_rate, self.gold_neighbour_steps = gold_neighbour_rate, gold_neighbour_steps
         self.seq_len, self.batch_size, self.seed = seq_len, batch_size, seed
         self.rank, self.world_size = rank, world_size
         self.n_chunks = seq_len // m
@@ -89,7 +90,8 @@ class RetroLoader:
             neighbours = torch.from_numpy(self.db.neighbour_tokens(ids, queries, self._usable(rows)))
         else:
             neighbours = torch.from_numpy(self.db.neighbour_tokens(ids))
-        if self.gold_neighbour_rate > 0:
+        gold_now = self.gold_neighbour_steps is None or self.batch_index <= self.gold_neighbour_steps
+        if self.gold_neighbour_rate > 0 and gold_now:
             self._insert_gold(neighbours, starts, self.batch_index - 1)
         return batch[:, :-1].contiguous(), batch[:, 1:].contiguous(), neighbours
 

@@ -48,10 +48,13 @@ class RetrievalConfig(Config):
     eval_with_retrieval: bool = True    # held-out bpb with retrieval at every evaluation
     gold_neighbour_rate: float = 0.0    # training only: chance that a chunk's last neighbour slot holds the text
                                         # itself (chunk + continuation), which teaches copying (see batches.py)
+    gold_neighbour_steps: int | None = None  # only in the first N steps (None: all of training)
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.gold_neighbour_rate <= 1.0:
             raise ValueError(f"retrieval.gold_neighbour_rate must be in [0, 1], got {self.gold_neighbour_rate}")
+        if self.gold_neighbour_steps is not None and self.gold_neighbour_steps < 0:
+            raise ValueError(f"retrieval.gold_neighbour_steps must be >= 0, got {self.gold_neighbour_steps}")
 
 
 @dataclass
@@ -118,7 +121,7 @@ class RetroTrainer(Trainer):
             k=retro.n_neighbours, weights={s.name: s.weight for s in cfg.data.sources},
             rank=self.rank, world_size=self.world_size, align=retro.align_neighbours,
             exclusion_radius=int(nb_manifest.get("exclusion_radius", 8)),
-            gold_neighbour_rate=cfg.retrieval.gold_neighbour_rate)
+            gold_neighbour_rate=cfg.retrieval.gold_neighbour_rate, gold_neighbour_steps=cfg.retrieval.gold_neighbour_steps)
         self.loader.load_state_dict(state)
         counts = count_retro_parameters(unwrap(self.model))  # type: ignore[arg-type]
         trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
