@@ -150,11 +150,11 @@ class AlignedRead(nn.Module):
     token at m-1+i is the query's own token and the one at m+i is the token to predict. This
     read compares the query with the k tokens at m-1+i (plus a learned "none of them" key)
     and takes the value of the tokens at m+i. Full CCA can express the same thing, but it
-    must first find one position among k·r by RoPE alone; measured on a synthetic copy task
-    (d_model 64, 4 layers, a true continuation in 25% of the chunks), CCA alone had not
-    started copying after 300 steps, CCA with this read copied (loss 5.3 -> 0.3 nats) within
-    150 steps and did not copy from unrelated neighbours. The output projection starts at
-    zero, like CCA's.
+    must first find one position among k·r by RoPE alone. On a synthetic copy task
+    (``bench/retro_copy.py``: d_model 64, 4 layers, random tokens, the true continuation in 25%
+    of the chunks; chance 5.54 nats) CCA alone is at 5.47 nats on copyable tokens after 300
+    steps, CCA with this read at 0.39 after 150 and 0.10 after 300, while unrelated
+    neighbours stay at chance. The output projection starts at zero, like CCA's.
     """
 
     def __init__(self, cfg: ModelConfig):
