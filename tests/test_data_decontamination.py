@@ -128,6 +128,10 @@ def test_planted_eval_item_is_found_and_removed(tmp_path, tiny_corpus, registry,
     assert any("eval sets changed" in m for m in messages)
     assert any(m == "read: skipped 2 finished unit(s) of 2" for m in messages)
     assert any(m.startswith("dedup: skipped 1 finished") for m in messages)
+    # The new item hits nothing, so the documents are as they were: no new tokenizer, no new shards.
+    assert "tokenizer: skipped 1 finished unit(s) of 1" in messages
+    assert any(m.startswith("shards: skipped") for m in messages)
+    assert again["tokenizer"] == manifest["tokenizer"]
     assert "task/more" in again["contamination"]["eval_sets"]
     assert again["contamination"]["eval_sets_digest"] != summary["eval_sets_digest"]
 

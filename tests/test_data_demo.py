@@ -110,3 +110,25 @@ def test_demo_config_end_to_end(tmp_path):
     assert manifest["contamination"]["removed_documents"] == literature["removed_contaminated"] \
         + code["removed_contaminated"]
     assert (tmp_path / "demo" / "contamination.json").is_file()
+    for domain in ("literature", "code"):  # held-out sets big enough to trust (configs/quickstart.yaml)
+        heldout = manifest["sources"][domain]["heldout"]
+        assert heldout["documents"] >= 5 and heldout["tokens"] >= 100_000, (domain, heldout)
+
+
+def test_configs_sharing_a_data_directory_prepare_the_same_data():
+    """One directory holds one config's data: configs writing the same out_dir must agree
+    (else each run asks for --overwrite), and every demo source sets its own held-out fraction."""
+    from lmforge.core.config import read_yaml
+    from lmforge.data.prepare import fingerprint
+
+    by_dir: dict[str, set[str]] = {}
+    for path in sorted(DEMO_CONFIG.parent.glob("*.yaml")):
+        raw = read_yaml(path)
+        data = raw.get("data", raw if "sources" in raw else None)
+        if not isinstance(data, dict) or not any(s["kind"].startswith("demo_") for s in data["sources"]):
+            continue
+        cfg = DataConfig.from_dict(data)
+        by_dir.setdefault(cfg.out_dir, set()).add(fingerprint(cfg))
+        assert all(s.heldout_fraction for s in cfg.sources), f"{path.name}: a demo source without heldout_fraction"
+    assert "data/demo" in by_dir
+    assert all(len(prints) == 1 for prints in by_dir.values()), by_dir

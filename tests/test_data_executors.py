@@ -30,9 +30,10 @@ def prepared(tmp_path_factory, tiny_corpus):
 def test_units_ran_in_parallel_and_left_markers(prepared):
     manifest, out = prepared
     units = manifest["work"]["units"]
-    assert units["read"] == 2 and units["filter"] > 2 and units["decontaminate"] == units["filter"]
-    assert len(list((out / "work" / "filter").glob("*/*.done"))) == units["filter"]
-    assert set(manifest["work"]["wall_seconds"]) >= {"read", "filter", "dedup", "tokenizer", "shards", "total"}
+    assert units["read"] == 2 and units["quality"] > 2 and units["decontaminate"] == units["quality"]
+    assert units["minhash"] == units["quality"] and units["tokenizer"] == 1 and units["shards"] >= 4
+    assert len(list((out / "work" / "quality").glob("*/*.done"))) == units["quality"]
+    assert set(manifest["work"]["wall_seconds"]) >= {"read", "quality", "dedup", "tokenizer", "shards", "total"}
     steps = [s["name"] for s in manifest["steps"]]
     assert steps == ["normalize", "quality", "exact_dedup", "near_dedup", "decontaminate"]
     # documents flow: each step's output is the next one's input
@@ -45,17 +46,20 @@ def test_rerun_skips_finished_units(prepared, tiny_corpus, tmp_path, records):
     copy = tmp_path / "data"
     shutil.copytree(out, copy)
     (copy / "manifest.json").unlink()
-    lost = sorted((copy / "work" / "filter" / "prose").glob("*.done"))[1]
+    lost = sorted((copy / "work" / "quality" / "prose").glob("*.done"))[1]
     lost.unlink()
     again = prepare_data(_cfg(copy, tiny_corpus, num_workers=1))
     messages = [r.getMessage() for r in records]
-    n_filter = manifest["work"]["units"]["filter"]
+    n_filter = manifest["work"]["units"]["quality"]
     assert "read: skipped 2 finished unit(s) of 2" in messages
-    assert f"filter: skipped {n_filter - 1} finished unit(s) of {n_filter}" in messages
+    assert f"quality: skipped {n_filter - 1} finished unit(s) of {n_filter}" in messages
     # The redone unit gives the same result, so everything after it is reused too.
     assert any(m.startswith("dedup: skipped 1 finished") for m in messages)
     assert again["sources"] == manifest["sources"] and lost.is_file()
-    assert again["work"]["skipped_finished_units"]["filter"] == n_filter - 1
+    assert again["work"]["skipped_finished_units"]["quality"] == n_filter - 1
+    # The tokenizer and every shard were finished too: skipped, not redone.
+    assert again["work"]["skipped_finished_units"]["tokenizer"] == 1
+    assert again["work"]["skipped_finished_units"]["shards"] == manifest["work"]["units"]["shards"]
 
 
 def test_slurm_chain_through_datatrove(tmp_path, tiny_corpus, monkeypatch, prepared):
@@ -77,10 +81,11 @@ def test_slurm_chain_through_datatrove(tmp_path, tiny_corpus, monkeypatch, prepa
     submitted = prepare_data(cfg)
     assert submitted["status"] == "submitted"
     stages = [s["name"] for s in submitted["stages"]]
-    assert stages == ["read", "filter", "dedup", "eval_index", "decontaminate", "tokenizer", "shards", "manifest"]
-    assert [s["tasks"] for s in submitted["stages"]] == [3, 3, 1, 1, 3, 1, 3, 1]
+    assert stages == ["read", "quality", "minhash", "dedup", "eval_index", "decontaminate", "tokenizer", "shards",
+                      "manifest"]
+    assert [s["tasks"] for s in submitted["stages"]] == [3, 3, 3, 1, 1, 3, 1, 3, 1]
     jobs = [(c, a) for c, a in launched if "launch_pickled_pipeline" in c]
-    assert len(jobs) == 8 and "#SBATCH --partition=cpu" in jobs[0][0]
+    assert len(jobs) == 9 and "#SBATCH --partition=cpu" in jobs[0][0]
     ids = [s["job_id"] for s in submitted["stages"]]
     for (_, args), previous in zip(jobs[1:], ids[:-1]):
         assert f"--dependency=afterok:{previous}" in " ".join(args)

@@ -103,7 +103,9 @@ def test_same_config_is_a_noop_and_rerun_skips_finished_shards(prepared, tiny_co
     mtime = kept.stat().st_mtime_ns
     again = prepare_data(same)
     n_shards = sum(len(i["shards"]) for sp in manifest["sources"].values() for i in sp.values())
-    assert any(r.getMessage() == f"skipped {n_shards - 1} finished shards" for r in records)
+    messages = [r.getMessage() for r in records]
+    assert f"shards: skipped {n_shards - 1} finished unit(s) of {n_shards}" in messages
+    assert "tokenizer: skipped 1 finished unit(s) of 1" in messages
     assert kept.stat().st_mtime_ns == mtime and lost.is_file()
     assert again["sources"] == manifest["sources"]
 
@@ -154,3 +156,34 @@ def test_manifest_is_json_with_config(prepared):
     cfg, _ = prepared
     raw = json.loads((Path(cfg.out_dir) / "manifest.json").read_text())
     assert raw["config"]["sources"][0]["name"] == "prose" and raw["totals"]["removed_duplicates"] == 1
+
+
+def _as_format_2(folder: Path, **changed) -> None:
+    """Rewrite the directory's marker as the previous format wrote it: no settings added since."""
+    marker = json.loads((folder / "prepare_config.json").read_text())
+    config = marker["config"]
+    del config["quality"]["max_non_text_char_fraction"]
+    config.pop("steps", None)
+    config.update(changed)
+    (folder / "prepare_config.json").write_text(json.dumps({"fingerprint": "0" * 64, "format": 2, "config": config}))
+    manifest = json.loads((folder / "manifest.json").read_text())
+    (folder / "manifest.json").write_text(json.dumps({**manifest, "fingerprint": "0" * 64, "format": 2}))
+
+
+def test_older_format_from_the_same_config_is_prepared_again(prepared, tiny_corpus, tmp_path, records):
+    cfg, manifest = prepared
+    copy = tmp_path / "data"
+    shutil.copytree(cfg.out_dir, copy)
+    _as_format_2(copy)
+    again = prepare_data(make_config(copy, tiny_corpus))  # settings added since (even nested) are not changes
+    assert any("older lmforge data format from the same config" in r.getMessage() for r in records)
+    assert again["format"] == manifest["format"] and again["sources"] == manifest["sources"]
+
+
+def test_older_format_from_another_config_is_refused(prepared, tiny_corpus, tmp_path):
+    cfg, _ = prepared
+    copy = tmp_path / "data"
+    shutil.copytree(cfg.out_dir, copy)
+    _as_format_2(copy, vocab_size=512)
+    with pytest.raises(DataError, match="different config"):
+        prepare_data(make_config(copy, tiny_corpus))

@@ -3,6 +3,8 @@ the same logits, and unsupported ones get a clear error."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -56,15 +58,168 @@ def test_unsupported_and_existing_targets_are_clear_errors(tmp_path):
         export_hf(dense.build(), dense, _tokenizer(tmp_path), tmp_path / "taken")
 
 
-def test_export_command_on_a_trained_run(tmp_path, tiny_corpus):
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory, tiny_corpus):
     from conftest import run_cli, tiny_run_dict, write_config
 
-    cfg = tiny_run_dict(tmp_path, tiny_corpus, train={"steps": 2, "batch_size": 2, "seq_len": 16, "log_every": 1,
-                                                      "eval_every": 0, "checkpoint_every": 0, "tensorboard": False})
-    config = write_config(tmp_path / "run.yaml", cfg)
-    assert run_cli("train", str(config), "--no-report").returncode == 0
-    result = run_cli("export", str(tmp_path / "runs" / "tiny"), "--out", str(tmp_path / "hf"))
+    tmp = tmp_path_factory.mktemp("export_run")
+    cfg = tiny_run_dict(tmp, tiny_corpus, train={"steps": 2, "batch_size": 2, "seq_len": 16, "log_every": 1,
+                                                 "eval_every": 0, "checkpoint_every": 0, "tensorboard": False})
+    config = write_config(tmp / "run.yaml", cfg)
+    result = run_cli("train", str(config), "--no-report")
+    assert result.returncode == 0, result.stderr
+    return tmp / "runs" / "tiny"
+
+
+def _user_folder(path):
+    """A folder of the user's own: files and a subfolder lmforge never wrote."""
+    (path / "notes").mkdir(parents=True)
+    (path / "thesis.txt").write_text("three years of work\n")
+    (path / "notes" / "ideas.md").write_text("- idea\n")
+    return {p.relative_to(path): p.read_bytes() for p in path.rglob("*") if p.is_file()}
+
+
+def _files(path):
+    return {p.relative_to(path): p.read_bytes() for p in path.rglob("*") if p.is_file()}
+
+
+def _one_line_error(result, *words):
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    assert "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.startswith("lmforge: error:"), result.stderr
+    for word in words:
+        assert word in result.stderr, result.stderr
+
+
+def test_export_command_on_a_trained_run(tmp_path, trained_run):
+    from conftest import run_cli
+
+    result = run_cli("export", str(trained_run), "--out", str(tmp_path / "hf"))
     assert result.returncode == 0, result.stderr
     assert "MixtralForCausalLM" in result.stdout and (tmp_path / "hf" / "config.json").is_file()
-    again = run_cli("export", str(tmp_path / "runs" / "tiny"), "--out", str(tmp_path / "hf"))
-    assert again.returncode == 2 and "exists" in again.stderr
+    assert "Loading weights" not in result.stderr  # no progress bars in logs
+    again = run_cli("export", str(trained_run), "--out", str(tmp_path / "hf"))
+    _one_line_error(again, "exists", "--overwrite")
+
+
+def test_overwrite_never_deletes_a_folder_or_file_lmforge_did_not_export(tmp_path, trained_run):
+    from conftest import run_cli
+
+    own = tmp_path / "own"
+    before = _user_folder(own)
+    result = run_cli("export", str(trained_run), "--out", ".", "--overwrite", cwd=own)
+    _one_line_error(result, "working directory")
+    onto_file = run_cli("export", str(trained_run), "--out", str(own / "thesis.txt"), "--overwrite")
+    _one_line_error(onto_file, "is a file")
+    assert _files(own) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["own"]  # no temporary folder left behind
+
+
+@pytest.fixture(scope="module")
+def trained_model(trained_run):
+    from lmforge.serve.loading import load_for_inference
+
+    model, _, _, checkpoint = load_for_inference(trained_run, torch.device("cpu"))
+    return model, checkpoint / "tokenizer.json"
+
+
+def _export(trained_model, out, **kwargs):
+    model, tokenizer_json = trained_model
+    return export_hf(model, model.cfg, tokenizer_json, out, **kwargs)
+
+
+def test_overwrite_refuses_user_folders_parents_and_files(tmp_path, trained_model, monkeypatch):
+    own = tmp_path / "own"
+    before = _user_folder(own)
+    with pytest.raises(ExportError, match="not an lmforge export"):
+        _export(trained_model, own, overwrite=True)
+    monkeypatch.chdir(own / "notes")
+    with pytest.raises(ExportError, match="parent of the working directory"):
+        _export(trained_model, Path(".."), overwrite=True)
+    with pytest.raises(ExportError, match="is a file"):
+        _export(trained_model, own / "thesis.txt" / "hf")
+    assert _files(own) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["own"]
+
+
+def test_overwrite_replaces_an_earlier_export_with_usual_permissions(tmp_path, trained_model):
+    import json
+    import os
+    import stat
+
+    out = tmp_path / "hf"
+    umask = os.umask(0o027)  # the export must follow the umask, not mkdtemp's or safetensors' own modes
+    try:
+        _export(trained_model, out)
+        (out / "config.json").write_text("{}")  # lmforge's own files are replaced on overwrite
+        _export(trained_model, out, overwrite=True)
+    finally:
+        os.umask(umask)
+    assert json.loads((out / "config.json").read_text())["architectures"] == ["MixtralForCausalLM"]
+    marker = json.loads((out / "lmforge_export.json").read_text())
+    assert "model.safetensors" in marker["files"] and marker["architecture"] == "MixtralForCausalLM"
+    assert stat.S_IMODE(out.stat().st_mode) == 0o750
+    for path in out.iterdir():
+        assert stat.S_IMODE(path.stat().st_mode) == 0o640, path
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]  # the replaced export is gone, nothing hidden
+
+
+def test_overwrite_keeps_files_the_user_added_to_an_export(tmp_path, trained_model):
+    out = tmp_path / "hf"
+    _export(trained_model, out)
+    (out / "README.md").write_text("my model card\n")
+    before = _files(out)
+    with pytest.raises(ExportError, match="README.md"):
+        _export(trained_model, out, overwrite=True)
+    assert _files(out) == before
+
+
+def test_protected_folders_are_refused_even_when_they_look_like_exports(tmp_path, monkeypatch):
+    from lmforge.export.folder import MARKER, check_target
+
+    def fake_export(path):
+        path.mkdir(parents=True, exist_ok=True)
+        (path / "config.json").write_text("{}")
+        (path / MARKER).write_text('{"format": "lmforge-hf-export", "files": ["config.json"]}')
+        return path
+
+    check_target(fake_export(tmp_path / "export"), overwrite=True)  # a real export may be replaced
+    repo = fake_export(tmp_path / "repo")
+    (repo / ".git").mkdir()
+    with pytest.raises(ExportError, match="git repository"):
+        check_target(repo, overwrite=True)
+    home = fake_export(tmp_path / "home")
+    monkeypatch.setenv("HOME", str(home))
+    with pytest.raises(ExportError, match="the home folder"):
+        check_target(home, overwrite=True)
+    with pytest.raises(ExportError, match="parent of the home folder"):
+        check_target(tmp_path, overwrite=True)
+    import lmforge
+
+    with pytest.raises(ExportError, match="lmforge's own code"):
+        check_target(Path(lmforge.__file__).parent, overwrite=True)
+    with pytest.raises(ExportError, match="filesystem root"):
+        check_target(Path("/"), overwrite=True)  # only checks: nothing is ever removed here
+    link = tmp_path / "link"
+    link.symlink_to(tmp_path / "export")
+    with pytest.raises(ExportError, match="symbolic link"):
+        check_target(link, overwrite=True)
+
+
+@pytest.mark.parametrize("atomic_exchange", [True, False])
+def test_a_failed_overwrite_leaves_the_earlier_export_and_a_good_one_swaps_it(tmp_path, monkeypatch, atomic_exchange):
+    import lmforge.export.folder as folder
+
+    if not atomic_exchange:  # the two-rename path used where renameat2 is missing
+        monkeypatch.setattr(folder, "_exchange", lambda a, b: False)
+    dense = ModelConfig.from_dict(BASE)
+    out = tmp_path / "out" / "hf"
+    export_hf(dense.build(), dense, _tokenizer(tmp_path), out)
+    before = _files(out)
+    with pytest.raises(ExportError, match="does not reproduce"):
+        export_hf(dense.build(), dense, _tokenizer(tmp_path), out, overwrite=True, atol=-1.0)
+    assert _files(out) == before
+    torch.manual_seed(1)
+    export_hf(dense.build(), dense, _tokenizer(tmp_path), out, overwrite=True)
+    assert _files(out)[Path("model.safetensors")] != before[Path("model.safetensors")]
+    assert [p.name for p in out.parent.iterdir()] == ["hf"]

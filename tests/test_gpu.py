@@ -61,3 +61,22 @@ def test_compiled_model_matches_eager():
     eager = model(ids).logits
     compiled = torch.compile(model)(ids).logits
     torch.testing.assert_close(compiled, eager, atol=1e-3, rtol=1e-3)
+
+
+def test_a_few_training_steps_through_the_real_trainer_on_cuda(tmp_path, tiny_corpus):
+    """The assembled run on CUDA (bf16 autocast): losses finite and falling, checkpoint resumes exactly."""
+    from conftest import tiny_run_dict
+    from lmforge.core.metrics_file import read_metrics
+    from lmforge.train.assembly import build_trainer, train_run
+    from lmforge.train.config import RunConfig
+
+    raw = tiny_run_dict(tmp_path, tiny_corpus, train={"device": "cuda", "precision": "bf16", "steps": 8,
+                                                      "checkpoint_every": 4, "eval_every": 0})
+    run = train_run(RunConfig.from_dict(raw))
+    losses = {r["step"]: r["loss"] for r in read_metrics(run / "metrics.jsonl") if r.get("kind") == "train"}
+    assert sorted(losses) == list(range(1, 9)) and all(torch.isfinite(torch.tensor(list(losses.values()))))
+    assert losses[8] < losses[1]
+    trainer = build_trainer(RunConfig.from_dict({**raw, "name": "resumed"}))
+    assert next(trainer.model.parameters()).device.type == "cuda"
+    resumed = build_trainer(RunConfig.from_dict(raw), resume=str(run / "checkpoints" / "step_0000004"))
+    assert resumed.step == 4 and next(resumed.model.parameters()).is_cuda

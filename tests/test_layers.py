@@ -63,3 +63,14 @@ def test_every_import_respects_the_layers():
 def test_every_package_is_known():
     packages = {p.name for p in SRC.iterdir() if p.is_dir() and (p / "__init__.py").exists()}
     assert packages <= ALL, packages - ALL
+
+
+def test_only_the_cli_parses_arguments():
+    """Command-line code lives in cli/; the library takes typed arguments, never an argparse namespace."""
+    offenders = []
+    for path in sorted(SRC.rglob("*.py")):
+        if path.relative_to(SRC).parts[0] == "cli":
+            continue
+        offenders += [f"{path.relative_to(SRC)}:{line}" for line, module in _imports(path)
+                      if module.split(".")[0] == "argparse"]
+    assert not offenders, "argparse outside cli/:\n" + "\n".join(offenders)

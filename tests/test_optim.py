@@ -28,16 +28,32 @@ def test_muon_takes_hidden_matrices_only():
     assert (10, 8) in adamw_shapes  # the embedding stays on AdamW
 
 
+def _step(model: torch.nn.Module, opt) -> None:
+    model.hidden(model.embed(torch.tensor([1, 2]))).square().sum().backward()
+    opt.step()
+    opt.zero_grad()
+
+
 def test_optimizer_state_round_trip_and_lr_setting():
+    import copy
+
     model = _model()
     opt = build_optimizer(model, OptimConfig(name="muon"))
-    out = model.hidden(model.embed(torch.tensor([1, 2]))).sum()
-    out.backward()
-    opt.step()
-    state = opt.state_dict()
-    other = build_optimizer(model, OptimConfig(name="muon"))
-    other.load_state_dict(state)
-    assert len(other.state_dict()["optimizers"]) == 2
+    _step(model, opt)
+    twin = copy.deepcopy(model)
+    other = build_optimizer(twin, OptimConfig(name="muon"))
+    other.load_state_dict(copy.deepcopy(opt.state_dict()))  # a copy, as a checkpoint file holds
+    # The restored state (AdamW moments, Muon momentum) continues exactly: the next step of the
+    # restored optimizer moves the twin model as the original moves the original.
+    _step(model, opt)
+    _step(twin, other)
+    for (name, a), b in zip(model.named_parameters(), twin.parameters()):
+        assert torch.equal(a, b), name
+    fresh_twin = copy.deepcopy(model)
+    fresh = build_optimizer(fresh_twin, OptimConfig(name="muon"))
+    _step(model, opt)
+    _step(fresh_twin, fresh)  # without the state the step differs, so the check above can fail
+    assert not torch.equal(model.hidden.weight, fresh_twin.hidden.weight)
     set_learning_rate(opt, 0.5)
     assert {g["lr"] for g in opt.optimizers[1].param_groups} == {0.01}
 

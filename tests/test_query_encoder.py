@@ -20,7 +20,8 @@ from lmforge.retrieval.distillation import (DistillationConfig, kl_loss, lm_targ
 from lmforge.retrieval.neighbours import precompute_neighbours, search_training_neighbours, training_chunk_sources
 from lmforge.retrieval.query_encoder import (QueryEncoder, candidate_embeddings, candidate_order, candidate_scores,
                                              load_query_encoder, rerank)
-from lmforge.train.retro_trainer import RetroRunConfig, RetroTrainer
+from lmforge.train.assembly import train_run
+from lmforge.train.config import RunConfig
 
 M = 8
 K = 8
@@ -37,10 +38,10 @@ def setup(tmp_path_factory, tiny_corpus):
     db = build_database(Path(base["data"]["out_dir"]), tmp / "db", chunk_len=M, embedder="bag_of_tokens:32")
     precompute_neighbours(db, k=2, block_size=1024)
     raw = dict(base, name="retro")
-    raw["model"] = {**base["model"], "retro": {"chunk_len": M, "n_neighbours": 2, "encoder_layers": 1}}
+    raw["model"] = {**base["model"], "family": "retro", "retro": {"chunk_len": M, "n_neighbours": 2, "encoder_layers": 1}}
     raw["retrieval"] = {"db": str(tmp / "db"), "eval_with_retrieval": False}
     raw["train"] = {**base["train"], "steps": 6, "checkpoint_every": 6, "eval_every": 0}
-    run = RetroTrainer(RetroRunConfig.from_dict(raw)).fit()  # type: ignore[arg-type]
+    run = train_run(RunConfig.from_dict(raw))
     return tmp, db, run
 
 

@@ -83,3 +83,30 @@ def test_report_shows_what_each_data_step_removed(tmp_path):
                                "input_problems": {}}}}))
     html = write_report(run).read_text()
     assert "<td>verse</td><td>91</td><td>0</td><td>7</td><td>35</td><td>min_words 2</td><td>4</td>" in html
+
+
+def test_report_shows_heldout_intervals(tmp_path):
+    run = _run_dir(tmp_path)
+    with open(run / "metrics.jsonl", "a") as handle:
+        handle.write("\n")
+    interval = {"verse": [2.3012, 2.3987], "python": [1.9001, 2.0702]}
+    append_metrics(run / "metrics.jsonl", {"kind": "eval", "step": 30, "loss": {"verse": 6.0, "python": 5.5},
+                                           "bpb": {"verse": 2.35, "python": 1.98}, "bpb_interval": interval,
+                                           "interval_level": 0.95})
+    (run / "eval" / "final.json").write_text(json.dumps({
+        "bpb": {"verse": 2.3456, "python": 1.9876}, "bpb_interval": interval, "interval_level": 0.95,
+        "interval_unit": {"verse": "document", "python": "window"}, "eval_documents": {"verse": 6, "python": 3},
+        "eval_tokens": {"verse": 16384, "python": 16384}}))
+    html = write_report(run).read_text()
+    section = html[html.index("<h2>Held-out bits-per-byte</h2>"):html.index("<h2>Curves</h2>")]
+    assert "<td>verse</td><td>2.346</td><td>2.3012 - 2.3987</td><td>6</td><td>16,384</td><td>documents</td>" in section
+    assert "windows (too few documents)" in section
+    assert "2.3456 (95% interval 2.3012-2.3987)" in html  # the summary row
+
+
+def test_report_says_when_there_is_no_heldout_bpb(tmp_path):
+    run = _run_dir(tmp_path)
+    (run / "eval" / "final.json").write_text(json.dumps({"bpb": {}, "samples": []}))
+    html = write_report(run).read_text()
+    section = html[html.index("<h2>Held-out bits-per-byte</h2>"):html.index("<h2>Curves</h2>")]
+    assert "no held-out bits-per-byte" in section and "heldout_fraction" in section

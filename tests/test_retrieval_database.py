@@ -154,7 +154,7 @@ def test_cli_build_add_remove_info(data_dir, tmp_path):
 def test_cli_functions_in_process(data_dir, tmp_path, capsys):
     import argparse
 
-    from lmforge.retrieval.cli import add_retrieval_parser, run_retrieval
+    from lmforge.cli.retrieval import add_retrieval_parser, run_retrieval
 
     parser = argparse.ArgumentParser()
     add_retrieval_parser(parser.add_subparsers(dest="verb"))

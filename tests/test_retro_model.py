@@ -72,7 +72,7 @@ def test_tokens_are_causal_with_neighbours():
 def test_zero_init_retro_equals_its_decoder_and_runs_without_neighbours():
     cfg = _cfg()
     torch.manual_seed(0)
-    plain = ModelConfig.from_dict({k: v for k, v in cfg.to_dict().items() if k != "retro"}).build().eval()
+    plain = cfg.base_config().build().eval()  # the decoder alone, as a plain Transformer
     retro = cfg.build().eval()
     retro.load_state_dict(plain.state_dict(), strict=False)
     ids = torch.randint(0, 50, (2, 3 * M + 1))

@@ -1,4 +1,7 @@
-"""RETRO training end to end on the tiny corpus: loader, exact resume, retrofitting, eval, facts."""
+"""RETRO training end to end on the tiny corpus: loader, exact resume, retrofitting, eval, facts.
+
+RETRO is a registered model family (``model.family: retro``): the same run assembly and trainer
+as every family train it."""
 
 from __future__ import annotations
 
@@ -17,8 +20,12 @@ from lmforge.data.prepare import prepare_data
 from lmforge.retrieval.batches import RetroLoader
 from lmforge.retrieval.database import build_database
 from lmforge.retrieval.neighbours import load_neighbours, precompute_neighbours
+from lmforge.nn.loading import load_model
+from lmforge.nn.retro import RetroModelConfig
+from lmforge.train.assembly import build_trainer, train_run
 from lmforge.train.callbacks import Callback
-from lmforge.train.retro_trainer import RetroRunConfig, RetroTrainer, retro_callbacks
+from lmforge.train.config import RunConfig
+from lmforge.train.retro_family import RetroEvaluator
 
 M = 8
 
@@ -35,12 +42,17 @@ def setup(tmp_path_factory, tiny_corpus):
     return tmp, base, db
 
 
-def _cfg(tmp: Path, base: dict, name: str, **retro) -> RetroRunConfig:
+def _raw(tmp: Path, base: dict, name: str, **retro) -> dict:
     raw = dict(base, name=name)
-    raw["model"] = {**base["model"], "retro": {"chunk_len": M, "n_neighbours": 2, "encoder_layers": 1, **retro}}
+    raw["model"] = {**base["model"], "family": "retro",
+                    "retro": {"chunk_len": M, "n_neighbours": 2, "encoder_layers": 1, **retro}}
     raw["retrieval"] = {"db": str(tmp / "db")}
     raw["train"] = {**base["train"], "steps": 6, "checkpoint_every": 3, "eval_every": 0}
-    return RetroRunConfig.from_dict(raw)  # type: ignore[return-value]
+    return raw
+
+
+def _cfg(tmp: Path, base: dict, name: str, **retro) -> RunConfig:
+    return RunConfig.from_dict(_raw(tmp, base, name, **retro))
 
 
 def _losses(run_dir: Path) -> dict[int, float]:
@@ -93,10 +105,13 @@ def test_gold_neighbours_hold_the_text_itself_and_only_in_the_last_slot(setup):
 
 def test_retro_training_resumes_exactly_and_evaluates_with_retrieval(setup):
     tmp, base, db = setup
-    run_a = RetroTrainer(_cfg(tmp, base, "a")).fit()
+    run_a = train_run(_cfg(tmp, base, "a"))
     with pytest.raises(RuntimeError, match="simulated crash"):
-        RetroTrainer(_cfg(tmp, base, "b"), callbacks=[*retro_callbacks(), _Crash()]).fit()
-    run_b = RetroTrainer(_cfg(tmp, base, "b"), resume="auto").fit()
+        train_run(_cfg(tmp, base, "b"), extra_callbacks={"crash": _Crash()})
+    trainer = build_trainer(_cfg(tmp, base, "b"), resume="auto")
+    assert isinstance(trainer.callbacks["heldout_eval"], RetroEvaluator)  # the family's evaluator, by name
+    assert trainer.step == 3
+    run_b = trainer.fit()
     a, b = _losses(run_a), _losses(run_b)
     assert sorted(a) == list(range(1, 7)) and a == b
     records = [r for r in read_metrics(run_a / "metrics.jsonl") if r.get("kind") == "eval_retrieval"]
@@ -106,16 +121,11 @@ def test_retro_training_resumes_exactly_and_evaluates_with_retrieval(setup):
 
 def test_retrofit_starts_identical_and_trains_only_new_parts(setup, tmp_path):
     tmp, base, db = setup
-    from lmforge.train.config import RunConfig
-    from lmforge.train.trainer import Trainer
-
     dense = RunConfig.from_dict({**base, "name": "dense", "train": {**base["train"], "steps": 3}})
-    dense_run = Trainer(dense).fit()
+    dense_run = train_run(dense)
     ckpt = dense_run / "checkpoints" / "step_0000003"
     cfg = _cfg(tmp, base, "retrofit", base_checkpoint=str(ckpt), freeze_decoder=True)
-    trainer = RetroTrainer(cfg)
-    from lmforge.eval.retrieval_eval import load_model
-
+    trainer = build_trainer(cfg)
     plain, _, _ = load_model(ckpt)
     inputs, targets, extra = trainer.next_batch()
     trainer.model.eval()
@@ -125,10 +135,8 @@ def test_retrofit_starts_identical_and_trains_only_new_parts(setup, tmp_path):
     trainer.model.train()
     trainer.train_step()
     for name, param in trainer.model.named_parameters():
-        moved = not torch.equal(before[name], param)
-        assert moved == name.startswith(("encoder", "cca.")) or not moved, name
         if not name.startswith(("encoder", "cca.")):
-            assert not moved, name
+            assert torch.equal(before[name], param), f"frozen decoder weight {name} moved"
     assert any(not torch.equal(before[n], p) for n, p in trainer.model.named_parameters() if n.startswith("cca."))
 
 
@@ -136,7 +144,7 @@ def test_retro_generation_and_facts_benchmark(setup, tmp_path):
     import shutil
 
     from lmforge.eval.facts import run_facts_benchmark
-    from lmforge.eval.retrieval_eval import HeldoutRetrieval, evaluate_retrieval, load_model
+    from lmforge.eval.retrieval_eval import HeldoutRetrieval, evaluate_retrieval
     from lmforge.retrieval.database import ChunkDatabase
     from lmforge.retrieval.generation import generate_with_retrieval
 
@@ -156,10 +164,29 @@ def test_retro_generation_and_facts_benchmark(setup, tmp_path):
     copy = tmp_path / "db"
     shutil.copytree(db.path, copy)
     facts = run_facts_benchmark(model, db.tokenizer, copy, n_entities=3)
-    for cond in ("no_retrieval", "before_add", "after_add", "after_remove"):
-        assert 0 <= facts[cond]["accuracy"] <= 1 and facts[cond]["questions"] == 9
+    assert all(facts[c]["questions"] == 9 for c in ("no_retrieval", "before_add", "after_add", "after_remove"))
     assert facts["after_remove"] == facts["before_add"]  # removal restores the database's answers
     assert not ChunkDatabase(copy).alive[len(db):].any()
+
+
+@pytest.mark.slow
+def test_facts_added_to_the_database_are_answered_better(setup, tmp_path):
+    """A RETRO model trained to read its neighbours (gold neighbours half the time, 600 steps, about
+    a minute on 2 CPU cores) answers more fact questions once the facts are added to the database,
+    and removing them undoes it. Seeded and deterministic on CPU: 2/12 before, 4/12 after."""
+    import shutil
+
+    from lmforge.eval.facts import run_facts_benchmark
+
+    tmp, base, db = setup
+    raw = _raw(tmp, base, "reader")
+    raw["retrieval"] = {"db": str(tmp / "db"), "eval_with_retrieval": False, "gold_neighbour_rate": 0.5}
+    raw["train"] = {**raw["train"], "steps": 600, "checkpoint_every": 600, "log_every": 50}
+    model, _, _ = load_model(train_run(RunConfig.from_dict(raw)))
+    shutil.copytree(db.path, tmp_path / "db")
+    facts = run_facts_benchmark(model, db.tokenizer, tmp_path / "db", n_entities=4)
+    assert facts["after_add"]["accuracy"] > facts["before_add"]["accuracy"]
+    assert facts["after_remove"] == facts["before_add"]
 
 
 def test_config_errors(setup):
@@ -167,6 +194,22 @@ def test_config_errors(setup):
     with pytest.raises(ConfigError, match="multiple of model.retro.chunk_len"):
         raw = _cfg(tmp, base, "x").to_dict()
         raw["train"]["seq_len"] = 30
-        RetroRunConfig.from_dict(raw)
+        RunConfig.from_dict(raw)
     with pytest.raises(ConfigError, match="chunk_len"):
-        RetroTrainer(_cfg(tmp, base, "y", chunk_len=16))
+        build_trainer(_cfg(tmp, base, "y", chunk_len=16))
+    with pytest.raises(ConfigError, match="model.family: unknown model family 'retrro'"):
+        RunConfig.from_dict({**_raw(tmp, base, "z"), "model": {**_raw(tmp, base, "z")["model"], "family": "retrro"}})
+    with pytest.raises(ConfigError, match="retrieval: only a model of family 'retro'"):
+        RunConfig.from_dict({**base, "retrieval": {"db": str(tmp / "db")}})
+
+
+def test_family_is_recorded_and_older_configs_still_load(setup):
+    tmp, base, db = setup
+    cfg = _cfg(tmp, base, "family")
+    assert isinstance(cfg.model, RetroModelConfig) and cfg.to_dict()["model"]["family"] == "retro"
+    # Configs and checkpoints written before model.family existed: a retro section meant RETRO.
+    older = _raw(tmp, base, "older")
+    del older["model"]["family"]
+    assert RunConfig.from_dict(older).model == cfg.model
+    plain = RunConfig.from_dict(base)
+    assert type(plain.model).__name__ == "ModelConfig" and plain.model.family == "transformer"

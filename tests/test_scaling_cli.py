@@ -13,7 +13,7 @@ import json  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-from lmforge.scaling.cli import add_scaling_parser, run_scaling  # noqa: E402
+from lmforge.cli.scaling import add_scaling_parser, run_scaling  # noqa: E402
 from lmforge.scaling.fit import LossLaw  # noqa: E402
 from lmforge.scaling.synthetic import isoflop_table  # noqa: E402
 

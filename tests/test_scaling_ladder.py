@@ -11,6 +11,7 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # before scipy loads; see lm
 import copy  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
+import re  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -26,11 +27,11 @@ from lmforge.optim.config import OptimConfig  # noqa: E402
 from lmforge.optim.schedules import lr_multiplier  # noqa: E402
 from lmforge.scaling.fit import LossLaw  # noqa: E402
 from lmforge.scaling.ladder import run_ladder  # noqa: E402
-from lmforge.scaling.ladder_config import LadderConfig, load_ladder_config  # noqa: E402
-from lmforge.scaling.ladder_gather import LADDER_CSV, read_rows, write_results  # noqa: E402
-from lmforge.scaling.ladder_plan import build_plan, decay_start  # noqa: E402
-from lmforge.scaling.ladder_predict import choose_law, fit_offset_power_law, make_prediction  # noqa: E402
-from lmforge.scaling.ladder_run import branch_checkpoint, is_finished, is_ready, resume_argument  # noqa: E402
+from lmforge.scaling.ladder.config import LadderConfig, load_ladder_config  # noqa: E402
+from lmforge.scaling.ladder.gather import LADDER_CSV, read_rows, write_results  # noqa: E402
+from lmforge.scaling.ladder.plan import build_plan, decay_start  # noqa: E402
+from lmforge.scaling.ladder.predict import choose_law, fit_offset_power_law, make_prediction  # noqa: E402
+from lmforge.scaling.ladder.runner import branch_checkpoint, is_finished, is_ready, resume_argument  # noqa: E402
 from lmforge.scaling.table import read_table  # noqa: E402
 
 LAW = LossLaw(E=1.5, A=60.0, B=400.0, alpha=0.35, beta=0.4)
@@ -317,7 +318,7 @@ class FakeTrainer:
 
 
 def test_prediction_is_written_before_the_held_out_rungs_train(tmp_path, capsys, monkeypatch):
-    import lmforge.scaling.ladder as ladder_module
+    import lmforge.scaling.ladder.driver as ladder_module
 
     # Data preparation is not what this test is about: plan with the base vocabulary.
     monkeypatch.setattr(ladder_module, "prepared_vocab_size", lambda base, prepare: 512)
@@ -359,6 +360,22 @@ def test_prediction_is_written_before_the_held_out_rungs_train(tmp_path, capsys,
     assert again["written_at"] == prediction["written_at"]
 
 
+def test_local_runner_off_a_terminal_prints_one_line_status(tmp_path, capsys, monkeypatch):
+    from lmforge.scaling.ladder.runner import LocalRunner
+
+    monkeypatch.setenv("LMFORGE_PROGRESS", "1")
+    monkeypatch.setenv("LMFORGE_PROGRESS_SECONDS", "0")  # a status line at every poll
+    plan = plan_of(tmp_path)
+    FakeTrainer.calls = []
+    outcomes = LocalRunner(plan, workers=2, launcher=FakeTrainer, poll_seconds=0.0).run(plan.rungs[:2])
+    assert {o.status for o in outcomes.values()} == {"done"}
+    err = capsys.readouterr().err  # stderr is captured here: not a terminal
+    status = [line for line in err.splitlines() if line.startswith("running ")]
+    assert len(status) == 2 and all(re.fullmatch(r"running d\d+L\d+_D\w+: step \d+/\d+, loss [\d.]+ .* s", line)
+                                    for line in status), err
+    assert "\x1b[" not in err and "━" not in err  # no colours, no live bars
+
+
 def test_prediction_with_too_few_rungs_uses_the_power_law():
     rows = [{"rung": f"r{i}", "N": n, "D": 20 * n, "C": 120 * n * n, "loss": 2 + 50 * n ** -0.3,
              "bpb_code": 1 + 20 * n ** -0.3} for i, n in enumerate([1e4, 2e4, 4e4, 8e4])]
@@ -390,7 +407,7 @@ def test_print_commands_and_slurm_scripts(tmp_path, capsys):
 def test_cli_dry_run_and_conflicting_modes(tmp_path, capsys):
     import argparse
 
-    from lmforge.scaling.cli import add_ladder_parser, add_scaling_parser, run_scaling
+    from lmforge.cli.scaling import add_ladder_parser, add_scaling_parser, run_scaling
 
     parser = argparse.ArgumentParser(prog="lmforge")
     verbs = parser.add_subparsers(dest="verb", required=True)

@@ -17,10 +17,10 @@ from conftest import tiny_run_dict  # noqa: E402
 from lmforge.core.errors import LmforgeError  # noqa: E402
 from lmforge.core.metrics_file import read_metrics  # noqa: E402
 from lmforge.scaling.ladder import run_ladder  # noqa: E402
-from lmforge.scaling.ladder_config import LadderConfig  # noqa: E402
-from lmforge.scaling.ladder_gather import read_rows  # noqa: E402
-from lmforge.scaling.ladder_plan import build_plan  # noqa: E402
-from lmforge.scaling.ladder_run import resume_argument  # noqa: E402
+from lmforge.scaling.ladder.config import LadderConfig  # noqa: E402
+from lmforge.scaling.ladder.gather import read_rows  # noqa: E402
+from lmforge.scaling.ladder.plan import build_plan  # noqa: E402
+from lmforge.scaling.ladder.runner import resume_argument  # noqa: E402
 from lmforge.train.config import RunConfig  # noqa: E402
 
 TOKENS_PER_STEP = 4 * 32  # tiny_run_dict: batch 4, seq_len 32
@@ -50,8 +50,7 @@ def _train_losses(run_dir) -> dict[int, float]:
 
 
 def test_wsd_branch_equals_the_run_trained_from_scratch(tmp_path, tiny_corpus, capsys):
-    from lmforge.core import distributed
-    from lmforge.train.trainer import Trainer
+    from lmforge.train.assembly import train_run
 
     path = tmp_path / "ladder.yaml"
     path.write_text(yaml.safe_dump(micro_ladder(tmp_path, tiny_corpus, sizes={"shapes": [[32, 1]], "head_dim": 8})))
@@ -68,10 +67,7 @@ def test_wsd_branch_equals_the_run_trained_from_scratch(tmp_path, tiny_corpus, c
     assert run_ladder(path, rung=branch.name) == 0  # ... then resumes it
     assert run_ladder(path, rung=branch.name) == 0 and "nothing to do" in capsys.readouterr().out
     scratch = {**plan.run_configs[branch.name], "name": "scratch"}
-    try:
-        Trainer(RunConfig.from_dict(scratch)).fit()
-    finally:
-        distributed.shutdown()
+    train_run(RunConfig.from_dict(scratch))
 
     branched, direct = _train_losses(plan.runs_dir / branch.name), _train_losses(plan.runs_dir / "scratch")
     assert sorted(branched) == list(range(10, 21)) and sorted(direct) == list(range(1, 21))

@@ -23,6 +23,7 @@ from lmforge.scaling.plan import (  # noqa: E402
     propose_shape,
     tokens_for_loss,
 )
+from lmforge.scaling.shape import ShapeRule  # noqa: E402
 
 LAW = PUBLISHED_LAWS["hoffmann2022"]
 
@@ -108,13 +109,27 @@ def test_plan_intervals_from_bootstrap_laws():
 
 
 def test_proposed_shape_follows_the_size_rule_and_counts_exactly():
-    shape = propose_shape(1.3e9, aspect_ratio=128, vocab_size=32000, seq_len=2048)
+    shape = propose_shape(1.3e9, ShapeRule(aspect_ratio=128), vocab_size=32000, seq_len=2048)
     cfg = shape.config
     assert cfg.head_dim == 64 and cfg.d_model % 64 == 0
     assert cfg.d_model == 64 * round(128 * cfg.n_layers / 64)
     assert shape.params == count_parameters(cfg).active
     assert abs(shape.relative_error) < 0.1
     assert cfg.resolved_d_ff == ModelConfig(d_model=cfg.d_model, n_heads=cfg.n_heads).resolved_d_ff
+
+
+def test_plan_and_ladder_share_one_size_rule():
+    from lmforge.scaling.ladder.config import GridRule, LadderConfig, SizeRule
+    from lmforge.scaling.ladder.plan import model_section
+
+    shape = propose_shape(3e8, vocab_size=32000)
+    cfg = shape.config
+    # A ladder size at the proposal's depth, with the sizes section's defaults, is the same model.
+    ladder = LadderConfig(name="x", base={}, sizes=SizeRule(n_layers=[cfg.n_layers]), grid=GridRule(tokens=[1e6]))
+    assert ladder.sizes.aspect_ratio == ShapeRule().aspect_ratio
+    [(d_model, n_layers)] = ladder.sizes.dims()
+    section = model_section(ladder, {"max_seq_len": cfg.max_seq_len}, d_model, n_layers, 32000)
+    assert ModelConfig.from_dict(section) == cfg
 
 
 def test_proposed_moe_shape_matches_active_parameters():

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 from pathlib import Path
 
 from lmforge.core.config import apply_overrides, read_yaml
@@ -22,12 +21,21 @@ def repo_configs_dir() -> Path:
 
 
 def find_config(name: str) -> Path:
+    """The config file ``name``; a bare name without a folder (``quickstart``, ``quickstart.yaml``)
+    that is not a file here is a preset of ``configs/``. A path with a folder must exist as given:
+    ``/elsewhere/debug.yaml`` never silently means ``configs/debug.yaml``."""
     path = Path(name)
     if path.is_file():
         return path
-    candidate = repo_configs_dir() / path.name
-    if candidate.is_file():
-        return candidate
+    if path.exists():
+        raise ConfigError(f"config {name}: not a file")
+    if name and path.name == name:  # no folder part: look among the presets
+        presets = repo_configs_dir()
+        for candidate in (presets / name, presets / f"{name}.yaml"):
+            if candidate.is_file():
+                return candidate
+        known = ", ".join(sorted(p.stem for p in presets.glob("*.yaml"))) or "none"
+        raise ConfigError(f"config file not found: {name} (not a file here, nor a preset in configs/: {known})")
     raise ConfigError(f"config file not found: {name}")
 
 
@@ -67,14 +75,10 @@ def data_prepare(args: argparse.Namespace) -> int:
 
 
 def _train(cfg, resume: str | None, write_html: bool) -> Path:
-    from lmforge.train.trainer import Trainer
-
     from lmforge.core import distributed
+    from lmforge.train.assembly import train_run
 
-    try:
-        run_dir = Trainer(cfg, resume=resume).fit()
-    finally:
-        distributed.shutdown()
+    run_dir = train_run(cfg, resume)
     if write_html and distributed.is_main_process():
         from lmforge.report import write_report
 
@@ -90,9 +94,11 @@ def train(args: argparse.Namespace) -> int:
 
 def quickstart(args: argparse.Namespace) -> int:
     cfg = load_run_config(args.config or "quickstart.yaml", args.overrides)
-    run_dir = Path(cfg.runs_dir) / cfg.name
-    if args.fresh and run_dir.exists():
-        shutil.rmtree(run_dir)
+    from lmforge.train.run_dir import remove_run_dir, run_path
+
+    run_dir = run_path(cfg)
+    if args.fresh:
+        remove_run_dir(run_dir)  # only a run directory, never one in use, a link or a parent
     resume = "auto" if (run_dir / "metrics.jsonl").exists() else None
     if resume:
         log.info("%s exists: resuming it (pass --fresh to start over)", run_dir)
@@ -108,12 +114,16 @@ def quickstart(args: argparse.Namespace) -> int:
 def evaluate(args: argparse.Namespace) -> int:
     from lmforge.eval.suite import complete_evaluation, describe, heldout_record
     from lmforge.serve.loading import load_for_inference
+    from lmforge.core.run_marker import resolve_data_dir
     from lmforge.train.config import RunConfig
 
+    if args.lm_eval_include and not Path(args.lm_eval_include).is_dir():
+        # checked before the held-out evaluation is computed and written
+        raise ConfigError(f"--lm-eval-include {args.lm_eval_include}: not a folder of task YAML files")
     device = resolve_device(args.device)
     model, tokenizer, raw, checkpoint = load_for_inference(args.target, device)
     cfg = RunConfig.from_dict(raw)
-    data_dir = Path(cfg.data.out_dir)
+    data_dir = resolve_data_dir(checkpoint, cfg.data.out_dir)  # relative to where the run trained
     result = heldout_record(model, data_dir, cfg.train.seq_len, cfg.eval, device, max_tokens=args.max_tokens)
     complete_evaluation(result, model, tokenizer, data_dir, cfg.eval)
     result["checkpoint"] = str(checkpoint)
@@ -124,8 +134,7 @@ def evaluate(args: argparse.Namespace) -> int:
     if args.lm_eval_tasks:
         from lmforge.serve.lm_eval_adapter import run_lm_eval
 
-        tasks = [t for t in args.lm_eval_tasks.split(",") if t]
-        scores = run_lm_eval(checkpoint, tasks, args.lm_eval_include, args.limit, str(device))
+        scores = run_lm_eval(checkpoint, args.lm_eval_tasks, args.lm_eval_include, args.limit, str(device))
         harness_out = checkpoint.parent.parent / "eval" / f"{checkpoint.name}.lm_eval.json"
         atomic_write_json(harness_out, scores)
         for task, metrics in scores.items():
@@ -143,7 +152,10 @@ def generate(args: argparse.Namespace) -> int:
 
     device = resolve_device(args.device)
     model, tokenizer, _, _ = load_for_inference(args.target, device)
-    prompt_ids = torch.tensor([tokenizer.encode(args.prompt)], dtype=torch.long, device=device)
+    prompt = tokenizer.encode(args.prompt)
+    if not prompt:
+        raise ConfigError("--prompt is empty: give some text to continue")
+    prompt_ids = torch.tensor([prompt], dtype=torch.long, device=device)
     generator = torch.Generator(device=device).manual_seed(args.seed)
     out = sample(model, prompt_ids, args.max_new_tokens, temperature=args.temperature,
                  top_k=args.top_k or None, eos_id=tokenizer.eos_id, generator=generator)

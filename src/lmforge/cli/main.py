@@ -1,14 +1,19 @@
 """The ``lmforge`` command line: thin verbs over the library.
 
-    lmforge quickstart
+    lmforge quickstart [--fresh]
     lmforge data prepare CONFIG [--set key=value ...] [--overwrite]
-    lmforge train CONFIG [--set key=value ...] [--resume auto|PATH]
+    lmforge train CONFIG [--set key=value ...] [--resume auto|PATH] [--max-restarts N]
     lmforge eval RUN_OR_CHECKPOINT
     lmforge generate RUN_OR_CHECKPOINT --prompt TEXT
     lmforge report RUN
     lmforge export RUN_OR_CHECKPOINT --out DIR
     lmforge ladder CONFIG [--workers K] [--holdout-largest]
     lmforge scaling fit CSV | lmforge scaling plan --compute C
+    lmforge retrieval build|add|remove|neighbours|info|train|eval|facts|train-query-encoder ...
+
+CONFIG is a YAML file; a bare name without a folder (``quickstart`` or ``quickstart.yaml``)
+also finds the preset in ``configs/``. Bad input ends in one line ``lmforge: error: ...``
+(or argparse's usage error) and exit code 2.
 """
 
 from __future__ import annotations
@@ -16,14 +21,9 @@ from __future__ import annotations
 import argparse
 import sys
 
+from lmforge.cli.arguments import (SET_HELP, add_config_args, add_train_args, name_list,
+                                   non_negative_float, non_negative_int, positive_int)
 from lmforge.core.errors import LmforgeError
-
-SET_HELP = "override a config value with a dotted key, e.g. --set model.n_layers=8 (repeatable)"
-
-
-def _add_config_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("config", help="YAML config file (see configs/)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=SET_HELP)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,7 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
                              description="End to end on the demo corpus (Shakespeare, Milton, Python stdlib): "
                                          "data preparation, tokenizer, shards, a small MoE model, held-out "
                                          "bits-per-byte, samples and runs/quickstart/report.html.")
-    quick.add_argument("--config", default=None, help="config to run (default: configs/quickstart.yaml)")
+    quick.add_argument("--config", default=None,
+                       help="config to run: a YAML file, or a preset name from configs/ (default: quickstart)")
     quick.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=SET_HELP)
     quick.add_argument("--fresh", action="store_true",
                        help="delete runs/<name> first, so the quickstart can be rerun from scratch")
@@ -47,42 +48,37 @@ def build_parser() -> argparse.ArgumentParser:
                            description="Prepare the data section of CONFIG (a run config with a `data:` "
                                        "section, or a data config) into its out_dir. Finished shards are "
                                        "skipped on rerun.")
-    _add_config_args(prep)
+    add_config_args(prep)
     prep.add_argument("--overwrite", action="store_true",
                       help="replace prepared data in out_dir that came from a different config")
 
     train = verbs.add_parser("train", help="train a model from a run config",
                              description="Train the model described by CONFIG. Writes runs/<name>/ "
                                          "(config, metrics.jsonl, TensorBoard, checkpoints, eval).")
-    _add_config_args(train)
-    train.add_argument("--resume", default=None, metavar="auto|PATH",
-                       help="continue a run: 'auto' picks the newest valid checkpoint of runs/<name>, "
-                            "or give a checkpoint directory")
-    train.add_argument("--no-report", action="store_true", help="skip writing report.html at the end")
-    train.add_argument("--max-restarts", type=int, default=0, metavar="N",
-                       help="supervise the run: after a crash, restart it from its newest valid checkpoint, "
-                            "at most N times (default 0: no supervisor). Multi-process runs: use torchrun's "
-                            "--max-restarts instead")
+    add_train_args(train)
 
     ev = verbs.add_parser("eval", help="held-out bits-per-byte per domain, isolation check, samples",
                           description="Evaluate a run (its newest valid checkpoint) or a checkpoint directory.")
     ev.add_argument("target", metavar="RUN_OR_CHECKPOINT", help="run directory or checkpoint directory")
-    ev.add_argument("--max-tokens", type=int, default=None, help="held-out tokens per domain (default: the run's eval config)")
+    ev.add_argument("--max-tokens", type=positive_int, default=None,
+                    help="held-out tokens per domain (default: the run's eval config)")
     ev.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
-    ev.add_argument("--lm-eval-tasks", default=None, metavar="T1,T2",
+    ev.add_argument("--lm-eval-tasks", type=name_list, default=None, metavar="T1,T2",
                     help="also run these lm-evaluation-harness tasks (needs `pip install lm-eval`)")
     ev.add_argument("--lm-eval-include", default=None, metavar="DIR",
                     help="folder of local lm-eval task YAML files (offline tasks)")
-    ev.add_argument("--limit", type=int, default=None, help="lm-eval: at most this many examples per task")
+    ev.add_argument("--limit", type=positive_int, default=None, help="lm-eval: at most this many examples per task")
 
     gen = verbs.add_parser("generate", help="sample text from a trained model",
                            description="Generate a continuation of --prompt with a KV cache.")
     gen.add_argument("target", metavar="RUN_OR_CHECKPOINT", help="run directory or checkpoint directory")
     gen.add_argument("--prompt", required=True, help="text to continue")
-    gen.add_argument("--max-new-tokens", type=int, default=100, help="tokens to generate (default 100)")
-    gen.add_argument("--temperature", type=float, default=0.8, help="sampling temperature; 0 is greedy (default 0.8)")
-    gen.add_argument("--top-k", type=int, default=40, help="sample among the k most likely tokens (default 40; 0 = all)")
-    gen.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    gen.add_argument("--max-new-tokens", type=positive_int, default=100, help="tokens to generate (default 100)")
+    gen.add_argument("--temperature", type=non_negative_float, default=0.8,
+                     help="sampling temperature; 0 is greedy (default 0.8)")
+    gen.add_argument("--top-k", type=non_negative_int, default=40,
+                     help="sample among the k most likely tokens (default 40; 0 = all)")
+    gen.add_argument("--seed", type=non_negative_int, default=0, help="sampling seed (default 0)")
     gen.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
 
     rep = verbs.add_parser("report", help="write runs/<name>/report.html",
@@ -102,13 +98,13 @@ def build_parser() -> argparse.ArgumentParser:
                            description="Train one short run per --mixture (source weights replaced in CONFIG) "
                                        "and write sweep.csv and sweep.png: held-out bits-per-byte per domain "
                                        "and planned epochs per source. Finished runs are reused.")
-    _add_config_args(mix)
+    add_config_args(mix)
     mix.add_argument("--mixture", action="append", required=True, metavar="SRC=W,SRC=W",
                      help="source weights of one run, e.g. literature=3,code=1 (repeat for each run)")
     mix.add_argument("--out", default=None, help="output folder (default runs/<name>_mixture_sweep)")
 
-    from lmforge.retrieval.cli import add_retrieval_parser
-    from lmforge.scaling.cli import add_ladder_parser, add_scaling_parser
+    from lmforge.cli.retrieval import add_retrieval_parser
+    from lmforge.cli.scaling import add_ladder_parser, add_scaling_parser
 
     add_scaling_parser(verbs)
     add_ladder_parser(verbs)  # `lmforge ladder CONFIG` = `lmforge scaling ladder CONFIG`
@@ -117,25 +113,37 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _run_scaling(args: argparse.Namespace) -> int:
-    from lmforge.scaling.cli import run_scaling
+    from lmforge.cli.scaling import run_scaling
 
     return run_scaling(args)
 
 
 def _run_retrieval(args: argparse.Namespace) -> int:
-    # train / eval / facts need the trainer and evaluation (layers above retrieval).
-    from lmforge.train.retro_trainer import run_retro_command
+    from lmforge.cli.retrieval import run_retrieval
 
-    return run_retro_command(args)
+    return run_retrieval(args)
+
+
+def _trains(args: argparse.Namespace) -> bool:
+    """``lmforge train`` or its alias ``lmforge retrieval train``."""
+    return args.verb == "train" or (args.verb == "retrieval" and args.retrieval_verb == "train")
+
+
+def _train_argv(args: argparse.Namespace) -> list[str]:
+    """The ``lmforge train`` arguments of a parsed train command, without --resume and --max-restarts."""
+    argv = [args.config]
+    for override in args.overrides:
+        argv += ["--set", override]
+    return argv + (["--no-report"] if args.no_report else [])
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
-    if args.verb == "train" and args.max_restarts > 0:
-        from lmforge.train.supervisor import drop_option, supervise
+    if _trains(args) and args.max_restarts > 0:
+        from lmforge.train.supervisor import supervise
 
-        return supervise(drop_option(argv[1:], "--max-restarts"), args.max_restarts, args.resume)
+        return supervise(_train_argv(args), args.max_restarts, args.resume)
     from lmforge.cli import commands
 
     handler = {

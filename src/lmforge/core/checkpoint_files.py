@@ -14,17 +14,25 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import tempfile
+import time
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
 from lmforge.core.errors import CheckpointError
-from lmforge.core.io import atomic_write_json, fsync_dir, read_json, sha256_file
+from lmforge.core.io import (
+    atomic_write_json,
+    default_file_mode,
+    fsync_dir,
+    make_temp_dir,
+    read_json,
+    sha256_file,
+)
 from lmforge.core.logging import get_logger
 
 MANIFEST = "manifest.json"
+ABANDONED = "abandoned"  # checkpoints of branches left by resuming from an older step
 STEP_DIR = re.compile(r"^step_(\d+)$")
 log = get_logger(__name__)
 
@@ -33,32 +41,100 @@ def step_dir_name(step: int) -> str:
     return f"step_{step:07d}"
 
 
+# What the writers really raise when a write fails: OSError from Python file I/O,
+# RuntimeError from torch.save ("PytorchStreamWriter failed writing file", "unexpected pos"
+# on ENOSPC/EFBIG), SafetensorError from safetensors ("I/O error: No space left on device").
+def _write_errors() -> tuple[type[BaseException], ...]:
+    try:
+        from safetensors import SafetensorError
+    except ImportError:  # pragma: no cover - safetensors is a dependency
+        return (OSError, RuntimeError)
+    return (OSError, RuntimeError, SafetensorError)
+
+
 def write_checkpoint_dir(
     checkpoints_dir: Path, step: int, writers: dict[str, Callable[[Path], None]], meta: dict[str, Any]
 ) -> Path:
-    """Write files by calling ``writers[name](path)``, then the manifest, then rename."""
-    checkpoints_dir.mkdir(parents=True, exist_ok=True)
+    """Write files by calling ``writers[name](path)``, then the manifest, then rename.
+
+    A failed write (disk full, quota, file-size limit, I/O error) raises CheckpointError
+    naming the file; the temporary directory is removed and earlier checkpoints are intact.
+    """
     final = checkpoints_dir / step_dir_name(step)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=checkpoints_dir))
+    errors = _write_errors()
+    current = "the temporary directory"
+    tmp: Path | None = None
     try:
+        checkpoints_dir.mkdir(parents=True, exist_ok=True)
+        tmp = make_temp_dir(final)
         files = {}
         for name, write in writers.items():
+            current = name
             path = tmp / name
             write(path)
+            os.chmod(path, default_file_mode())  # safetensors writes 0600
             with open(path, "rb+") as handle:
                 os.fsync(handle.fileno())
             files[name] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
+        current = MANIFEST
         atomic_write_json(tmp / MANIFEST, {"step": step, "files": files, **meta})
         fsync_dir(tmp)
+        current = "the final rename"
         if final.exists():
             # Same step saved twice (e.g. final save right after a periodic one): replace.
             shutil.rmtree(final)
         os.replace(tmp, final)
         fsync_dir(checkpoints_dir)
+    except errors as exc:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(
+            f"{checkpoints_dir}: saving step {step} failed while writing {current} "
+            f"({_describe_error(exc)}); earlier checkpoints are intact"
+        ) from exc
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
     return final
+
+
+def _describe_error(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror if exc.errno is None else f"{exc.strerror} [errno {exc.errno}]"
+    return f"{type(exc).__name__}: {exc}"
+
+
+def check_writable(directory: Path, needed_bytes: int = 0) -> None:
+    """Fail now, not after the whole run, if checkpoints cannot be written to ``directory``.
+
+    Creates the directory, writes, fsyncs and removes a small probe file. With
+    ``needed_bytes`` (an estimate of one checkpoint's size), too little free space is
+    logged as a warning: space may be freed before the first save.
+    """
+    directory = Path(directory)
+    probe = directory / f".write_probe.{os.getpid()}"
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with open(probe, "wb") as handle:
+            handle.write(b"lmforge write probe\n" * 64)
+            handle.flush()
+            os.fsync(handle.fileno())
+    except OSError as exc:
+        raise CheckpointError(
+            f"{directory}: checkpoints cannot be written there ({_describe_error(exc)}); "
+            "free space, fix permissions or choose another runs_dir"
+        ) from exc
+    finally:
+        try:
+            probe.unlink(missing_ok=True)
+        except OSError:
+            pass
+    if needed_bytes > 0:
+        free = shutil.disk_usage(directory).free
+        if free < needed_bytes:
+            log.warning("%s: %.1f MB free, one checkpoint needs about %.1f MB; saves will fail "
+                        "unless space is freed", directory, free / 1e6, needed_bytes / 1e6)
 
 
 def verify_checkpoint_dir(path: Path) -> dict[str, Any]:
@@ -89,7 +165,7 @@ def verify_checkpoint_dir(path: Path) -> dict[str, Any]:
 
 
 def list_checkpoints(checkpoints_dir: Path) -> list[Path]:
-    """Checkpoint directories, oldest first (temporary directories are ignored)."""
+    """Checkpoint directories, oldest first (temporary directories and ``abandoned/`` are ignored)."""
     if not checkpoints_dir.is_dir():
         return []
     found = [p for p in checkpoints_dir.iterdir() if p.is_dir() and STEP_DIR.match(p.name)]
@@ -109,12 +185,86 @@ def latest_valid_checkpoint(checkpoints_dir: Path) -> Path | None:
 
 
 def prune_checkpoints(checkpoints_dir: Path, keep: int) -> None:
-    """Keep the newest ``keep`` checkpoints; remove leftovers of interrupted saves too."""
+    """Keep the newest ``keep`` checkpoints; remove leftovers of interrupted saves too.
+
+    Only ``step_N`` and ``.step_N.*`` folders directly under ``checkpoints_dir`` are
+    considered: retired branches under ``abandoned/`` are never deleted.
+    """
     for stale in checkpoints_dir.glob(".step_*"):
         shutil.rmtree(stale, ignore_errors=True)
     existing = list_checkpoints(checkpoints_dir)
     for old in existing[: max(len(existing) - keep, 0)]:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def checkpoint_step(checkpoint: Path) -> int:
+    """The step a checkpoint was saved at: from its manifest, else from its ``step_N`` name."""
+    checkpoint = Path(checkpoint)
+    try:
+        return int(read_json(checkpoint / MANIFEST)["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        match = STEP_DIR.match(checkpoint.name)
+        if match is None:
+            raise CheckpointError(f"{checkpoint}: cannot tell its step (no manifest, not named step_N)") from None
+        return int(match.group(1))
+
+
+def retire_later_checkpoints(checkpoints_dir: Path, checkpoint: Path) -> list[Path]:
+    """Move the checkpoints of an abandoned branch out of the way; return their new paths.
+
+    A run resumed from ``checkpoint`` starts a new branch of history. If ``checkpoint``
+    lies directly in ``checkpoints_dir``, the ones saved after it belong to the old
+    branch; if it lies elsewhere (another run, a backup, ``abandoned/``), none of the
+    checkpoints in ``checkpoints_dir`` is on the new branch. Left in place, ``--resume
+    auto`` after a crash would jump back to them. They are moved — never deleted — to
+    ``abandoned/<UTC time>/`` with a ``retired.json`` note; ``list_checkpoints``,
+    ``latest_valid_checkpoint`` and pruning look only at ``step_N`` folders directly under
+    ``checkpoints_dir``, so they never touch them.
+    """
+    checkpoints_dir, checkpoint = Path(checkpoints_dir), Path(checkpoint)
+    step = checkpoint_step(checkpoint)
+    same = checkpoint.resolve()
+    inside = same.parent == checkpoints_dir.resolve()
+    later = [
+        p for p in list_checkpoints(checkpoints_dir)
+        if p.resolve() != same and (not inside or checkpoint_step_from_name(p) > step)
+    ]
+    if not later:
+        return []
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    target = checkpoints_dir / ABANDONED / stamp
+    suffix = 1
+    while target.exists():
+        suffix += 1
+        target = checkpoints_dir / ABANDONED / f"{stamp}_{suffix}"
+    try:
+        target.mkdir(parents=True)
+        atomic_write_json(target / "retired.json", {
+            "resumed_from": str(checkpoint), "resumed_step": step,
+            "retired": [p.name for p in later], "time": stamp,
+        })
+        moved = []
+        for path in later:
+            destination = target / path.name
+            os.replace(path, destination)  # same filesystem: a rename, nothing is copied
+            moved.append(destination)
+        fsync_dir(target)
+        fsync_dir(checkpoints_dir)
+    except OSError as exc:
+        raise CheckpointError(
+            f"{checkpoints_dir}: could not move the checkpoints after step {step} aside "
+            f"({_describe_error(exc)}); move {[p.name for p in later]} out of {checkpoints_dir} by hand"
+        ) from exc
+    log.warning("resumed from step %d: moved %d checkpoint(s) of the abandoned branch (%s) to %s",
+                step, len(moved), ", ".join(p.name for p in later), target)
+    return moved
+
+
+def checkpoint_step_from_name(path: Path) -> int:
+    match = STEP_DIR.match(Path(path).name)
+    if match is None:
+        raise CheckpointError(f"{path}: not a checkpoint directory name (step_N)")
+    return int(match.group(1))
 
 
 def safe_torch_load(path: Path) -> Any:

@@ -24,6 +24,67 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def current_umask() -> int:
+    """The process umask, read without changing it where the platform allows.
+
+    ``os.umask`` can only be read by setting it; the brief window with umask 0 would give
+    files created meanwhile by other threads world-writable modes, so Linux's
+    ``/proc/self/status`` is read first.
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def default_file_mode() -> int:
+    """The mode ``open()`` would give a new file (0644 under the usual umask 022)."""
+    return 0o666 & ~current_umask()
+
+
+def default_dir_mode() -> int:
+    """The mode ``mkdir`` would give a new directory (0755 under the usual umask 022)."""
+    return 0o777 & ~current_umask()
+
+
+def apply_default_modes(root: Path) -> None:
+    """Give ``root`` and everything under it the modes ordinary files and folders get.
+
+    ``tempfile.mkdtemp``/``mkstemp`` create 0700/0600 and some writers (safetensors) write
+    0600; a directory written under a temporary name and renamed into place must end up
+    like every other output, readable by whoever may read the rest of the run.
+    """
+    root = Path(root)
+    file_mode, dir_mode = default_file_mode(), default_dir_mode()
+    if root.is_symlink():
+        return
+    if root.is_file():
+        os.chmod(root, file_mode)
+        return
+    os.chmod(root, dir_mode)
+    for folder, dirs, files in os.walk(root):
+        for name in dirs:
+            if not os.path.islink(os.path.join(folder, name)):
+                os.chmod(os.path.join(folder, name), dir_mode)
+        for name in files:
+            if not os.path.islink(os.path.join(folder, name)):
+                os.chmod(os.path.join(folder, name), file_mode)
+
+
+def make_temp_dir(final: Path) -> Path:
+    """A new empty directory next to ``final`` (same filesystem, so a rename publishes it),
+    with the usual directory mode rather than mkdtemp's 0700."""
+    final = Path(final)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    os.chmod(tmp, default_dir_mode())
+    return tmp
+
+
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     """Call ``write(tmp_path)``, fsync it, then rename it over ``path``.
 
@@ -35,12 +96,10 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp_name)
-    # mkstemp creates 0600 files; give the result the usual permissions (umask applied).
-    umask = os.umask(0)
-    os.umask(umask)
     try:
         write(tmp)
-        os.chmod(tmp, 0o666 & ~umask)
+        # mkstemp creates 0600 files (and ``write`` may replace the file): the usual mode.
+        os.chmod(tmp, default_file_mode())
         with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
@@ -77,3 +136,27 @@ def sha256_file(path: str | Path, block_size: int = 1 << 20) -> str:
 
 def read_json(path: str | Path) -> Any:
     return json.loads(Path(path).read_text())
+
+
+def protected_path_reason(path: Path) -> str | None:
+    """Why deleting or replacing ``path`` wholesale must be refused, or None.
+
+    The filesystem root, the home folder, the working directory, any of their parents, a
+    git repository and the folder holding lmforge's own source are never an output folder,
+    whatever a config or a typo says.
+    """
+    path = Path(path).resolve()
+    if path.parent == path:
+        return "the filesystem root"
+    home = Path.home().resolve()
+    if home.is_relative_to(path):
+        return "the home folder" if path == home else "a parent of the home folder"
+    cwd = Path.cwd().resolve()
+    if cwd.is_relative_to(path):
+        return "the working directory" if path == cwd else "a parent of the working directory"
+    if (path / ".git").exists():
+        return "a git repository"
+    source = Path(__file__).resolve().parents[1]  # the lmforge package
+    if source.is_relative_to(path):
+        return "a folder holding lmforge's source code"
+    return None

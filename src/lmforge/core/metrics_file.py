@@ -15,8 +15,9 @@ def append_metrics(path: Path, record: dict[str, Any]) -> None:
         handle.flush()
 
 
-def read_metrics(path: Path) -> list[dict[str, Any]]:
-    """All records; a truncated last line (from a killed run) is skipped."""
+def read_metrics(path: Path, all_branches: bool = False) -> list[dict[str, Any]]:
+    """The records of the run's current branch (see :func:`current_branch`; ``all_branches``: every
+    record ever appended); a truncated last line (from a killed run) is skipped."""
     records = []
     for line in Path(path).read_text().splitlines():
         if not line.strip():
@@ -25,4 +26,22 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
             records.append(json.loads(line))
         except json.JSONDecodeError:
             continue
-    return records
+    return records if all_branches else current_branch(records)
+
+
+def current_branch(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``records`` without those of abandoned branches.
+
+    A resumed run appends ``{"kind": "resume", "step": S, ...}``: everything logged before
+    it for steps after S belongs to the history the resume abandoned (a crash's last steps,
+    or the later steps of a run resumed from an older checkpoint) and is dropped. Records
+    without a step are kept. Readers that keep the last record per step then see one
+    consistent history.
+    """
+    kept: list[dict[str, Any]] = []
+    for record in records:
+        if record.get("kind") == "resume" and isinstance(record.get("step"), int):
+            resumed = record["step"]
+            kept = [r for r in kept if not (isinstance(r.get("step"), int) and r["step"] > resumed)]
+        kept.append(record)
+    return kept

@@ -15,6 +15,8 @@ _NEEDS_PATH = ("files", "jsonl", "parquet", "hf")
 # Source names become directory names under shards/, so keep them path-safe.
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 N_SPECIAL_TOKENS = 1  # "<|endoftext|>"
+# The preparation's steps, in order, as names in lmforge.data.stages.STEPS (what each does: stages.py).
+DEFAULT_STEPS = ("read", "quality", "minhash", "dedup", "eval_index", "decontaminate", "tokenizer", "shards")
 # A files source whose glob picks these is code: the prose quality rules are not for it.
 CODE_SUFFIXES = (".py", ".pyi", ".c", ".h", ".cc", ".cpp", ".hpp", ".rs", ".go", ".java", ".js", ".ts",
                  ".jsx", ".tsx", ".rb", ".sh", ".scala", ".kt", ".swift", ".cs", ".php", ".lua", ".jl", ".sql")
@@ -32,9 +34,17 @@ class QualityConfig(Config):
     Each rule removes a document that falls outside its bound; set a bound to null to
     switch that rule off. Words are whitespace-separated tokens. The rules describe
     natural-language prose: sources of code skip them (see ``SourceConfig.content``).
+
+    One rule is about whether a document is text at all, and holds for every source, code
+    included, whatever ``enabled`` says: ``max_non_text_char_fraction`` drops a document
+    whose U+FFFD replacement characters (undecodable bytes) plus control characters other
+    than tab, newline, carriage return and form feed exceed that share of its characters.
+    Random bytes read as text are about 56% such characters; the demo corpus
+    (Shakespeare, Milton, the Python standard library) is 0.0002% at most, one in 454,482.
     """
 
-    enabled: bool = True
+    enabled: bool = True                               # the prose rules below (not the non-text rule)
+    max_non_text_char_fraction: float | None = 0.05    # binary read as text; applies to code too
     min_words: int | None = 50
     max_words: int | None = 100_000
     min_mean_word_length: float | None = 3.0
@@ -61,8 +71,8 @@ class QualityConfig(Config):
             value = getattr(self, key)
             if value is not None and value < 0:
                 raise ValueError(f"{key} must be >= 0, got {value}")
-        for key in ("max_ellipsis_line_fraction", "max_bullet_line_fraction", "min_alpha_word_fraction",
-                    "max_duplicate_line_fraction", "max_duplicate_line_char_fraction"):
+        for key in ("max_non_text_char_fraction", "max_ellipsis_line_fraction", "max_bullet_line_fraction",
+                    "min_alpha_word_fraction", "max_duplicate_line_fraction", "max_duplicate_line_char_fraction"):
             _fraction("", key, getattr(self, key))
         for key in ("max_top_ngram_char_fraction", "max_duplicate_ngram_char_fraction"):
             table = getattr(self, key)
@@ -179,6 +189,9 @@ class SourceConfig(Config):
     content: Literal["auto", "prose", "code"] = "auto"
     quality: dict[str, Any] | None = None          # overrides of DataConfig.quality for this source
     near_dedup_threshold: float | None = None      # overrides DataConfig.near_dedup.threshold
+    # Overrides DataConfig.heldout_fraction: a domain of a few long documents needs a larger
+    # fraction than one of many short ones for its held-out bpb to rest on several documents.
+    heldout_fraction: float | None = None
 
     def __post_init__(self) -> None:
         if not _NAME_RE.match(self.name):
@@ -195,6 +208,8 @@ class SourceConfig(Config):
         if self.near_dedup_threshold is not None and not 0.0 < self.near_dedup_threshold <= 1.0:
             raise ValueError(f"source {self.name!r}: near_dedup_threshold must be in (0, 1], "
                              f"got {self.near_dedup_threshold}")
+        if self.heldout_fraction is not None and not 0.0 < self.heldout_fraction < 1.0:
+            raise ValueError(f"source {self.name!r}: heldout_fraction must be in (0, 1), got {self.heldout_fraction}")
 
     def resolved_content(self) -> Literal["prose", "code", "auto"]:
         """"code", "prose", or "auto" (decide per document) for this source."""
@@ -224,6 +239,9 @@ class DataConfig(Config):
     executor: Literal["local", "slurm"] = "local"
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
     chunk_bytes: int = 1_000_000   # documents are processed in work units of about this many bytes
+    # The pipeline, step by step; a filter of your own is a module in lmforge/data/filters/
+    # plus its name here (before "tokenizer": the tokenizer and shards see the final documents).
+    steps: list[str] = field(default_factory=lambda: list(DEFAULT_STEPS))
 
     def __post_init__(self) -> None:
         if not self.sources:
@@ -251,6 +269,9 @@ class DataConfig(Config):
             raise ValueError(f"chunk_bytes must be >= 1, got {self.chunk_bytes}")
         for source in self.sources:
             self.quality_for(source)  # per-source overrides fail here, naming the key
+        from lmforge.data.stages import check_steps  # the step registry sits above this module
+
+        check_steps(self.steps, self)
 
     def quality_for(self, source: SourceConfig) -> QualityConfig:
         """The quality rules for one source: the global ones, off for code, then its overrides."""
@@ -264,6 +285,11 @@ class DataConfig(Config):
     def near_dedup_threshold_for(self, source: SourceConfig) -> float:
         return source.near_dedup_threshold if source.near_dedup_threshold is not None else self.near_dedup.threshold
 
+    def heldout_fraction_for(self, source: str) -> float:
+        """The held-out fraction of the source named ``source``: its own, else the global one."""
+        own = next((s.heldout_fraction for s in self.sources if s.name == source), None)
+        return own if own is not None else self.heldout_fraction
+
     def fingerprint_dict(self) -> dict:
         """The part of the config that decides the prepared bytes.
 
@@ -276,4 +302,8 @@ class DataConfig(Config):
             data.pop(key)
         for source in data["sources"]:
             source.pop("weight")
+            if source.get("heldout_fraction") is None:  # unset: data prepared before the option stays valid
+                source.pop("heldout_fraction", None)
+        if data["steps"] == list(DEFAULT_STEPS):  # likewise for the default steps
+            data.pop("steps")
         return data

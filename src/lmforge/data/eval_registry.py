@@ -66,6 +66,11 @@ class EvalSet:
         return cls(data["name"], data["role"], [EvalItem(i["id"], i["text"]) for i in data["items"]])
 
 
+def eval_sets_digest(eval_sets: list[EvalSet]) -> str:
+    """Identifies which versions of which eval sets a preparation was checked against."""
+    return hashlib.sha256("\n".join(f"{s.name}\t{s.sha256}" for s in eval_sets).encode()).hexdigest()
+
+
 ItemLike = Union[EvalItem, str, tuple]
 Loader = Callable[[], Iterable[ItemLike]]
 _REGISTRY: dict[str, tuple[EvalRole, Loader]] = {}

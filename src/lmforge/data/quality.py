@@ -6,6 +6,13 @@ line by line or n-gram by n-gram. They are written for natural language, so code
 not meet them: a source marked ``content: code`` skips them, and in an ``auto`` source
 each document that looks like code (see :func:`looks_like_code`) is let through and
 counted as ``exempt_code`` instead.
+
+One rule comes before all of them and holds for code too: a document made largely of
+U+FFFD replacement characters or control characters is binary read as text, not text
+(``max_non_text_char_fraction``; three random-byte files named ``.txt`` once passed as
+``exempt_code`` and made 89% of the training bytes).
+
+Registered as the step "quality" (see stages.py): one work unit per chunk of documents.
 """
 
 from __future__ import annotations
@@ -18,7 +25,8 @@ import numpy as np
 from lmforge.data.config import QualityConfig
 from lmforge.data.documents import Document
 from lmforge.data.ngrams import mix64, ngram_hashes, word_ids
-from lmforge.data.steps import FilterStep
+from lmforge.data.stages import ChunkFilter, Context, register_step
+from lmforge.data.steps import FilterStep, PipelineStep
 
 _BULLETS = ("\u2022", "\u2023", "\u25e6", "\u2043", "\u2219", "\u00b7", "- ", "* ", "-\t", "*\t")
 _ELLIPSES = ("...", "\u2026")
@@ -31,6 +39,8 @@ _CODE_TOKEN = re.compile(r"(?<!\S)[^\s{}()\[\]=<>;_#]*[{}()\[\]=<>;_#]")
 _CODE_LINE = re.compile(r"^\s*(?:def|class|import|from|return|if|for|while|elif|else:|try:|except|"
                         r"#include|#define|function|var|let|const|public|private|static|fn|func|"
                         r"package|use)\b", re.M)
+# Not text: undecodable bytes (U+FFFD) and control characters, C0 and C1, except \t \n \f \r.
+_NON_TEXT = re.compile("[\x00-\x08\x0b\x0e-\x1f\x7f-\x9f\ufffd]")
 CODE_TOKEN_FRACTION = 0.12  # tokens holding code characters, above which a document counts as code
 
 
@@ -65,6 +75,8 @@ class QualityFilter(FilterStep):
         self.content = content
 
     def reason(self, doc: Document) -> str | None:
+        if non_text_problem(doc.text, self.cfg):
+            return "max_non_text_char_fraction"  # every source, code included: it is not text at all
         if not self.cfg.enabled or self.content == "code":
             return None
         return document_problem(doc.text, self.cfg, detect_code=self.content == "auto")
@@ -79,6 +91,17 @@ class QualityFilter(FilterStep):
                 yield doc
             else:
                 self.remove(doc, why)
+
+
+def non_text_fraction(text: str) -> float:
+    """The share of ``text``'s characters that are replacement or control characters."""
+    return len(_NON_TEXT.findall(text)) / len(text) if text else 0.0
+
+
+def non_text_problem(text: str, cfg: QualityConfig) -> bool:
+    """True when ``text`` is more replacement and control characters than the config allows."""
+    limit = cfg.max_non_text_char_fraction
+    return limit is not None and non_text_fraction(text) > limit
 
 
 def _outside(name: str, value: float, low: float | None, high: float | None) -> str | None:
@@ -178,3 +201,19 @@ def _repetition_problem(lines: list[str], words: list[str], lengths: np.ndarray,
         if int(lengths[covered].sum()) / total > limit:
             return f"max_duplicate_{n}gram_char_fraction"
     return None
+
+
+@register_step
+class QualityStage(ChunkFilter):
+    """The quality rules of each source's config, chunk by chunk ("removed_quality" by rule)."""
+
+    name = "quality"
+    flags = ("exempt_code",)
+
+    def settings(self, ctx: Context, source: str) -> object:
+        config = ctx.sources[source]
+        return [ctx.cfg.quality_for(config).to_dict(), config.resolved_content()]
+
+    def make_filter(self, ctx: Context, source: str) -> PipelineStep:
+        config = ctx.sources[source]
+        return QualityFilter(ctx.cfg.quality_for(config), config.resolved_content())

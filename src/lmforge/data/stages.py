@@ -1,61 +1,131 @@
-"""Preparation as stages of work units that leave completion markers, so reruns skip them.
+"""The data pipeline as a configured list of named steps of work units with completion markers.
 
-A stage is a list of units (a source, a chunk of documents, or one global unit); each
-unit reads what earlier stages wrote under ``<out_dir>/work/`` and writes its output
-and, last, a ``.done`` marker holding a key: a hash of everything the output depends on
-(config, input digests, upstream keys). A unit whose marker holds the key it would
-compute now is finished and skipped, so an interrupted run resumes where it stopped and
-a changed setting redoes only the work it affects.
+``DataConfig.steps`` names the steps in order; each name is looked up in :data:`STEPS`, a
+:class:`~lmforge.core.registry.Registry` of :class:`Stage` objects. A step is a list of
+units (a source, a chunk of documents, a shard, or one global unit); each unit reads what
+earlier steps wrote and writes its output and, last, a ``.done`` marker holding a key: a
+hash of everything the output depends on (its settings, and the key of the step before
+it, so a changed setting redoes that step and everything after it; the tokenizer and the
+shards are keyed by the final documents themselves). A unit whose marker
+holds the key it would compute now is finished and skipped, so an interrupted run resumes
+where it stopped. Every unit is a pure function of files, so any process can run it: a
+local process pool, or a Slurm array task (see executors.py).
 
-    read/<source>/chunk_NNNNN.arrow   normalized documents (doc_id, text, sha256), ~chunk_bytes each
-    read/<source>.done                counts, input problems, chunk list with digests
-    filter/<source>/NNNNN.done        quality removals; NNNNN.minhash.npz signatures
-    dedup.done                        exact and near-duplicate removals, clusters
-    eval_sets.json, eval_index.*      registered eval sets (snapshot) and their n-gram index
-    decontaminate/<source>/NNNNN.done eval n-gram hits and removals
+The default steps (config.DEFAULT_STEPS), their units and what they leave::
 
-Stages: read (per source) → filter (per chunk) → dedup (global) → eval_index (global) →
-decontaminate (per chunk); then prepare.py trains the tokenizer and writes shards.
-Every unit is a pure function of files, so any process can run it: a local process
-pool, or a Slurm array task (see executors.py).
+    read           per source  work/read/<source>/chunk_NNNNN.arrow, work/read/<source>.done
+    quality        per chunk   work/quality/<source>/NNNNN.done          (quality.py)
+    minhash        per chunk   work/minhash/<source>/NNNNN.{minhash.npz,done}
+    dedup          global      work/dedup.done    exact and near-duplicate removals, clusters
+    eval_index     global      work/eval_index.*  n-gram index of the eval sets and the held-out split
+    decontaminate  per chunk   work/decontaminate/<source>/NNNNN.done
+    tokenizer      global      tokenizer.json, tokenizer.done, doc_hashes/  (output_steps.py)
+    shards         per shard   shards/<split>/<source>/shard_NNNNN.{bin,idx.npy,done}
+
+A new document filter is one module in ``lmforge/data/filters/`` defining a
+:class:`ChunkFilter` decorated with :func:`register_step`, plus its name in ``steps``.
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
-import shutil
+import pkgutil
 import time
 import uuid
 from pathlib import Path
-from typing import Iterator
-
-import numpy as np
+from typing import TYPE_CHECKING, Any, Iterator
 
 from lmforge.core.errors import DataError
-from lmforge.core.io import atomic_write, atomic_write_json, read_json
-from lmforge.core.logging import get_logger
+from lmforge.core.io import atomic_write, atomic_write_json, atomic_write_text, read_json
+from lmforge.core.logging import RateProgress, get_logger
+from lmforge.core.registry import Registry
 from lmforge.data.config import DataConfig
-from lmforge.data.decontaminate import Decontaminate, NgramIndex
-from lmforge.data.documents import Document, content_hash
-from lmforge.data.eval_registry import EvalItem, EvalSet
-from lmforge.data.near_dedup import EMPTY, DropNearDuplicates, MinHashSignatures, find_clusters
-from lmforge.data.pipeline import ExactDedup, Normalize, split_by_hash
-from lmforge.data.quality import QualityFilter
-from lmforge.data.sources import InputProblems, iter_documents, source_signature
-from lmforge.data.steps import StepStats
+from lmforge.data.documents import Document
+from lmforge.data.pipeline import SPLITS, split_by_hash
+from lmforge.data.sources import source_signature
+from lmforge.data.steps import PipelineStep, StepStats
+
+if TYPE_CHECKING:
+    from lmforge.data.executors import LocalExecutor
 
 log = get_logger(__name__)
 WORK = "work"
-STAGE_VERSION = 1
+STAGE_VERSION = 2
 PLAN = "plan.json"
+# (source, split) -> (normalized texts, content hashes), in reading order
+Corpus = dict[tuple[str, str], tuple[list[str], list[str]]]
+
+STEPS: Registry["Stage"] = Registry("data step")
+# Modules whose steps are built in; every module of lmforge.data.filters is loaded too.
+_BUILTIN_MODULES = ("lmforge.data.document_steps", "lmforge.data.quality", "lmforge.data.output_steps")
+# The steps whose output is the prepared data: the corpus is final when the tokenizer starts.
+REQUIRED = ("read", "tokenizer", "shards")
 
 
-def _key(*parts: object) -> str:
+def register_step(cls: type["Stage"]) -> type["Stage"]:
+    """Class decorator: make the step available to ``DataConfig.steps`` under ``cls.name``."""
+    STEPS.register(cls.name)(cls())
+    return cls
+
+
+_loaded = False
+
+
+def load_steps() -> Registry["Stage"]:
+    """The registry with the built-in steps and every filter module registered."""
+    global _loaded
+    if not _loaded:
+        for module in _BUILTIN_MODULES:
+            importlib.import_module(module)
+        from lmforge.data import filters
+
+        for info in sorted(pkgutil.iter_modules(filters.__path__), key=lambda m: m.name):
+            importlib.import_module(f"{filters.__name__}.{info.name}")
+        _loaded = True
+    return STEPS
+
+
+def check_steps(names: list[str], cfg: DataConfig | None = None) -> list["Stage"]:
+    """The steps named, in order; a ValueError naming the problem for an impossible list."""
+    registry = load_steps()
+    unknown = [name for name in names if name not in registry.names()]
+    if unknown:
+        raise ValueError(f"steps: unknown step {unknown[0]!r} (known: {', '.join(registry.names())})")
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise ValueError(f"steps: {repeated[0]!r} is listed more than once")
+    missing = [name for name in REQUIRED if name not in names]
+    if missing:
+        raise ValueError(f"steps: {missing[0]!r} is missing (every preparation needs {', '.join(REQUIRED)})")
+    if names[0] != "read":
+        raise ValueError(f"steps: 'read' must come first (every other step works on the documents it reads), "
+                         f"got {names[0]!r} first")
+    steps = [registry.get(name) for name in names]
+    for position, step in enumerate(steps):
+        for needed in step.after:
+            if needed not in names:
+                raise ValueError(f"steps: {step.name!r} needs {needed!r}, which is not listed")
+            if names.index(needed) > position:
+                raise ValueError(f"steps: {step.name!r} needs {needed!r} before it, but it comes after")
+        if step.removes_documents and names.index("tokenizer") < position:
+            raise ValueError(f"steps: {step.name!r} removes documents, so it must come before 'tokenizer' "
+                             "(the tokenizer and the shards see the final documents)")
+    if cfg is not None:
+        for name, setting, enabled in (("dedup", "near_dedup.enabled", cfg.near_dedup.enabled),
+                                       ("decontaminate", "decontamination.enabled", cfg.decontamination.enabled)):
+            if enabled and name not in names:
+                raise ValueError(f"steps: {setting} is true but {name!r} is not listed; "
+                                 f"add it or set {setting}: false")
+    return steps
+
+
+def key_of(*parts: object) -> str:
     return hashlib.sha256(json.dumps([STAGE_VERSION, *parts], sort_keys=True, default=str).encode()).hexdigest()
 
 
-def _load_marker(path: Path, key: str | None) -> dict | None:
+def load_marker(path: Path, key: str | None) -> dict | None:
     if key is None or not path.is_file():
         return None
     try:
@@ -89,21 +159,25 @@ def read_chunk(path: Path, columns: tuple[str, ...] = ("doc_id", "text", "sha256
     return {name: table.column(name).to_pylist() for name in columns}
 
 
+def split_unit(unit: str) -> tuple[str, int]:
+    """("source", chunk index) of a per-chunk unit "source/NNNNN"."""
+    source, index = unit.rsplit("/", 1)
+    return source, int(index)
+
+
 class Context:
-    """The config, the output folder, and the stage records read so far (finished ones only)."""
+    """The config, the output folder, its steps, and the records of finished units read so far."""
 
     def __init__(self, cfg: DataConfig, out: Path, run_id: str = ""):
         self.cfg, self.out, self.run_id = cfg, Path(out), run_id
         self.work = self.out / WORK
         self.sources = {s.name: s for s in cfg.sources}
+        self.steps: list[Stage] = check_steps(list(cfg.steps))
+        self._positions = {step.name: i for i, step in enumerate(self.steps)}
         self._records: dict[tuple[str, str], dict] = {}
         self._signatures: dict[str, str | None] = {}
-
-    def signature(self, source: str) -> str | None:
-        """The source's input signature, computed once per run (listing files is not free)."""
-        if source not in self._signatures:
-            self._signatures[source] = source_signature(self.sources[source])
-        return self._signatures[source]
+        self._corpus: Corpus | None = None
+        self.cache: dict[str, Any] = {}  # what a step computes once per process (e.g. the shard plan)
 
     @classmethod
     def create(cls, cfg: DataConfig, out: Path) -> "Context":
@@ -117,68 +191,157 @@ class Context:
         plan = read_json(Path(out) / WORK / PLAN)
         return cls(DataConfig.from_dict(plan["config"]), Path(out), plan["run_id"])
 
-    def record(self, stage: "Stage", unit: str) -> dict:
+    def signature(self, source: str) -> str | None:
+        """The source's input signature, computed once per run (listing files is not free)."""
+        if source not in self._signatures:
+            self._signatures[source] = source_signature(self.sources[source])
+        return self._signatures[source]
+
+    def step(self, name: str) -> "Stage":
+        if name not in self._positions:
+            raise DataError(f"{self.out}: step {name!r} is not in this preparation's steps")
+        return self.steps[self._positions[name]]
+
+    # ---- finished units -------------------------------------------------------------
+    def record(self, stage: "Stage | str", unit: str) -> dict:
         """The finished record of ``unit``; an error if it has not finished."""
+        stage = self.step(stage) if isinstance(stage, str) else stage
         found = self.done(stage, unit)
         if found is None:
-            raise DataError(f"{self.out}: stage {stage.name!r} has not finished {unit!r}")
+            raise DataError(f"{self.out}: step {stage.name!r} has not finished {unit!r}")
         return found
 
     def done(self, stage: "Stage", unit: str) -> dict | None:
         cached = self._records.get((stage.name, unit))
         if cached is not None:
             return cached
-        found = _load_marker(stage.marker(self, unit), stage.key(self, unit))
-        if found is not None and stage.outputs_exist(self, unit):
+        found = stage.finished(self, unit)
+        if found is not None:
             self._records[(stage.name, unit)] = found
-            return found
-        return None
+        return found
 
-    # ---- views over finished stages -------------------------------------------------
+    def remember(self, stage: "Stage", unit: str, record: dict) -> None:
+        """Cache a record a worker just returned (it also wrote it to disk)."""
+        self._records[(stage.name, unit)] = record
+
+    def upstream(self, stage: "Stage", unit: str) -> list:
+        """What ``unit`` depends on from the steps before it: the chunk's digest for a per-chunk
+        unit, and the key(s) of the step just before (which hold the keys before them)."""
+        parts: list = []
+        if stage.per_chunk:
+            source, index = split_unit(unit)
+            parts.append(self.record("read", source)["chunks"][index]["digest"])
+        position = self._positions[stage.name]
+        if position == 0:
+            return parts
+        previous = self.steps[position - 1]
+        if previous.name == "read" and stage.per_chunk:
+            return parts
+        if previous.per_chunk and stage.per_chunk:
+            return parts + [previous.done_key(self.record(previous, unit))]
+        return parts + [previous.done_key(self.record(previous, u)) for u in previous.units(self)]
+
+    # ---- views over finished steps --------------------------------------------------
     def chunks(self) -> list[tuple[str, int]]:
-        return [(name, i) for name in self.sources for i in range(len(self.record(READ, name)["chunks"]))]
+        return [(name, i) for name in self.sources for i in range(len(self.record("read", name)["chunks"]))]
 
     def chunk_path(self, source: str, index: int) -> Path:
         return self.work / "read" / source / f"chunk_{index:05d}.arrow"
 
-    def removed(self, source: str, index: int, upto: str = "decontaminate") -> dict[int, str]:
-        """{document index: reason} for one chunk, through stage ``upto``."""
-        out = {int(i): why for i, why in self.record(FILTER, f"{source}/{index:05d}")["removed"].items()}
-        if upto in ("dedup", "decontaminate"):
-            out.update({int(i): why for i, why in
-                        self.record(DEDUP, "all")["removed"].get(source, {}).get(str(index), {}).items()})
-        if upto == "decontaminate" and self.cfg.decontamination.enabled:
-            for i in self.record(DECONTAMINATE, f"{source}/{index:05d}")["removed"]:
-                out[int(i)] = "contaminated"
+    def removed(self, source: str, index: int, before: str | None = None) -> dict[int, str]:
+        """{document index: reason} for one chunk, by every step before ``before`` (None: all)."""
+        out: dict[int, str] = {}
+        for step in self.steps:
+            if step.name == before:
+                break
+            if step.removes_documents:
+                for i, why in step.removals(self, source, index).items():
+                    out.setdefault(i, why)
         return out
 
-    def final_documents(self, upto: str = "decontaminate") -> Iterator[tuple[str, str, str, str, str]]:
-        """(source, split, doc_id, text, sha256) of every kept document, in reading order."""
-        heldout = self.cfg.heldout_fraction
+    # ---- the train / held-out split: the one place that decides it ---------------------
+    def split_of(self, source: str, doc_id: str, text: str, digest: str) -> str:
+        """"train" or "heldout" for one document (by its content hash; see pipeline.split_by_hash)."""
+        return split_by_hash(Document(text, source, doc_id), self.cfg.heldout_fraction_for(source), digest=digest)
+
+    def split_settings(self) -> list[float]:
+        """Everything the split depends on, for the keys of the steps that use it."""
+        return [self.cfg.heldout_fraction_for(name) for name in self.sources]
+
+    def final_documents(self, before: str | None = None) -> Iterator[tuple[str, str, str, str, str]]:
+        """(source, split, doc_id, text, sha256) of every document kept by the steps before
+        ``before`` (None: all steps), in reading order."""
         for source, index in self.chunks():
-            removed = self.removed(source, index, upto)
+            removed = self.removed(source, index, before)
             chunk = read_chunk(self.chunk_path(source, index))
             for i, (doc_id, text, digest) in enumerate(zip(chunk["doc_id"], chunk["text"], chunk["sha256"])):
                 if i not in removed:
-                    split = split_by_hash(Document(text, source, doc_id), heldout, digest=digest)
-                    yield source, split, doc_id, text, digest
+                    yield source, self.split_of(source, doc_id, text, digest), doc_id, text, digest
+
+    def corpus(self) -> Corpus:
+        """The final documents by (source, split), read once per process."""
+        if self._corpus is None:
+            corpus: Corpus = {(s.name, split): ([], []) for s in self.cfg.sources for split in SPLITS}
+            for source, split, _, text, digest in self.final_documents():
+                texts, hashes = corpus[(source, split)]
+                texts.append(text)
+                hashes.append(digest)
+            self._corpus = corpus
+        return self._corpus
+
+    def corpus_digest(self) -> str:
+        """Identifies the final documents: each (source, split)'s content hashes, in order."""
+        digest = hashlib.sha256()
+        for (source, split), (_, hashes) in self.corpus().items():
+            digest.update(f"{source}\t{split}\t{len(hashes)}\n".encode())
+            digest.update("".join(h + "\n" for h in hashes).encode())
+        return digest.hexdigest()
+
+    def write_doc_hashes(self) -> None:
+        """doc_hashes/<split>.txt: the sorted content hashes of each split (the isolation check reads them)."""
+        corpus = self.corpus()
+        for split in SPLITS:
+            hashes = sorted(h for (_, s), (_, hs) in corpus.items() if s == split for h in hs)
+            atomic_write_text(self.out / "doc_hashes" / f"{split}.txt", "".join(h + "\n" for h in hashes))
+
+    def eval_sets_snapshot(self) -> list[dict]:
+        return read_json(self.work / "eval_sets.json")["sets"]
 
 
 class Stage:
+    """One named step: its units, their markers and keys, how to run one, and what it reports."""
+
     name = ""
-    single = False  # one global unit ("all"), run in one process
+    single = False             # one global unit ("all"), run in the preparing process
+    per_chunk = False          # units are the chunks the read step wrote ("source/NNNNN")
+    after: tuple[str, ...] = ()  # steps that must come earlier in the list
+    removes_documents = False  # drops documents: must come before the tokenizer
 
     def units(self, ctx: Context) -> list[str]:
-        return ["all"] if self.single else [f"{s}/{i:05d}" for s, i in ctx.chunks()]
+        if self.single:
+            return ["all"]
+        if self.per_chunk:
+            return [f"{s}/{i:05d}" for s, i in ctx.chunks()]
+        raise NotImplementedError(f"step {self.name!r} must say what its units are")
 
     def marker(self, ctx: Context, unit: str) -> Path:
         return ctx.work / self.name / f"{unit}.done"
 
     def key(self, ctx: Context, unit: str) -> str | None:
-        raise NotImplementedError
+        """A hash of everything the unit's output depends on; None: always redo it."""
+        return key_of(self.name, ctx.upstream(self, unit))
 
     def outputs_exist(self, ctx: Context, unit: str) -> bool:
         return True
+
+    def done_key(self, record: dict) -> str:
+        """What identifies a finished unit's output, for the keys of the step after it."""
+        return record["key"]
+
+    def finished(self, ctx: Context, unit: str) -> dict | None:
+        """The unit's record if its marker holds the current key and its outputs are there."""
+        found = load_marker(self.marker(ctx, unit), self.key(ctx, unit))
+        return found if found is not None and self.outputs_exist(ctx, unit) else None
 
     def run(self, ctx: Context, unit: str) -> dict:
         """Do the unit's work, write its outputs and marker; return the record."""
@@ -192,284 +355,92 @@ class Stage:
     def compute(self, ctx: Context, unit: str) -> dict:
         raise NotImplementedError
 
+    def tidy(self, ctx: Context) -> None:
+        """Before a local run of this step: remove leftovers of earlier runs it would not replace."""
 
-def _split_unit(unit: str) -> tuple[str, int]:
-    source, index = unit.rsplit("/", 1)
-    return source, int(index)
+    def dispatch(self, ctx: Context, pending: list[str], executor: "LocalExecutor") -> None:
+        """Run the pending units locally: a global unit here, others in the worker pool."""
+        if self.single:
+            for unit in pending:
+                ctx.remember(self, unit, self.run(ctx, unit))
+            return
+        out = str(ctx.out)
+        with RateProgress(self.name, total=len(pending), unit="units") as bar:
+            def done(args: tuple, record: dict) -> None:
+                ctx.remember(self, args[2], record)
+                bar.advance(1)
 
+            executor.map(run_unit, [(self.name, out, unit) for unit in pending], on_done=done)
 
-class ReadStage(Stage):
-    """Read one source, normalize, drop empty documents, write chunks of ~chunk_bytes."""
+    # ---- what the manifest says about the step -----------------------------------------
+    def removals(self, ctx: Context, source: str, index: int) -> dict[int, str]:
+        """{document index: reason} this step removed from one chunk."""
+        return {}
 
-    name = "read"
+    def step_stats(self, ctx: Context) -> list[StepStats]:
+        """Documents in / out and removals by reason, for the manifest's ``steps`` list."""
+        return []
 
-    def units(self, ctx: Context) -> list[str]:
-        return list(ctx.sources)
+    def pipeline_fields(self, ctx: Context, source: str) -> dict[str, Any]:
+        """This step's entries in the manifest's per-source ``pipeline`` record."""
+        return {}
 
-    def marker(self, ctx: Context, unit: str) -> Path:
-        return ctx.work / "read" / f"{unit}.done"
-
-    def key(self, ctx: Context, unit: str) -> str | None:
-        source = ctx.sources[unit]
-        signature = ctx.signature(unit)
-        if signature is None:
-            return None  # a remote dataset: always read again
-        # Settings that only later stages or the loader use do not force a re-read.
-        spec = {k: v for k, v in source.to_dict().items()
-                if k not in ("weight", "quality", "near_dedup_threshold", "content")}
-        return _key("read", spec, ctx.cfg.min_doc_chars, ctx.cfg.chunk_bytes, signature)
-
-    def outputs_exist(self, ctx: Context, unit: str) -> bool:
-        return all(ctx.chunk_path(unit, i).is_file() for i in range(len(read_json(self.marker(ctx, unit))["chunks"])))
-
-    def compute(self, ctx: Context, unit: str) -> dict:
-        source = ctx.sources[unit]
-        folder = ctx.work / "read" / unit
-        if folder.exists():
-            shutil.rmtree(folder)
-        problems = InputProblems()
-        step = Normalize(ctx.cfg.min_doc_chars)
-        chunks: list[dict] = []
-        ids: list[str] = []
-        texts: list[str] = []
-        hashes: list[str] = []
-        size = 0
-
-        def flush() -> None:
-            nonlocal ids, texts, hashes, size
-            if not ids:
-                return
-            write_chunk(ctx.chunk_path(unit, len(chunks)), ids, texts, hashes)
-            digest = hashlib.sha256("\n".join(f"{i}\t{h}" for i, h in zip(ids, hashes)).encode()).hexdigest()
-            chunks.append({"documents": len(ids), "bytes": size, "digest": digest})
-            ids, texts, hashes, size = [], [], [], 0
-
-        for doc in step(iter_documents(source, problems)):
-            ids.append(doc.doc_id)
-            texts.append(doc.text)
-            hashes.append(content_hash(doc.text))
-            size += len(doc.text.encode("utf-8"))
-            if size >= ctx.cfg.chunk_bytes:
-                flush()
-        flush()
-        read = step.stats.docs_in[unit]
-        if read == 0:
-            where = f"path {source.path!r}" if source.path else "the demo corpus"
-            raise DataError(f"source {unit!r} ({source.kind}, {where}) yielded no documents"
-                            f" (input problems: {problems.describe()})")
-        return {"chunks": chunks, "read": read, "removed_empty": step.stats.removed[unit]["empty"],
-                "problem_counts": dict(sorted(problems.counts.items())), "problems": problems.listed(),
-                "normalize": step.stats.to_dict()}
+    def report(self, ctx: Context, manifest: dict) -> None:
+        """Add this step's sections to the manifest (and write its report files)."""
 
 
-class FilterStage(Stage):
-    """Quality rules and MinHash signatures for one chunk."""
+class ChunkFilter(Stage):
+    """A per-chunk step that drops documents with a :class:`~lmforge.data.steps.PipelineStep`.
 
-    name = "filter"
+    Subclasses give the step for a source (``make_filter``) and what its decisions depend
+    on (``settings``). Removals are counted per source under ``removed_<name>`` in the
+    manifest, by reason; ``flags`` are notes on kept documents, reported as counts.
+    """
+
+    per_chunk = True
+    removes_documents = True
+    flags: tuple[str, ...] = ()
+
+    def make_filter(self, ctx: Context, source: str) -> PipelineStep:
+        raise NotImplementedError
+
+    def settings(self, ctx: Context, source: str) -> Any:
+        """Everything besides the documents that the filter's decisions depend on."""
+        return None
 
     def key(self, ctx: Context, unit: str) -> str | None:
-        source, index = _split_unit(unit)
-        digest = ctx.record(READ, source)["chunks"][index]["digest"]
-        near = ctx.cfg.near_dedup
-        config = ctx.sources[source]
-        return _key("filter", digest, ctx.cfg.quality_for(config).to_dict(), config.resolved_content(),
-                    [near.enabled, near.shingle_size, near.num_hashes, near.seed])
-
-    def signatures_path(self, ctx: Context, unit: str) -> Path:
-        return ctx.work / self.name / f"{unit}.minhash.npz"
-
-    def outputs_exist(self, ctx: Context, unit: str) -> bool:
-        return not ctx.cfg.near_dedup.enabled or self.signatures_path(ctx, unit).is_file()
+        return key_of(self.name, ctx.upstream(self, unit), self.settings(ctx, split_unit(unit)[0]))
 
     def compute(self, ctx: Context, unit: str) -> dict:
-        source, index = _split_unit(unit)
-        config = ctx.sources[source]
+        source, index = split_unit(unit)
         chunk = read_chunk(ctx.chunk_path(source, index), ("doc_id", "text"))
-        docs = [Document(t, source, d, {"index": i}) for i, (d, t) in enumerate(zip(chunk["doc_id"], chunk["text"]))]
-        quality = QualityFilter(ctx.cfg.quality_for(config), config.resolved_content())
+        before = ctx.removed(source, index, before=self.name)
+        docs = [Document(t, source, d, {"index": i}) for i, (d, t) in enumerate(zip(chunk["doc_id"], chunk["text"]))
+                if i not in before]
+        step = self.make_filter(ctx, source)
         started = time.perf_counter()
-        kept = list(quality(docs))  # one step at a time, so each one's time is known
-        quality.stats.seconds = time.perf_counter() - started
-        near = ctx.cfg.near_dedup
-        signer = MinHashSignatures(near)
-        if near.enabled:
-            started = time.perf_counter()
-            signatures = np.full((len(docs), near.num_hashes), EMPTY, dtype=np.uint32)
-            sizes = np.zeros(len(docs), dtype=np.int64)
-            for doc in signer(kept):
-                if doc.meta["minhash"] is not None:
-                    signatures[doc.meta["index"]] = doc.meta["minhash"]
-                    sizes[doc.meta["index"]] = doc.meta["shingles"]
-
-            def write(tmp: Path) -> None:
-                with open(tmp, "wb") as handle:
-                    np.savez(handle, signatures=signatures, shingles=sizes)
-
-            atomic_write(self.signatures_path(ctx, unit), write)
-            signer.stats.seconds = time.perf_counter() - started
+        for _ in step(docs):
+            pass
+        step.stats.seconds = time.perf_counter() - started
         removed = {str(doc.meta["index"]): doc.meta["removed"] for doc in docs if "removed" in doc.meta}
-        return {"removed": removed, "quality": quality.stats.to_dict(), "minhash": signer.stats.to_dict()}
+        return {"removed": removed, "stats": step.stats.to_dict()}
 
+    def removals(self, ctx: Context, source: str, index: int) -> dict[int, str]:
+        return {int(i): why for i, why in ctx.record(self, f"{source}/{index:05d}")["removed"].items()}
 
-class DedupStage(Stage):
-    """Exact dedup by content hash, then MinHash-LSH near-dedup, over all sources in order."""
+    def stats(self, ctx: Context) -> StepStats:
+        stats = merged_stats(ctx, self, "stats")
+        stats.name = self.name
+        return stats
 
-    name = "dedup"
-    single = True
+    def step_stats(self, ctx: Context) -> list[StepStats]:
+        return [self.stats(ctx)]
 
-    def marker(self, ctx: Context, unit: str) -> Path:
-        return ctx.work / "dedup.done"
-
-    def key(self, ctx: Context, unit: str) -> str | None:
-        filters = [ctx.record(FILTER, f"{s}/{i:05d}")["key"] for s, i in ctx.chunks()]
-        thresholds = {s.name: ctx.cfg.near_dedup_threshold_for(s) for s in ctx.cfg.sources}
-        return _key("dedup", filters, ctx.cfg.near_dedup.to_dict(), thresholds)
-
-    def compute(self, ctx: Context, unit: str) -> dict:
-        cfg = ctx.cfg.near_dedup
-        docs: list[Document] = []
-        for source, index in ctx.chunks():
-            removed = ctx.removed(source, index, upto="filter")
-            chunk = read_chunk(ctx.chunk_path(source, index), ("doc_id", "sha256"))
-            for i, (doc_id, digest) in enumerate(zip(chunk["doc_id"], chunk["sha256"])):
-                if i not in removed:
-                    docs.append(Document("", source, doc_id, {"sha256": digest, "chunk": index, "index": i}))
-        exact = ExactDedup()
-        survivors = list(exact(docs))
-        near = DropNearDuplicates()
-        clusters_out: list[dict] = []
-        lsh: dict = {"enabled": cfg.enabled}
-        if cfg.enabled and survivors:
-            signatures, sizes = _gather_signatures(ctx, survivors)
-            thresholds = np.array([ctx.cfg.near_dedup_threshold_for(ctx.sources[d.source]) for d in survivors])
-            clusters, lsh_stats = find_clusters(signatures, sizes > 0, thresholds, sizes, cfg)
-            lsh.update(lsh_stats)
-            for cluster in clusters:
-                kept = survivors[cluster.members[0]]
-                for member in cluster.members[1:]:
-                    survivors[member].meta["near_duplicate_of"] = f"{kept.source}:{kept.doc_id}"
-                clusters_out.append({"kept": {"source": kept.source, "doc_id": kept.doc_id},
-                                     "members": [{"source": survivors[m].source, "doc_id": survivors[m].doc_id,
-                                                  "similarity": s}
-                                                 for m, s in zip(cluster.members, cluster.similarity)]})
-        final = list(near(survivors))
-        removed: dict[str, dict[str, dict[str, str]]] = {}
-        exact_pairs = []
-        for doc in docs:
-            reason = doc.meta.get("removed")
-            if reason:
-                removed.setdefault(doc.source, {}).setdefault(str(doc.meta["chunk"]), {})[str(doc.meta["index"])] = reason
-            if "duplicate_of" in doc.meta:
-                exact_pairs.append({"source": doc.source, "doc_id": doc.doc_id, "duplicate_of": doc.meta["duplicate_of"]})
-        return {"removed": removed, "clusters": clusters_out, "exact_duplicates": exact_pairs, "lsh": lsh,
-                "exact_dedup": exact.stats.to_dict(), "near_dedup": near.stats.to_dict(), "kept": len(final)}
-
-
-def _gather_signatures(ctx: Context, docs: list[Document]) -> tuple[np.ndarray, np.ndarray]:
-    cfg = ctx.cfg.near_dedup
-    """(signatures uint32 [n, num_hashes], distinct shingles int64 [n]; 0 = too short) of ``docs``."""
-    signatures = np.full((len(docs), cfg.num_hashes), EMPTY, dtype=np.uint32)
-    sizes = np.zeros(len(docs), dtype=np.int64)
-    loaded: dict[tuple[str, int], tuple[np.ndarray, np.ndarray]] = {}
-    for row, doc in enumerate(docs):
-        where = (doc.source, doc.meta["chunk"])
-        if where not in loaded:
-            with np.load(FILTER.signatures_path(ctx, f"{where[0]}/{where[1]:05d}")) as data:
-                loaded = {where: (data["signatures"], data["shingles"])}  # chunks come in order: keep one
-        chunk_signatures, chunk_sizes = loaded[where]
-        signatures[row] = chunk_signatures[doc.meta["index"]]
-        sizes[row] = chunk_sizes[doc.meta["index"]]
-    return signatures, sizes
-
-
-class EvalIndexStage(Stage):
-    """The n-gram index of every eval set: the registered snapshot plus the held-out split."""
-
-    name = "eval_index"
-    single = True
-
-    def marker(self, ctx: Context, unit: str) -> Path:
-        return ctx.work / "eval_index.done"
-
-    def key(self, ctx: Context, unit: str) -> str | None:
-        snapshot = ctx.work / "eval_sets.json"
-        digest = hashlib.sha256(snapshot.read_bytes()).hexdigest() if snapshot.is_file() else None
-        return _key("eval_index", digest, ctx.record(DEDUP, "all")["key"], ctx.cfg.decontamination.to_dict(),
-                    ctx.cfg.heldout_fraction)
-
-    def outputs_exist(self, ctx: Context, unit: str) -> bool:
-        return (ctx.work / "eval_index.npz").is_file() and (ctx.work / "eval_index.json").is_file()
-
-    def compute(self, ctx: Context, unit: str) -> dict:
-        sets = [EvalSet.from_dict(s) for s in read_json(ctx.work / "eval_sets.json")["sets"]]
-        if ctx.cfg.decontamination.enabled and ctx.cfg.decontamination.heldout_split:
-            heldout: dict[str, list[EvalItem]] = {name: [] for name in ctx.sources}
-            for source, split, doc_id, text, _ in ctx.final_documents(upto="dedup"):
-                if split == "heldout":
-                    heldout[source].append(EvalItem(doc_id, text))
-            sets += [EvalSet(f"heldout/{name}", "heldout", items) for name, items in heldout.items()]
-        index = NgramIndex.build(sets, ctx.cfg.decontamination)
-        index.save(ctx.work)
-        return {"sets": index.sets, "items": len(index.items)}
-
-
-class DecontaminateStage(Stage):
-    """Scan one chunk for eval n-grams: report every hit in the raw (non-held-out) text,
-    remove the training documents that still stood."""
-
-    name = "decontaminate"
-
-    def key(self, ctx: Context, unit: str) -> str | None:
-        source, index = _split_unit(unit)
-        return _key("decontaminate", ctx.record(READ, source)["chunks"][index]["digest"],
-                    ctx.record(EVAL_INDEX, "all")["key"])
-
-    def compute(self, ctx: Context, unit: str) -> dict:
-        source, index = _split_unit(unit)
-        if not ctx.cfg.decontamination.enabled:
-            return {"removed": [], "hits": [], "scanned": 0, "step": StepStats(self.name).to_dict()}
-        eval_index = _load_index(ctx)
-        removed_before = ctx.removed(source, index, upto="dedup")
-        chunk = read_chunk(ctx.chunk_path(source, index))
-        step = Decontaminate(eval_index)
-        hits, removed, scanned = [], [], 0
-        for i, (doc_id, text, digest) in enumerate(zip(chunk["doc_id"], chunk["text"], chunk["sha256"])):
-            doc = Document(text, source, doc_id)
-            split = split_by_hash(doc, ctx.cfg.heldout_fraction, digest=digest)
-            if split == "heldout" and i not in removed_before:
-                continue  # held-out text is evaluation data, not training data
-            scanned += 1
-            found = eval_index.find(text)
-            doc.meta["eval_hits"] = found
-            if i in removed_before:
-                status = f"already_removed:{removed_before[i]}"
-            else:
-                status = "kept" if list(step([doc])) else "removed_contaminated"
-                if status == "removed_contaminated":
-                    removed.append(i)
-            if found:
-                hits.append({"index": i, "source": source, "doc_id": doc_id, "sha256": digest, "status": status,
-                             "items": {str(k): v for k, v in sorted(found.items())}})
-        return {"removed": removed, "hits": hits, "scanned": scanned, "step": step.stats.to_dict()}
-
-
-_INDEX_CACHE: dict[tuple[str, str], NgramIndex] = {}
-
-
-def _load_index(ctx: Context) -> NgramIndex:
-    key = (str(ctx.work), ctx.record(EVAL_INDEX, "all")["key"])
-    if key not in _INDEX_CACHE:
-        _INDEX_CACHE.clear()
-        _INDEX_CACHE[key] = NgramIndex.load(ctx.work)
-    return _INDEX_CACHE[key]
-
-
-READ = ReadStage()
-FILTER = FilterStage()
-DEDUP = DedupStage()
-EVAL_INDEX = EvalIndexStage()
-DECONTAMINATE = DecontaminateStage()
-STAGES: dict[str, Stage] = {s.name: s for s in (READ, FILTER, DEDUP, EVAL_INDEX, DECONTAMINATE)}
+    def pipeline_fields(self, ctx: Context, source: str) -> dict[str, Any]:
+        stats = self.stats(ctx)
+        fields: dict[str, Any] = {f"removed_{self.name}": dict(sorted(stats.removed[source].items()))}
+        fields.update({flag: stats.flagged[source][flag] for flag in self.flags})
+        return fields
 
 
 def merged_stats(ctx: Context, stage: Stage, field: str) -> StepStats:
@@ -489,5 +460,5 @@ def run_unit(stage_name: str, out_dir: str, unit: str) -> dict:
     ctx = _CONTEXTS.get(out_dir)
     if ctx is None or ctx.run_id != plan["run_id"]:
         ctx = _CONTEXTS[out_dir] = Context.load(Path(out_dir))
-    stage = STAGES[stage_name]
+    stage = ctx.step(stage_name)
     return ctx.done(stage, unit) or stage.run(ctx, unit)

@@ -9,8 +9,12 @@ from lmforge.core.config import Config
 
 @dataclass
 class EvalConfig(Config):
-    max_tokens_per_domain: int = 32768  # held-out tokens scored per domain (first N, fixed)
+    # Held-out tokens scored per domain: all of them when there are no more, else windows
+    # spread evenly over the whole held-out split (fixed positions, so runs compare).
+    max_tokens_per_domain: int = 32768
     batch_size: int = 8
+    interval_level: float = 0.95        # of the bootstrap interval around each domain's bits-per-byte
+    bootstrap_samples: int = 1000       # resamples of held-out documents (numpy, seeded: deterministic)
     sample_prompts: list[str] = field(
         default_factory=lambda: ["ROMEO.\n", "def fibonacci(n):\n", "Of Man's first disobedience"]
     )
@@ -24,6 +28,10 @@ class EvalConfig(Config):
     def __post_init__(self) -> None:
         if self.max_tokens_per_domain < 1 or self.batch_size < 1:
             raise ValueError("max_tokens_per_domain and batch_size must be >= 1")
+        if not 0.0 < self.interval_level < 1.0:
+            raise ValueError(f"interval_level must be in (0, 1), got {self.interval_level}")
+        if self.bootstrap_samples < 1:
+            raise ValueError(f"bootstrap_samples must be >= 1, got {self.bootstrap_samples}")
         if self.task_items < 0:
             raise ValueError("task_items must be >= 0")
         if self.temperature < 0:

@@ -21,7 +21,6 @@ boundary: the answer's tokens then read the neighbours retrieved with the questi
 
 from __future__ import annotations
 
-import argparse
 import math
 from pathlib import Path
 from typing import Any
@@ -30,7 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from lmforge.core.errors import DataError
+from lmforge.core.errors import ConfigError, DataError
 from lmforge.core.io import atomic_write_json
 from lmforge.data.tokenizer import Tokenizer
 from lmforge.nn.retro import RetroTransformer
@@ -180,20 +179,21 @@ def _fact_recall(model: torch.nn.Module, tokenizer: Tokenizer, items: list[dict[
     return hits / max(len(items), 1)
 
 
-def run_facts(args: argparse.Namespace) -> int:
-    from lmforge.eval.retrieval_eval import load_model
+def facts_benchmark_for_checkpoint(target: str | Path, db_path: str | Path, *, entities: int = 24, seed: int = 0,
+                                   out: str | Path | None = None) -> dict[str, Any]:
+    """:func:`run_facts_benchmark` on a run or checkpoint (its newest valid checkpoint).
 
-    model, _, checkpoint = load_model(args.target)
+    Writes the result to ``out`` (default RUN/eval/facts.json; its path is ``result["output"]``)
+    and returns it. The database ends as it began: the facts are added, then removed.
+    """
+    from lmforge.nn.loading import load_model
+
+    if entities < 1:
+        raise ConfigError(f"entities must be >= 1, got {entities}")
+    model, _, checkpoint = load_model(target)
     tokenizer = Tokenizer.load(checkpoint / "tokenizer.json")
-    result = run_facts_benchmark(model, tokenizer, args.db, args.entities, args.seed)
-    result["checkpoint"] = str(checkpoint)
-    out = Path(args.out) if args.out else checkpoint.parent.parent / "eval" / "facts.json"
-    atomic_write_json(out, result)
-    print(f"{'condition':<16}{'accuracy':>10}{'margin (nats)':>16}   ({result['after_add']['questions']} questions, chance 0.25)")
-    for cond in ("no_retrieval", "before_add", "after_add", "after_remove"):
-        r = result[cond]
-        print(f"{cond:<16}{r['accuracy']:>10.3f}{r['mean_margin_nats']:>16.3f}")
-    if result["after_add"].get("fact_retrieved") is not None:
-        print(f"question chunk retrieves its fact: {result['after_add']['fact_retrieved']:.3f}")
-    print(f"written: {out}")
-    return 0
+    result = run_facts_benchmark(model, tokenizer, db_path, entities, seed)
+    output = Path(out) if out else checkpoint.parent.parent / "eval" / "facts.json"
+    result.update(checkpoint=str(checkpoint), output=str(output))
+    atomic_write_json(output, result)
+    return result

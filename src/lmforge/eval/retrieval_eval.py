@@ -1,6 +1,6 @@
 """Held-out bits-per-byte of a RETRO model with and without retrieval.
 
-Three views, all on the same held-out windows (``heldout_windows``, chunk-aligned because
+Three views, all on the same held-out windows (``heldout_eval_windows``, chunk-aligned because
 ``seq_len`` is a multiple of ``chunk_len``):
 
 - **with vs without retrieval**: the same model, neighbours from the database or none;
@@ -21,7 +21,6 @@ split), so no neighbour is the evaluated text itself.
 
 from __future__ import annotations
 
-import argparse
 import math
 from pathlib import Path
 from typing import Any
@@ -29,47 +28,19 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-import yaml
 
-from lmforge.core.checkpoint_files import latest_valid_checkpoint, load_safetensors_weights, verify_checkpoint_dir
 from lmforge.core.errors import CheckpointError, ConfigError, DataError
 from lmforge.core.io import atomic_write_json
-from lmforge.data.loader import heldout_windows
+from lmforge.core.run_marker import resolve_data_dir
 from lmforge.data.tokenizer import Tokenizer
-from lmforge.eval.heldout import heldout_domains
-from lmforge.nn.config import ModelConfig
-from lmforge.nn.retro import RetroModelConfig, RetroTransformer
+from lmforge.eval.heldout import heldout_domains, heldout_eval_windows
+from lmforge.nn.loading import load_model
+from lmforge.nn.retro import RetroTransformer
 from lmforge.retrieval.alignment import window_neighbour_tokens
 from lmforge.retrieval.database import ChunkDatabase
 from lmforge.retrieval.query_encoder import QueryEncoder, load_query_encoder, rerank
 
 BUCKETS = (0.0, 0.125, 0.25, 0.5, 0.75, 1.01)
-
-
-def resolve_checkpoint(path: str | Path) -> Path:
-    path = Path(path)
-    if (path / "manifest.json").is_file():
-        return path
-    found = latest_valid_checkpoint(path / "checkpoints") if (path / "checkpoints").is_dir() else None
-    if found is None:
-        raise CheckpointError(f"{path}: neither a checkpoint nor a run directory with a valid checkpoint")
-    return found
-
-
-def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[torch.nn.Module, dict[str, Any], Path]:
-    """A dense, MoE or RETRO model from a run or checkpoint: (model in eval mode, run config dict, checkpoint)."""
-    checkpoint = resolve_checkpoint(path)
-    verify_checkpoint_dir(checkpoint)
-    config = yaml.safe_load((checkpoint / "config.yaml").read_text())
-    model_dict = dict(config["model"])
-    if "retro" in model_dict:
-        # The checkpoint holds every weight; do not reload or freeze a base model.
-        model_dict["retro"] = {**model_dict["retro"], "base_checkpoint": None, "freeze_decoder": False}
-        model: torch.nn.Module = RetroModelConfig.from_dict(model_dict, path="model").build()
-    else:
-        model = ModelConfig.from_dict(model_dict, path="model").build()
-    load_safetensors_weights(model, checkpoint)
-    return model.to(device).eval(), config, checkpoint
 
 
 def longest_common_run(chunks: np.ndarray, neighbours: np.ndarray) -> np.ndarray:
@@ -104,7 +75,8 @@ class HeldoutRetrieval:
         self.domains: dict[str, list[tuple[torch.Tensor, torch.Tensor, np.ndarray]]] = {}
         for domain in heldout_domains(Path(data_dir)):
             windows = []
-            for inputs, targets in heldout_windows(data_dir, domain, seq_len, max_tokens, batch_size):
+            # the windows the plain held-out evaluation scores, so bpb and bpb_retrieval compare like for like
+            for inputs, targets in heldout_eval_windows(Path(data_dir), domain, seq_len, max_tokens, batch_size):
                 n_complete = inputs.shape[1] // m
                 chunks = inputs[:, : n_complete * m].numpy().reshape(-1, m)
                 vectors = db.embedder.embed(chunks) if len(chunks) else np.zeros((0, db.embedder.dim), np.float32)
@@ -222,38 +194,36 @@ def _bucket(stats: dict, inputs: np.ndarray, neighbours: np.ndarray, nll_none: n
             stats["none"][name][2] += len(range(*positions.indices(n)))
 
 
-def run_retrieval_eval(args: argparse.Namespace) -> int:
-    model, config, checkpoint = load_model(args.target)
+def evaluate_retrieval_for_checkpoint(target: str | Path, db_path: str | Path, *, k: int | None = None,
+                                      max_tokens: int = 16384, fractions: tuple[float, ...] = (0.1, 0.3, 1.0),
+                                      query_encoder: str | Path | None = None, candidates: int = 8,
+                                      out: str | Path | None = None) -> dict[str, Any]:
+    """Score a RETRO run or checkpoint on held-out data with and without retrieval from ``db_path``.
+
+    Writes the result to ``out`` (default RUN/eval/retrieval.json; its path is ``result["output"]``)
+    and returns it. Arguments are checked before the held-out data is embedded.
+    """
+    if k is not None and k < 1:
+        raise ConfigError(f"k must be >= 1, got {k}")
+    if max_tokens < 1:
+        raise ConfigError(f"max_tokens must be >= 1, got {max_tokens}")
+    if not fractions or not all(0 < f <= 1 for f in fractions):
+        raise ConfigError(f"database fractions must be in (0, 1], got {list(fractions)}")
+    model, config, checkpoint = load_model(target)
     if not isinstance(model, RetroTransformer):
         raise CheckpointError(f"{checkpoint}: not a RETRO model (its model config has no retro section)")
-    db = ChunkDatabase(args.db)
+    db = ChunkDatabase(db_path)
     if db.chunk_len != model.retro.chunk_len:
-        raise DataError(f"{args.db}: chunk_len {db.chunk_len}, the model uses {model.retro.chunk_len}")
-    fractions = tuple(float(f) for f in args.fractions.split(","))
-    encoder_path = getattr(args, "query_encoder", None)
-    encoder = load_query_encoder(encoder_path, db) if encoder_path else None
-    candidates = int(getattr(args, "candidates", 8))
+        raise DataError(f"{db_path}: chunk_len {db.chunk_len}, the model uses {model.retro.chunk_len}")
+    encoder = load_query_encoder(query_encoder, db) if query_encoder else None
     if encoder is not None:
-        _check_candidates(candidates, args.k or model.retro.n_neighbours)  # before the held-out data is embedded
-    heldout = HeldoutRetrieval(db, Path(config["data"]["out_dir"]), int(config["train"]["seq_len"]), args.max_tokens)
-    result = evaluate_retrieval(model, heldout, args.k, fractions, query_encoder=encoder, candidates=candidates)
-    result.update(checkpoint=str(checkpoint), database=str(db.path), generation=db.generation)
-    if encoder_path:
-        result["reranking"]["path"] = str(encoder_path)
-    out = Path(args.out) if args.out else checkpoint.parent.parent / "eval" / "retrieval.json"
-    atomic_write_json(out, result)
-    print_retrieval_result(result)
-    print(f"written: {out}")
-    return 0
-
-
-def print_retrieval_result(result: dict[str, Any]) -> None:
-    conds = list(result["bpb"])
-    if "reranking" in result:
-        print(f"neighbours: the query encoder's top {result['k']} of {result['reranking']['candidates']} candidates")
-    print(f"{'domain':<14}" + "".join(f"{c:>12}" for c in conds) + "   (bits/byte)")
-    for domain in result["bpb"]["none"]:
-        print(f"{domain:<14}" + "".join(f"{result['bpb'][c][domain]:>12.4f}" for c in conds))
-    for name, b in result.get("overlap_buckets", {}).items():
-        if b["tokens"]:
-            print(f"overlap {name:<10}{b['tokens']:>8} tokens  without {b['bpb_without']:.4f}  with {b['bpb_with']:.4f}")
+        _check_candidates(candidates, k or model.retro.n_neighbours)
+    data_dir = resolve_data_dir(checkpoint, config["data"]["out_dir"])  # relative to where the run trained
+    heldout = HeldoutRetrieval(db, data_dir, int(config["train"]["seq_len"]), max_tokens)
+    result = evaluate_retrieval(model, heldout, k, tuple(fractions), query_encoder=encoder, candidates=candidates)
+    output = Path(out) if out else checkpoint.parent.parent / "eval" / "retrieval.json"
+    result.update(checkpoint=str(checkpoint), database=str(db.path), generation=db.generation, output=str(output))
+    if query_encoder:
+        result["reranking"]["path"] = str(query_encoder)
+    atomic_write_json(output, result)
+    return result

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from lmforge.core.logging import get_logger
+from lmforge.data.heldout_check import MIN_HELDOUT_DOCUMENTS
 from lmforge.data.tokenizer import Tokenizer
 from lmforge.eval.config import EvalConfig
 from lmforge.eval.heldout import evaluate_heldout
@@ -24,9 +25,11 @@ log = get_logger(__name__)
 def heldout_record(model: nn.Module, data_dir: Path, seq_len: int, cfg: EvalConfig, device: torch.device,
                    precision: str = "auto", max_tokens: int | None = None) -> dict[str, Any]:
     result = evaluate_heldout(model, data_dir, seq_len, max_tokens or cfg.max_tokens_per_domain,
-                              batch_size=cfg.batch_size, device=device, precision=precision)
-    return {"loss": result["loss"], "bpb": result["bpb"], "eval_tokens": result["tokens"],
-            "eval_bytes": result["bytes"]}
+                              batch_size=cfg.batch_size, device=device, precision=precision,
+                              interval_level=cfg.interval_level, bootstrap_samples=cfg.bootstrap_samples)
+    return {"loss": result["loss"], "bpb": result["bpb"], "bpb_interval": result["bpb_interval"],
+            "interval_level": cfg.interval_level, "interval_unit": result["interval_unit"],
+            "eval_documents": result["documents"], "eval_tokens": result["tokens"], "eval_bytes": result["bytes"]}
 
 
 def complete_evaluation(record: dict[str, Any], model: nn.Module, tokenizer: Tokenizer, data_dir: Path,
@@ -42,12 +45,29 @@ def complete_evaluation(record: dict[str, Any], model: nn.Module, tokenizer: Tok
     return record
 
 
+def interval_header(record: dict[str, Any]) -> str:
+    return f"{100 * record.get('interval_level', 0.95):.0f}% interval"
+
+
+def format_interval(record: dict[str, Any], domain: str) -> str:
+    """``low-high`` of a domain's bits-per-byte interval ("-" for records from before intervals)."""
+    interval = record.get("bpb_interval", {}).get(domain)
+    return f"{interval[0]:.4f}-{interval[1]:.4f}" if interval else "-"
+
+
 def describe(record: dict[str, Any]) -> list[str]:
     """Human-readable lines for a finished evaluation record."""
-    lines = [f"{'domain':<14}{'loss':>10}{'bits/byte':>12}{'tokens':>10}"]
+    lines = [f"{'domain':<14}{'loss':>10}{'bits/byte':>12}{interval_header(record):>18}{'documents':>11}{'tokens':>10}"]
     for domain in record["bpb"]:
         lines.append(f"{domain:<14}{record['loss'][domain]:>10.4f}{record['bpb'][domain]:>12.4f}"
+                     f"{format_interval(record, domain):>18}{record.get('eval_documents', {}).get(domain, '?'):>11}"
                      f"{record['eval_tokens'][domain]:>10}")
+    if not record["bpb"]:
+        lines.append("no held-out tokens in any domain: no bits-per-byte (see the warning above)")
+    for domain, unit in record.get("interval_unit", {}).items():
+        if unit == "window":
+            lines.append(f"  {domain}: interval over scored windows, as fewer than {MIN_HELDOUT_DOCUMENTS} held-out "
+                         "documents were scored: it leaves out the spread between documents")
     for name, score in record.get("tasks", {}).items():
         lines.append(f"task {name}: acc {score['acc']:.3f}, acc_norm {score['acc_norm']:.3f} "
                      f"(chance {score['chance']:.2f}, {score['items']} items, hash {score['hash']})")

@@ -14,24 +14,24 @@ an existing ``transformers`` class with no custom code:
 Shared experts have no equivalent there and are refused. The exported folder holds
 ``config.json``, safetensors weights and the tokenizer (``PreTrainedTokenizerFast``), loads
 with ``AutoModelForCausalLM.from_pretrained``, and is checked after writing: its logits on a
-probe batch must match lmforge's.
+probe batch must match lmforge's. It also holds ``lmforge_export.json``, the marker that lets
+a later export with ``overwrite`` replace it (and nothing else).
 """
 
 from __future__ import annotations
 
+import contextlib
 import shutil
-import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from lmforge.core.errors import LmforgeError
+from lmforge.export.folder import ExportError, check_target, finish, install, new_folder_beside
 from lmforge.nn.config import ModelConfig
 
-
-class ExportError(LmforgeError):
-    """The model cannot be expressed in the requested format."""
+__all__ = ["ExportError", "export_hf", "hf_config", "hf_state_dict"]
 
 
 def _transformers() -> Any:
@@ -124,13 +124,13 @@ def export_hf(model: torch.nn.Module, cfg: ModelConfig, tokenizer_json: Path, ou
               overwrite: bool = False, atol: float = 1e-4) -> dict[str, Any]:
     """Write ``out_dir`` as a transformers model folder and verify it; return a summary.
 
-    The folder is written under a temporary name and renamed into place only after the
-    reloaded model reproduces lmforge's logits, so a failed export leaves nothing behind.
+    The folder is written under a temporary name beside ``out_dir`` and moved into place only
+    after the reloaded model reproduces lmforge's logits, so a failed export leaves nothing
+    behind. ``overwrite`` replaces only an earlier lmforge export (see :mod:`.folder`).
     """
     tf = _transformers()
     out_dir = Path(out_dir)
-    if out_dir.exists() and not overwrite:
-        raise ExportError(f"{out_dir} exists; choose another --out or pass --overwrite")
+    check_target(out_dir, overwrite)  # before minutes of work, and again before the swap
     config = hf_config(cfg)
     hf = tf.AutoModelForCausalLM.from_config(config)
     target = hf.state_dict()
@@ -144,12 +144,12 @@ def export_hf(model: torch.nn.Module, cfg: ModelConfig, tokenizer_json: Path, ou
     hf.load_state_dict(tensors, strict=False)
     if cfg.tie_embeddings:
         hf.tie_weights()
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    tmp = new_folder_beside(out_dir)
     try:
-        hf.save_pretrained(tmp, safe_serialization=True)
-        _wrap_tokenizer(tokenizer_json, cfg.max_seq_len).save_pretrained(tmp)
-        reloaded = tf.AutoModelForCausalLM.from_pretrained(tmp).eval()
+        with _quiet_progress(tf):
+            hf.save_pretrained(tmp, safe_serialization=True)
+            _wrap_tokenizer(tokenizer_json, cfg.max_seq_len).save_pretrained(tmp)
+            reloaded = tf.AutoModelForCausalLM.from_pretrained(tmp).eval()
         probe = torch.randint(0, cfg.vocab_size, (2, min(16, cfg.max_seq_len)), generator=torch.Generator().manual_seed(0))
         ours = model.eval()(probe).logits.float()
         theirs = reloaded(probe).logits.float()
@@ -157,11 +157,23 @@ def export_hf(model: torch.nn.Module, cfg: ModelConfig, tokenizer_json: Path, ou
         if not max_diff <= atol:
             raise ExportError(f"exported {type(hf).__name__} does not reproduce lmforge's logits "
                               f"(max difference {max_diff:.3g} > {atol})")
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp.rename(out_dir)
+        summary = {"architecture": type(hf).__name__, "max_logit_difference": max_diff,
+                   "parameters": sum(p.numel() for p in reloaded.parameters())}
+        finish(tmp, summary)
+        install(tmp, out_dir, overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return {"architecture": type(hf).__name__, "out_dir": str(out_dir), "max_logit_difference": max_diff,
-            "parameters": sum(p.numel() for p in reloaded.parameters())}
+    return {**summary, "out_dir": str(out_dir)}
+
+
+@contextlib.contextmanager
+def _quiet_progress(tf: Any) -> Iterator[None]:
+    """No progress bars from transformers while saving and reloading: logs stay one line per record."""
+    was_enabled = tf.utils.logging.is_progress_bar_enabled()
+    tf.utils.logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            tf.utils.logging.enable_progress_bar()

@@ -35,6 +35,7 @@ class MoEConfig(Config):
 
 @dataclass
 class ModelConfig(Config):
+    family: str = "transformer"        # the model family (nn/families.py): transformer (dense/MoE), retro, ...
     vocab_size: int = 4096
     pad_vocab_to_multiple: int = 64    # embedding rows padded up for matmul efficiency; padded ids are never targets
     max_seq_len: int = 256
@@ -51,6 +52,10 @@ class ModelConfig(Config):
     moe: MoEConfig | None = None
 
     def __post_init__(self) -> None:
+        built_here = type(self).__dataclass_fields__["family"].default  # type: ignore[attr-defined]
+        if self.family != built_here:
+            raise ValueError(f"family {self.family!r} is not built by {type(self).__name__} (family {built_here!r}); "
+                             "load model configs through lmforge.nn.families.model_config_from_dict")
         for key in ("vocab_size", "pad_vocab_to_multiple", "max_seq_len", "d_model", "n_layers", "n_heads"):
             if getattr(self, key) < 1:
                 raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")

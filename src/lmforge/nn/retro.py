@@ -75,6 +75,7 @@ class RetroConfig(Config):
 
 @dataclass
 class RetroModelConfig(ModelConfig):
+    family: str = "retro"
     retro: RetroConfig = field(default_factory=RetroConfig)
 
     def __post_init__(self) -> None:
@@ -90,7 +91,7 @@ class RetroModelConfig(ModelConfig):
     def base_config(self) -> ModelConfig:
         """The decoder alone, as a plain ModelConfig (what a retrofitted checkpoint holds)."""
         values = {f.name: getattr(self, f.name) for f in dataclasses.fields(ModelConfig)}
-        return ModelConfig(**values)
+        return ModelConfig(**{**values, "family": "transformer"})
 
     def build(self) -> "RetroTransformer":  # type: ignore[override]
         model = RetroTransformer(self)

@@ -19,8 +19,10 @@ class OptimizerGroup:
     scheduler object carries state.
     """
 
-    def __init__(self, optimizers: list[torch.optim.Optimizer]):
+    def __init__(self, optimizers: list[torch.optim.Optimizer], roles: list[list[str]] | None = None):
         self.optimizers = optimizers
+        # Per optimizer, the role of each param group (see ``group_hyperparameters``).
+        self.roles = roles
 
     @property
     def param_groups(self) -> list[dict[str, Any]]:
@@ -53,6 +55,24 @@ def _is_muon_matrix(name: str, param: nn.Parameter) -> bool:
     return param.ndim == 2 and "embed" not in name and "lm_head" not in name
 
 
+# Param-group roles: which config fields set each group's hyperparameters.
+DECAY, NO_DECAY, MUON = "adamw_decay", "adamw_no_decay", "muon"
+
+
+def group_hyperparameters(cfg: OptimConfig, role: str) -> dict[str, Any]:
+    """The hyperparameters the config gives a param group of ``role`` (``lr`` is set per
+    step from ``base_lr`` by ``set_learning_rate``)."""
+    if role == MUON:
+        return {"base_lr": cfg.muon_lr, "weight_decay": cfg.weight_decay, "momentum": cfg.muon_momentum}
+    return {
+        "base_lr": cfg.lr,
+        # Norms and biases: weight decay would only shrink them.
+        "weight_decay": cfg.weight_decay if role == DECAY else 0.0,
+        "betas": (cfg.beta1, cfg.beta2),
+        "eps": cfg.eps,
+    }
+
+
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> OptimizerGroup:
     decay, no_decay, muon = [], [], []
     for name, param in model.named_parameters():
@@ -63,27 +83,75 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> OptimizerGroup:
         elif param.ndim >= 2:
             decay.append(param)
         else:
-            no_decay.append(param)  # norms and biases: weight decay would only shrink them
-    adamw_groups = [
-        {"params": decay, "weight_decay": cfg.weight_decay, "base_lr": cfg.lr},
-        {"params": no_decay, "weight_decay": 0.0, "base_lr": cfg.lr},
-    ]
-    adamw_groups = [g for g in adamw_groups if g["params"]]
+            no_decay.append(param)
+    adamw_groups = [(DECAY, decay), (NO_DECAY, no_decay)]
+    adamw_groups = [(role, params) for role, params in adamw_groups if params]
     optimizers: list[torch.optim.Optimizer] = [
         torch.optim.AdamW(
-            adamw_groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps
+            [{"params": params, **group_hyperparameters(cfg, role)} for role, params in adamw_groups],
+            lr=cfg.lr,
         )
     ]
+    roles = [[role for role, _ in adamw_groups]]
     if muon:
-        optimizers.append(
-            torch.optim.Muon(
-                [{"params": muon, "base_lr": cfg.muon_lr}],
-                lr=cfg.muon_lr,
-                weight_decay=cfg.weight_decay,
-                momentum=cfg.muon_momentum,
-            )
-        )
-    return OptimizerGroup(optimizers)
+        optimizers.append(torch.optim.Muon([{"params": muon, **group_hyperparameters(cfg, MUON)}], lr=cfg.muon_lr))
+        roles.append([MUON])
+    # Roles live on the object, not in the groups: loading a state dict replaces the groups'
+    # contents with the saved ones (and checkpoints written before roles existed lack them).
+    return OptimizerGroup(optimizers, roles)
+
+
+# Group key -> the config field that sets it, per role (for messages and metrics).
+_CONFIG_FIELD = {
+    (MUON, "base_lr"): "optim.muon_lr",
+    (MUON, "momentum"): "optim.muon_momentum",
+    (MUON, "weight_decay"): "optim.weight_decay",
+}
+
+
+def _config_field(role: str, key: str) -> str:
+    return _CONFIG_FIELD.get((role, key), "optim.lr" if key == "base_lr" else f"optim.{key}")
+
+
+def reapply_config_hyperparameters(optimizer: OptimizerGroup, cfg: OptimConfig) -> list[tuple[str, Any, Any]]:
+    """After ``load_state_dict``, give every param group the hyperparameters of ``cfg``.
+
+    Loading an optimizer state restores the saved groups' hyperparameters along with the
+    moments, so a resumed run would silently keep the old learning rate, weight decay,
+    betas, eps and momentum whatever the config now says. The resolved config is what
+    the run records and logs, so it wins: each group is set from it here. Returns the
+    changes as ``(config field, old value, new value)``, one per field and distinct old
+    value, for the caller to log and record; empty when nothing changed.
+    """
+    roles = getattr(optimizer, "roles", None)
+    if roles is None or len(roles) != len(optimizer.optimizers):
+        raise ValueError("reapply_config_hyperparameters needs an optimizer made by build_optimizer")
+    changes: list[tuple[str, Any, Any]] = []
+    for opt, opt_roles in zip(optimizer.optimizers, roles):
+        if len(opt.param_groups) != len(opt_roles):
+            raise ValueError(f"{type(opt).__name__} has {len(opt.param_groups)} param groups, "
+                             f"build_optimizer made {len(opt_roles)}")
+        for group, role in zip(opt.param_groups, opt_roles):
+            for key, new in group_hyperparameters(cfg, role).items():
+                old = group.get(key)
+                if key == "betas":
+                    old_pair = tuple(float(b) for b in old) if old is not None else (None, None)
+                    for index, name in enumerate(("optim.beta1", "optim.beta2")):
+                        if old_pair[index] != new[index]:
+                            changes.append((name, old_pair[index], new[index]))
+                    group[key] = tuple(new)
+                    continue
+                if old != new:
+                    changes.append((_config_field(role, key), old, new))
+                    if key == "base_lr" and old and "lr" in group:
+                        # Keep the current schedule position until set_learning_rate runs.
+                        group["lr"] = group["lr"] * new / old
+                group[key] = new
+    unique: list[tuple[str, Any, Any]] = []
+    for change in changes:
+        if change not in unique:
+            unique.append(change)
+    return unique
 
 
 def set_learning_rate(optimizer: OptimizerGroup, multiplier: float) -> None:

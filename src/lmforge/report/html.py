@@ -52,12 +52,41 @@ def _summary(run: RunData) -> str:
     final = run.final or (run.evals[-1] if run.evals else None)
     if final:
         for domain, value in final.get("bpb", {}).items():
-            rows.append([f"held-out bits/byte: {domain}", value])
+            interval = final.get("bpb_interval", {}).get(domain)
+            rows.append([f"held-out bits/byte: {domain}", f"{value:.4f} ({_interval_text(final, interval)})"
+                         if interval else value])
     if run.model_card:
         params = run.model_card.get("params", {})
         rows += [["parameters (total)", params.get("total", "?")], ["parameters (active/token)", params.get("active", "?")],
                  ["FLOPs per token (training)", run.model_card.get("flops_per_token", "?")]]
     return _table(["", "value"], rows)
+
+
+def _interval_text(record: dict[str, Any], interval: list[float]) -> str:
+    return f"{100 * record.get('interval_level', 0.95):.0f}% interval {interval[0]:.4f}-{interval[1]:.4f}"
+
+
+def _heldout(run: RunData) -> str:
+    """The final held-out bits-per-byte per domain with its interval, and what it rests on."""
+    final = run.final or (run.evals[-1] if run.evals else None)
+    if not final or not final.get("bpb"):
+        return ('<p class="note">no held-out bits-per-byte: no evaluation ran, or the data has no held-out '
+                'documents (raise data.heldout_fraction, or a source\'s heldout_fraction)</p>')
+    level = f"{100 * final.get('interval_level', 0.95):.0f}%"
+    rows = []
+    for domain, value in final["bpb"].items():
+        interval = final.get("bpb_interval", {}).get(domain)
+        unit = final.get("interval_unit", {}).get(domain, "")
+        rows.append([domain, value, f"{interval[0]:.4f} - {interval[1]:.4f}" if interval else "-",
+                     final.get("eval_documents", {}).get(domain, "-"), final.get("eval_tokens", {}).get(domain, "-"),
+                     {"document": "documents", "window": "windows (too few documents)"}.get(unit, "-")])
+    return (_table(["domain", "bits/byte", f"{level} interval", "documents scored", "tokens scored", "resampled"],
+                   rows)
+            + f'<p class="note">The {level} interval is a percentile bootstrap over the held-out documents '
+              '(their summed loss and bytes resampled with replacement; lmforge/eval/bootstrap.py): it shows how '
+              'much the number depends on which documents happen to be held out. Runs whose intervals do not '
+              'overlap clearly differ; overlapping intervals do not make runs equal, as much of the spread '
+              'between documents is common to two runs scored on the same documents.</p>')
 
 
 def _model_card(card: dict[str, Any] | None) -> str:
@@ -162,6 +191,7 @@ def render(run: RunData) -> str:
 <h1>lmforge run: {escape(name)}</h1>
 <p class="note">report written {datetime.datetime.now().isoformat(timespec="seconds")} from {escape(str(run.path))}</p>
 <h2>Summary</h2>{_summary(run)}
+<h2>Held-out bits-per-byte</h2>{_heldout(run)}
 <h2>Curves</h2><div class="grid">{"".join(f"<div>{f}</div>" for f in figures if f)}</div>
 <h2>Model card</h2>{_model_card(run.model_card)}
 <h2>Reliability</h2>{_reliability(run)}

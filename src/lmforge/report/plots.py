@@ -47,10 +47,21 @@ def bpb_plot(run: RunData) -> str | None:
     fig, ax = plt.subplots(figsize=(6.4, 3.6))
     for domain in domains:
         points = [(r["step"], r["bpb"][domain]) for r in run.evals if domain in r.get("bpb", {})]
-        ax.plot(*zip(*points), "o-", label=domain)
+        line, = ax.plot(*zip(*points), "o-", label=domain)
+        bands = [(r["step"], *r["bpb_interval"][domain]) for r in run.evals
+                 if domain in r.get("bpb_interval", {})]
+        if bands:  # the bootstrap interval of each evaluation (records from before intervals have none)
+            values = {step: value for step, value in points}
+            steps = [step for step, _, _ in bands]
+            centre = [values[step] for step in steps]
+            below = [max(value - low, 0.0) for value, (_, low, _) in zip(centre, bands)]
+            above = [max(high - value, 0.0) for value, (_, _, high) in zip(centre, bands)]
+            ax.errorbar(steps, centre, yerr=[below, above], fmt="none", ecolor=line.get_color(), capsize=3, alpha=0.6)
     ax.set_xlabel("step")
     ax.set_ylabel("bits per byte")
-    ax.set_title("Held-out bits-per-byte by domain")
+    level = next((r["interval_level"] for r in reversed(run.evals) if "interval_level" in r), None)
+    band = f" (bars: {100 * level:.0f}% interval)" if level else ""
+    ax.set_title(f"Held-out bits-per-byte by domain{band}")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     return _encode(fig)

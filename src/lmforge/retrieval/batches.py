@@ -53,6 +53,10 @@ class RetroLoader:
         self.batch_index = 0
         self._tokens_drawn = {n: 0 for n in names}
 
+    def source_tokens(self) -> dict[str, int]:
+        """Training tokens in the database per sampled source."""
+        return {n: int(self._train[n]["tokens"]) for n in self._names}
+
     def domains(self) -> list[str]:
         return list(self._names)
 

@@ -3,8 +3,9 @@
 Each time the text completes a chunk, that chunk is embedded and searched in the database,
 and its neighbours become readable from the chunk's last token on. Every step re-runs the
 model over the whole window (no KV cache: a new chunk's neighbours change the CCA of the
-tokens that follow it, and windows are short here); the window keeps whole chunks, dropping
-the oldest chunk (and its neighbours) when it would exceed ``max_seq_len``.
+tokens that follow it, and windows are short here); the window slides by whole chunks,
+dropping the oldest chunk (and its neighbours) when it would exceed ``max_seq_len``, so every
+requested token is produced however long the prompt or the continuation.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from lmforge.core.errors import ConfigError
+from lmforge.nn.generation import check_sampling_options, sample_next
 from lmforge.nn.retro import RetroTransformer
 from lmforge.retrieval.alignment import window_neighbour_tokens
 from lmforge.retrieval.database import ChunkDatabase
@@ -22,14 +25,24 @@ def generate_with_retrieval(model: RetroTransformer, db: ChunkDatabase, prompt_i
                             k: int | None = None, temperature: float = 1.0, top_k: int | None = None,
                             eos_id: int | None = None, generator: torch.Generator | None = None,
                             allowed: np.ndarray | None = None) -> tuple[list[int], list[list[int]]]:
-    """Return (generated ids, neighbour chunk ids used per completed chunk) for one prompt."""
+    """Return (generated ids, neighbour chunk ids used per completed chunk) for one prompt.
+
+    Generated ids number ``max_new_tokens`` unless ``eos_id`` came first. An empty prompt
+    starts from ``eos_id`` (the document separator of training), which then counts as the
+    first token of the first chunk but is not among the generated ids.
+    """
+    check_sampling_options(max_new_tokens, temperature, top_k)
     m = model.retro.chunk_len
     if db.chunk_len != m:
-        raise ValueError(f"database chunk_len {db.chunk_len} differs from the model's {m}")
+        raise ConfigError(f"database chunk_len {db.chunk_len} differs from the model's {m}")
     k = k or model.retro.n_neighbours
     device = next(model.parameters()).device
     max_len = model.cfg.max_seq_len // m * m
     tokens = [int(t) for t in prompt_ids]
+    if not tokens:
+        if eos_id is None:
+            raise ConfigError("the prompt is empty and there is no end-of-text token to start from")
+        tokens = [int(eos_id)]
     offset = 0
     neighbour_ids: list[np.ndarray] = []  # per complete chunk of `tokens`, from its start
 
@@ -49,14 +62,8 @@ def generate_with_retrieval(model: RetroTransformer, db: ChunkDatabase, prompt_i
         ids = torch.tensor([window], device=device)
         nb = np.array(neighbour_ids[first_chunk:first_chunk + len(window) // m]).reshape(1, -1, k)
         nb_tokens = torch.from_numpy(window_neighbour_tokens(db, np.array([window]), nb, model.retro.align_neighbours)).to(device)
-        logits = model(ids, neighbours=nb_tokens).logits[0, -1, : model.cfg.vocab_size].float()
-        if temperature == 0:
-            next_id = int(logits.argmax())
-        else:
-            logits = logits / temperature
-            if top_k is not None and top_k < logits.shape[-1]:
-                logits = logits.masked_fill(logits < logits.topk(top_k).values[-1], float("-inf"))
-            next_id = int(torch.multinomial(logits.softmax(-1), 1, generator=generator))
+        logits = model(ids, neighbours=nb_tokens).logits[:, -1, : model.cfg.vocab_size]
+        next_id = int(sample_next(logits, temperature, top_k, generator))
         tokens.append(next_id)
         generated.append(next_id)
         if eos_id is not None and next_id == eos_id:

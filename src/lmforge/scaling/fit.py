@@ -250,6 +250,45 @@ class LawFit:
         return self.law.quantities()
 
 
+def approach3_parameters(r_star: float | str | None) -> int:
+    """E, A, B, α, β — and R* when it is fitted."""
+    return 5 + (r_star == "fit")
+
+
+def check_enough_points(table: ScalingTable, r_star: float | str | None = None) -> int:
+    """The number of distinct (N, D) points — (N, D, U) for a data-constrained law — after
+    raising :class:`DataError` unless there are more than Approach 3 has parameters.
+
+    Rows, not points, were counted once: one (N, D) measured ten times then gave a
+    "confident" fit (every start agreeing, zero-width intervals) of a law it cannot pin down.
+    """
+    n_params = approach3_parameters(r_star)
+    points = table.distinct_points(with_unique_tokens=r_star is not None)
+    if points <= n_params:
+        raise DataError(f"{table.source}: Approach 3 fits {n_params} parameters but the data has {points} distinct "
+                        f"(N, D) point(s) in {len(table)} rows; it needs more distinct points than parameters "
+                        "(repeated measurements of one point do not count)")
+    return points
+
+
+def approach3_warnings(table: ScalingTable, r_star: float | str | None = None) -> list[str]:
+    """Data that Approach 3 can fit but barely pins down: fewer than two distinct points per
+    parameter, or fewer than three distinct N (or D) values for a power law in N (or D) with
+    an offset."""
+    n_params = approach3_parameters(r_star)
+    points = table.distinct_points(with_unique_tokens=r_star is not None)
+    out = []
+    if points < 2 * n_params:
+        out.append(f"Approach 3: {points} distinct (N, D) points for {n_params} parameters (fewer than two per "
+                   "parameter): the fit is barely determined and its intervals are unreliable")
+    for name, values in (("N", table.params), ("D", table.tokens)):
+        distinct = len(np.unique(values))
+        if distinct < 3:
+            out.append(f"Approach 3: {distinct} distinct {name} value(s): the {name} term (its exponent and "
+                       "coefficient, apart from E) is not identified; measure 3 or more")
+    return out
+
+
 def best_grid_starts(table: ScalingTable, n_starts: int = 16, r_star=None,
                      huber_delta: float = HUBER_DELTA) -> np.ndarray:
     """The ``n_starts`` grid initialisations with the lowest objective."""
@@ -272,9 +311,7 @@ def fit_loss_law(
     R*; ``"fit"`` to fit R* too (needs rows with tokens > unique_tokens). L-BFGS-B runs
     from ``starts`` if given, else from the ``n_starts`` best points of :data:`GRID`.
     """
-    if len(table) < 5 + (r_star == "fit"):
-        raise DataError(f"{table.source}: Approach 3 needs more rows than its {5 + (r_star == 'fit')} parameters, "
-                        f"got {len(table)}")
+    check_enough_points(table, r_star)
     data = _prepare(table, r_star)
     names = ["a", "b", "e", "alpha", "beta"] + (["log_r_star"] if r_star == "fit" else [])
     bounds = [BOUNDS[n] for n in names]
@@ -349,6 +386,7 @@ def fit_scaling(
                                  "level": level, "huber_delta": huber_delta, "r_star": r_star,
                                  "budget_tolerance_decades": budget_tolerance},
                     "skipped": {}}
+    warnings: list[str] = []
     if Path(table.source).is_file():
         result["source"]["sha256"] = sha256_file(table.source)
     for approach in sorted(set(approaches)):
@@ -358,6 +396,7 @@ def fit_scaling(
             if approach == 3:
                 result["approach3"] = _fit_approach3(table, n_bootstrap, seed, level, huber_delta, r_star,
                                                      n_starts, bootstrap_starts)
+                warnings += approach3_warnings(table, r_star)
             else:
                 result[f"approach{approach}"] = _fit_optima(table, approach, n_bootstrap, seed, level,
                                                             budget_tolerance)
@@ -365,6 +404,14 @@ def fit_scaling(
             if strict:
                 raise
             result["skipped"][f"approach{approach}"] = str(exc)
+            continue
+        boot = result[f"approach{approach}"].get("bootstrap")
+        if boot and boot["failed"] > 0.1 * boot["requested"]:
+            warnings.append(f"Approach {approach}: {boot['failed']} of {boot['requested']} bootstrap resamples could "
+                            "not be fitted (too few distinct points or budgets left in them); the intervals come "
+                            "from the rest and are too narrow")
+    if warnings:
+        result["warnings"] = warnings
     return result
 
 

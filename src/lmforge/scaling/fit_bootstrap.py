@@ -1,7 +1,10 @@
 """Bootstrap confidence intervals for any fitted quantity (numpy only).
 
-Resample the rows of the table with replacement, refit, and collect every quantity the
-refit returns. The interval at level ``q`` is the percentile interval
+Resample the distinct (N, D) points of the table with replacement — each drawn point
+brings all its rows, so repeated measurements of one point (seeds, duplicated rows) move
+together instead of counting as independent evidence — refit, and collect every quantity
+the refit returns. When every row is its own point this is the ordinary case bootstrap of
+rows. The interval at level ``q`` is the percentile interval
 
     [ P_{(1-q)/2}(samples), P_{(1+q)/2}(samples) ]
 
@@ -53,10 +56,16 @@ def percentile_interval(values: np.ndarray, level: float) -> tuple[float, float]
     return float(low), float(high)
 
 
-def resample_indices(n_rows: int, n_samples: int, seed: int | None) -> np.ndarray:
-    """``n_samples`` rows of ``n_rows`` indices drawn with replacement (seeded)."""
+def resample_indices(groups: np.ndarray, n_samples: int, seed: int | None) -> list[np.ndarray]:
+    """``n_samples`` row-index arrays, each made of as many groups as there are, drawn with
+    replacement (seeded); ``groups`` labels every row with its group 0 … G−1. With one row
+    per group this is the plain row resample."""
+    groups = np.asarray(groups)
+    n_groups = int(groups.max()) + 1 if len(groups) else 0
+    members = [np.flatnonzero(groups == g) for g in range(n_groups)]
     rng = np.random.default_rng(seed)
-    return rng.integers(0, n_rows, size=(n_samples, n_rows))
+    draws = rng.integers(0, n_groups, size=(n_samples, n_groups))
+    return [np.concatenate([members[g] for g in draw]) for draw in draws]
 
 
 def bootstrap(
@@ -65,7 +74,7 @@ def bootstrap(
     n_samples: int,
     seed: int | None = 0,
 ) -> BootstrapResult:
-    """Refit ``n_samples`` row-resamples of ``table``.
+    """Refit ``n_samples`` resamples of ``table``'s distinct points (:meth:`ScalingTable.point_ids`).
 
     ``refit(resampled_table)`` returns ``(quantities, extra)``: a mapping of named floats
     and any object to keep alongside (e.g. the refitted law). A refit that raises
@@ -76,7 +85,7 @@ def bootstrap(
     collected: dict[str, list[float]] = {}
     extras: list = []
     failed = 0
-    for index in resample_indices(len(table), n_samples, seed):
+    for index in resample_indices(table.point_ids(), n_samples, seed):
         try:
             quantities, extra = refit(table.take(index))
         except (DataError, np.linalg.LinAlgError):

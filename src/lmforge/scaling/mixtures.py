@@ -60,7 +60,7 @@ def mixture_configs(base: dict[str, Any], mixtures: list[dict[str, float]]) -> l
 def run_sweep(config_path: str, mixtures: list[str], overrides: list[str], out_dir: str | None = None) -> Path:
     from lmforge.data.mixture import planned_epochs
     from lmforge.train.config import RunConfig
-    from lmforge.train.trainer import Trainer
+    from lmforge.train.assembly import build_trainer
 
     base = apply_overrides(read_yaml(config_path), overrides)
     parsed = [parse_mixture(m) for m in mixtures]
@@ -70,8 +70,8 @@ def run_sweep(config_path: str, mixtures: list[str], overrides: list[str], out_d
         run_dir = Path(cfg.runs_dir) / cfg.name
         final = run_dir / "eval" / "final.json"
         if not final.is_file():
-            trainer = Trainer(cfg, resume="auto" if (run_dir / "metrics.jsonl").exists() else None)
-            epochs = planned_epochs(trainer.loader.source_tokens(), trainer.loader.weights(),
+            trainer = build_trainer(cfg, resume="auto" if (run_dir / "metrics.jsonl").exists() else None)
+            epochs = planned_epochs(trainer.batches.source_tokens(), trainer.batches.weights(),
                                     cfg.train.tokens_per_step * cfg.train.steps)
             trainer.fit()
         else:

@@ -18,9 +18,10 @@ over N_min < N ≤ N_opt, where N_min = (A/(L* − E))^(1/α) is the size that w
 infinite data. Training cost alone is lowest at N_opt and inference cost grows with N,
 so the answer is a smaller model trained on more tokens.
 
-**Shape.** :func:`propose_shape` turns a parameter count into a ``ModelConfig`` with
-d_model = aspect_ratio·n_layers (rounded to a multiple of the head size 64), SwiGLU
-feed-forward (8/3·d_model), counting parameters exactly with ``lmforge.nn.counting``.
+**Shape.** :func:`propose_shape` turns a parameter count into a ``ModelConfig`` under the
+size rule the ladder uses (``scaling.shape.ShapeRule``: d_model = aspect_ratio·n_layers
+rounded to a multiple of the head size, SwiGLU 8/3·d_model), counting parameters exactly
+with ``lmforge.nn.counting``.
 
 Intervals come from the fit's bootstrap laws: every quantity is recomputed under each
 resampled law and the central percentile interval taken.
@@ -40,6 +41,7 @@ from lmforge.nn.config import ModelConfig, MoEConfig
 from lmforge.nn.counting import count_parameters, flops_per_token
 from lmforge.scaling.fit import LossLaw
 from lmforge.scaling.fit_bootstrap import percentile_interval
+from lmforge.scaling.shape import ShapeRule
 
 
 def compute_optimal(law: LossLaw, compute: float, unique_tokens: float | None = None) -> tuple[float, float, float]:
@@ -211,31 +213,30 @@ def _counted(cfg: ModelConfig, count: ParamCount) -> int:
     return counts.active - counts.embedding - counts.lm_head
 
 
-def propose_shape(target_params: float, aspect_ratio: float = 128.0, head_dim: int = 64,
-                  vocab_size: int | None = None, seq_len: int | None = None, n_experts: int | None = None,
-                  top_k: int = 2, count: ParamCount = "active", max_layers: int = 256) -> ShapeProposal:
-    """The ModelConfig nearest ``target_params`` (in log ratio) under the size rule
+def propose_shape(target_params: float, rule: ShapeRule | None = None, vocab_size: int | None = None,
+                  seq_len: int | None = None, n_experts: int | None = None, top_k: int = 2,
+                  count: ParamCount = "active", max_layers: int = 256) -> ShapeProposal:
+    """The ModelConfig nearest ``target_params`` (in log ratio) among the shapes of ``rule``
+    (default: :class:`ShapeRule`'s defaults, aspect ratio 128, head size 64) for
+    n_layers = 1 … ``max_layers``.
 
-        d_model = head_dim · max(1, round(aspect_ratio · n_layers / head_dim)),  n_heads = d_model / head_dim,
-
-    SwiGLU hidden size from ModelConfig's default (8/3·d_model, multiple of 64), and with
-    ``n_experts`` a mixture of experts (``top_k`` routed per token) whose *active* count
-    is matched. ``count`` says which count is compared: all active parameters, or active
-    without the embedding and output head — use the same definition as the fitted N.
+    With ``n_experts`` it is a mixture of experts (``top_k`` routed per token) whose *active*
+    count is matched. ``count`` says which count is compared: all active parameters, or
+    active without the embedding and output head — use the same definition as the fitted N.
     """
     if target_params <= 0:
         raise DataError(f"target parameter count must be positive, got {target_params}")
     if count not in ("active", "active_non_embedding"):
         raise DataError(f"count must be 'active' or 'active_non_embedding', got {count!r}")
+    rule = rule or ShapeRule()
     defaults = ModelConfig()
     vocab_size = vocab_size or defaults.vocab_size
     seq_len = seq_len or defaults.max_seq_len
-    moe = MoEConfig(n_experts=n_experts, top_k=top_k) if n_experts else None
     best: tuple[float, ModelConfig, int] | None = None
     for n_layers in range(1, max_layers + 1):
-        d_model = head_dim * max(1, round(aspect_ratio * n_layers / head_dim))
-        cfg = ModelConfig(vocab_size=vocab_size, max_seq_len=seq_len, d_model=d_model, n_layers=n_layers,
-                          n_heads=d_model // head_dim, moe=moe)
+        d_model = rule.d_model(n_layers)
+        moe = MoEConfig(n_experts=n_experts, top_k=top_k, d_expert=rule.expert_hidden(d_model)) if n_experts else None
+        cfg = ModelConfig(vocab_size=vocab_size, max_seq_len=seq_len, moe=moe, **rule.model_fields(d_model, n_layers))
         counted = _counted(cfg, count)
         distance = abs(math.log(counted / target_params))
         if best is None or distance < best[0]:

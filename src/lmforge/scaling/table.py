@@ -70,6 +70,22 @@ class ScalingTable:
             source=self.source, compute_given=self.compute_given, columns=self.columns,
         )
 
+    def point_ids(self, with_unique_tokens: bool = True) -> np.ndarray:
+        """One label per row naming its distinct (N, D) point — (N, D, U) with unique tokens —
+        numbered in order of first appearance. Repeated measurements of one point (seeds,
+        duplicated rows) share a label: they say nothing about how loss changes with N and D."""
+        columns = [self.params, self.tokens]
+        if with_unique_tokens and self.unique_tokens is not None:
+            columns.append(self.unique_tokens)
+        _, first, inverse = np.unique(np.stack(columns, axis=1), axis=0, return_index=True, return_inverse=True)
+        rank = np.empty(len(first), dtype=int)
+        rank[np.argsort(first, kind="stable")] = np.arange(len(first))
+        return rank[np.asarray(inverse).reshape(-1)]
+
+    def distinct_points(self, with_unique_tokens: bool = True) -> int:
+        """How many distinct (N, D[, U]) points the rows hold (see :meth:`point_ids`)."""
+        return int(self.point_ids(with_unique_tokens).max()) + 1 if len(self) else 0
+
     def curve_ids(self) -> np.ndarray:
         """One label per row naming its training curve: ``run`` if given, else N."""
         if self.run is not None:

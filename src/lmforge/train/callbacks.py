@@ -1,8 +1,10 @@
 """Trainer extras as callbacks: throughput/MFU, metrics, progress, evaluation, checkpoints.
 
 Each callback sees the trainer at fixed points and may keep state that is saved in
-checkpoints (``state_dict`` / ``load_state_dict``). They run in list order, so the
-throughput monitor (which adds tokens/s and MFU to a step's metrics) comes first.
+checkpoints (``state_dict`` / ``load_state_dict``), stored under the callback's name, so adding
+or removing a callback never hands one callback another's state on resume. They run in the
+order of their names in the dict, so the throughput monitor (which adds tokens/s and MFU to a
+step's metrics) comes first; a model family replaces a default by reusing its name.
 """
 
 from __future__ import annotations
@@ -70,7 +72,7 @@ class MetricsLogger(Callback):
     def on_step_end(self, trainer: "Trainer", metrics: dict[str, Any]) -> None:
         if not trainer.is_main or not _due(trainer.step, trainer.cfg.train.log_every, trainer.total_steps):
             return
-        record = {"kind": "train", **metrics, "epochs": trainer.loader.epochs_consumed()}
+        record = {"kind": "train", **metrics, "epochs": trainer.batches.epochs_consumed()}
         append_metrics(trainer.run_dir / "metrics.jsonl", record)
         if self.writer is not None:
             for key, value in metrics.items():
@@ -171,5 +173,6 @@ class Checkpointer(Callback):
             append_metrics(trainer.run_dir / "metrics.jsonl", record)
 
 
-def default_callbacks() -> list[Callback]:
-    return [ThroughputMonitor(), MetricsLogger(), ProgressBar(), Checkpointer(), HeldoutEvaluator()]
+def default_callbacks() -> dict[str, Callback]:
+    return {"throughput": ThroughputMonitor(), "metrics": MetricsLogger(), "progress": ProgressBar(),
+            "checkpoint": Checkpointer(), "heldout_eval": HeldoutEvaluator()}

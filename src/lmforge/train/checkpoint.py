@@ -18,6 +18,7 @@ covers the models this project trains; sharded safetensors is the path beyond th
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -44,8 +45,10 @@ from lmforge.core.checkpoint_files import (
     write_checkpoint_dir,
 )
 from lmforge.core.errors import CheckpointError
+from lmforge.core.logging import get_logger
 
 FORMAT = "lmforge-2"
+log = get_logger(__name__)
 
 
 def unwrap_compiled(model: nn.Module) -> nn.Module:
@@ -88,12 +91,21 @@ def save_training_checkpoint(
             "config.yaml": lambda p: p.write_text(config_yaml),
             "tokenizer.json": lambda p: shutil.copyfile(tokenizer_path, p),
         }
-        meta = {"format": FORMAT, "world_size": distributed.world_size()}
+        # The working directory resolves relative paths in config.yaml (the data directory)
+        # when the checkpoint is evaluated from elsewhere.
+        meta = {"format": FORMAT, "world_size": distributed.world_size(), "working_dir": os.getcwd()}
         try:
+            # Disk full, quota, file-size limit, I/O error: write_checkpoint_dir turns what
+            # the writers raise (OSError, torch's RuntimeError, SafetensorError) into
+            # CheckpointError and removes the temporary directory.
             path = write_checkpoint_dir(checkpoints_dir, step, writers, meta)
-            prune_checkpoints(checkpoints_dir, keep)
-        except OSError as exc:  # disk full, quota, I/O error: the temporary directory is gone
-            error = f"{checkpoints_dir}: saving step {step} failed ({exc}); earlier checkpoints are intact"
+        except CheckpointError as exc:
+            error = str(exc)
+        else:
+            try:
+                prune_checkpoints(checkpoints_dir, keep)
+            except OSError as exc:  # the new checkpoint is saved; older ones merely stay
+                log.warning("%s: pruning old checkpoints failed (%s)", checkpoints_dir, exc)
     # Also the barrier that keeps ranks together while rank 0 writes.
     error = distributed.broadcast_object(error)
     if error is not None:

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from lmforge.core.config import Config
 from lmforge.data.config import DataConfig
 from lmforge.eval.config import EvalConfig
 from lmforge.nn.config import ModelConfig
+from lmforge.nn.families import model_config_from_dict
 from lmforge.optim.config import OptimConfig
+from lmforge.retrieval.config import RetrievalConfig
 from lmforge.train.guard import GuardConfig
+from lmforge.train.run_dir import validate_run_name
 
 
 @dataclass
@@ -59,11 +62,21 @@ class RunConfig(Config):
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    retrieval: RetrievalConfig | None = None  # the database a retro model reads (model.family: retro)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None, path: str = "") -> "RunConfig":
+        """The ``model:`` section is parsed by the config class of the family it names."""
+        if isinstance(data, dict) and "model" in data and not isinstance(data["model"], ModelConfig):
+            data = {**data, "model": model_config_from_dict(data["model"], path=f"{path}.model" if path else "model")}
+        return super().from_dict(data, path)  # type: ignore[return-value]
 
     def __post_init__(self) -> None:
-        if not self.name or "/" in self.name:
-            raise ValueError(f"name must be a non-empty directory name, got {self.name!r}")
+        validate_run_name(self.name)  # one folder name: never runs_dir itself or its parent
         if self.train.seq_len > self.model.max_seq_len:
             raise ValueError(
                 f"train.seq_len ({self.train.seq_len}) exceeds model.max_seq_len ({self.model.max_seq_len})"
             )
+        from lmforge.train.families import training_family  # the families module imports this one
+
+        training_family(self.model.family).check_run(self)

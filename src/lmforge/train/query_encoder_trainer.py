@@ -1,4 +1,4 @@
-"""``lmforge retrieval train-query-encoder``: perplexity distillation of a query encoder for a RETRO run.
+"""Perplexity distillation of a query encoder for a RETRO run (``lmforge retrieval train-query-encoder``).
 
 Steps (each explained where it lives):
 
@@ -19,7 +19,6 @@ everything after that is cheap.
 
 from __future__ import annotations
 
-import argparse
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -34,7 +33,8 @@ from lmforge.data.tokenizer import Tokenizer
 from lmforge.eval.candidate_scoring import (QueryWindows, context_chunks, heldout_candidates, heldout_query_windows,
                                             relevance, score_candidates, training_candidates, training_exclusion,
                                             training_query_windows)
-from lmforge.eval.retrieval_eval import load_model
+from lmforge.core.run_marker import resolve_data_dir
+from lmforge.nn.loading import load_model
 from lmforge.nn.retro import RetroTransformer
 from lmforge.retrieval.database import ChunkDatabase
 from lmforge.retrieval.distillation import DistillationConfig, make_distillation_set, train_query_encoder
@@ -144,41 +144,27 @@ def train_encoder_for_model(model: RetroTransformer, db: ChunkDatabase, data_dir
     return encoder, result
 
 
-def run_train_query_encoder(args: argparse.Namespace) -> int:
-    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    model, config, checkpoint = load_model(args.target, device)
-    db = ChunkDatabase(args.db)
-    data_dir = Path(config["data"]["out_dir"])
+def train_query_encoder_for_checkpoint(target: str | Path, db_path: str | Path,
+                                       settings: QueryEncoderSettings | None = None, *,
+                                       out: str | Path | None = None,
+                                       device: torch.device | str = "cpu") -> dict[str, Any]:
+    """Distil a query encoder from a RETRO run or checkpoint against the database at ``db_path``.
+
+    Writes ``OUT/query_encoder.{safetensors,json}`` and ``OUT/relevance.json`` (default OUT:
+    RUN/query_encoder; its path is ``result["encoder"]``) and returns the relevance result.
+    """
+    settings = settings or QueryEncoderSettings()
+    model, config, checkpoint = load_model(target, device)
+    db = ChunkDatabase(db_path)
+    data_dir = resolve_data_dir(checkpoint, config["data"]["out_dir"])  # relative to where the run trained
     check_model_and_database(model, db, data_dir, checkpoint)
     assert isinstance(model, RetroTransformer)
-    settings = QueryEncoderSettings(
-        queries=args.queries, candidates=args.candidates, heldout_queries=args.heldout_queries, steps=args.steps,
-        lr=args.lr, tau_lm=args.tau_lm, tau_q=args.tau_q, context_chunks=args.context_chunks,
-        exclusion_radius=args.exclusion_radius, seed=args.seed)
     encoder, result = train_encoder_for_model(model, db, data_dir, settings)
-    out = Path(args.out) if args.out else checkpoint.parent.parent / "query_encoder"
-    result.update(checkpoint=str(checkpoint), database=str(db.path), generation=db.generation, encoder=str(out))
-    encoder.save(out, info={"checkpoint": str(checkpoint), "database": str(db.path),
-                            "tokenizer_sha256": db.manifest["tokenizer_sha256"], "settings": result["settings"],
-                            "val_kl_before": result["distillation"]["val_kl_before"],
-                            "val_kl_after": result["distillation"]["val_kl_after"]})
-    atomic_write_json(out / "relevance.json", result)
-    print_relevance(result)
-    print(f"written: {out / 'query_encoder.safetensors'}, {out / 'relevance.json'}")
-    return 0
-
-
-def print_relevance(result: dict[str, Any]) -> None:
-    d = result["distillation"]
-    print(f"distillation: {d['train_queries']} train / {d['val_queries']} validation queries, {d['steps']} steps; "
-          f"validation KL {d['val_kl_before']:.4f} -> {d['val_kl_after']:.4f} (kept step {d['best_step']})")
-    print(f"held-out: {result['queries']} queries, K={result['settings']['candidates']} candidates; "
-          "loss in nats/token on the next chunk")
-    header = f"{'domain':<14}{'queries':>8}{'frozen':>10}{'trained':>10}{'R@1 frz':>9}{'R@1 trn':>9}" \
-             f"{'oracle':>9}{'no retr':>9}"
-    print(header)
-    rows = [("all", result), *result.get("domains", {}).items()]
-    for name, r in rows:
-        print(f"{name:<14}{r['queries']:>8}{r['before']['top1_loss']:>10.4f}{r['after']['top1_loss']:>10.4f}"
-              f"{r['before']['recall_at_1']:>9.3f}{r['after']['recall_at_1']:>9.3f}"
-              f"{r['oracle_loss']:>9.4f}{r['no_retrieval_loss']:>9.4f}")
+    output = Path(out) if out else checkpoint.parent.parent / "query_encoder"
+    result.update(checkpoint=str(checkpoint), database=str(db.path), generation=db.generation, encoder=str(output))
+    encoder.save(output, info={"checkpoint": str(checkpoint), "database": str(db.path),
+                               "tokenizer_sha256": db.manifest["tokenizer_sha256"], "settings": result["settings"],
+                               "val_kl_before": result["distillation"]["val_kl_before"],
+                               "val_kl_after": result["distillation"]["val_kl_after"]})
+    atomic_write_json(output / "relevance.json", result)
+    return result

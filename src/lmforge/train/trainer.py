@@ -1,9 +1,13 @@
 """The training loop: data → model → loss → optimizer step, with callbacks for the rest.
 
+The trainer receives parts already built — model (wrapped for parallelism), optimizer, batch
+stream, callbacks keyed by name — from :func:`lmforge.train.assembly.build_trainer`, and only
+runs the loop, checkpoints, rollbacks and preemption. It does not know the model family.
+
 Exact resume: every source of change between steps is checkpoint state — weights,
 optimizer, data-loader position (batch index; batches are a pure function of seed and
-index), RNG states, stability-guard window and step. On CPU a resumed run therefore
-reproduces the losses of an uninterrupted one bit for bit.
+index), RNG states, stability-guard window, callback state (by name) and step. On CPU a
+resumed run therefore reproduces the losses of an uninterrupted one bit for bit.
 
 Multi-process: under ``torchrun`` each rank takes its slice of the same global batch
 (``train.batch_size`` rows per micro-step across all ranks), the model is wrapped with DDP
@@ -13,105 +17,51 @@ saved at one world size resumes at another with the same global batch stream.
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from lmforge.core import distributed
-from lmforge.core.checkpoint_files import latest_valid_checkpoint
-from lmforge.core.device import autocast_context, resolve_device
-from lmforge.core.errors import CheckpointError, ConfigError
+from lmforge.core.device import autocast_context
+from lmforge.core.checkpoint_files import retire_later_checkpoints
+from lmforge.core.errors import CheckpointError
 from lmforge.core.logging import get_logger
-from lmforge.core.seeding import rng_state, seed_everything, set_rng_state
-from lmforge.data.loader import MixtureLoader
-from lmforge.data.mixture import planned_epochs, warn_repeats
-from lmforge.data.prepare import prepare_data
+from lmforge.core.run_lock import RunLock
+from lmforge.core.seeding import rng_state, set_rng_state
 from lmforge.data.tokenizer import Tokenizer
-from lmforge.eval.isolation import require_isolation
-from lmforge.nn.counting import count_parameters, flops_per_token
-from lmforge.optim.optimizers import build_optimizer, set_learning_rate
+from lmforge.optim.optimizers import reapply_config_hyperparameters, set_learning_rate
 from lmforge.optim.schedules import lr_multiplier
-from lmforge.parallel.apply import apply_parallelism
 from lmforge.train import faults
-from lmforge.train.callbacks import Callback, default_callbacks
+from lmforge.train.callbacks import Callback
 from lmforge.train.checkpoint import load_training_checkpoint, save_training_checkpoint, unwrap
 from lmforge.train.config import RunConfig
 from lmforge.train.guard import StabilityGuard
-from lmforge.train.model_card import write_model_card
-from lmforge.train.run_dir import init_run_dir, run_path
+from lmforge.train.run_dir import record_resume
 from lmforge.train.signals import PreemptionHandler, Preempted
-from lmforge.train.throughput import peak_flops
+
+if TYPE_CHECKING:
+    from lmforge.train.families import ModelBatches
 
 log = get_logger(__name__)
 
 
-def _device_for_rank(name: str) -> torch.device:
-    device = resolve_device(name)
-    if device.type == "cuda" and device.index is None and distributed.world_size() > 1:
-        device = torch.device("cuda", distributed.local_rank())
-    return device
-
-
 class Trainer:
-    def __init__(self, cfg: RunConfig, resume: str | None = None, callbacks: list[Callback] | None = None):
-        self.device = _device_for_rank(cfg.train.device)
-        distributed.init_distributed(self.device)
+    def __init__(self, cfg: RunConfig, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                 batches: "ModelBatches", callbacks: dict[str, Callback], run_dir: Path, data_dir: Path,
+                 tokenizer: Tokenizer, device: torch.device, flops_per_token: int, peak_flops: float | None):
+        self.cfg, self.model, self.optimizer, self.batches = cfg, model, optimizer, batches
+        self.callbacks = callbacks
+        self.run_dir, self.data_dir, self.tokenizer, self.device = run_dir, data_dir, tokenizer, device
+        self.flops_per_token, self.peak_flops = flops_per_token, peak_flops
         self.rank, self.world_size = distributed.rank(), distributed.world_size()
         self.is_main = self.rank == 0
-        if cfg.data.executor != "local":
-            raise ConfigError("data.executor: training prepares data locally; run `lmforge data prepare` "
-                              f"with executor {cfg.data.executor!r} first, then train with executor: local")
-        if cfg.train.batch_size % self.world_size:
-            raise ConfigError(f"train.batch_size ({cfg.train.batch_size}) is the global batch and must be "
-                              f"divisible by the number of processes ({self.world_size})")
-        self.data_dir = Path(cfg.data.out_dir)
-        distributed.run_on_main(lambda: prepare_data(cfg.data))
-        require_isolation(self.data_dir)
-        self.tokenizer = Tokenizer.load(self.data_dir / "tokenizer.json")
-        if cfg.model.vocab_size != self.tokenizer.vocab_size:
-            # The tokenizer, trained on this data, decides the vocabulary; the resolved
-            # config written to the run directory records the value actually used.
-            cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=self.tokenizer.vocab_size))
-        self.cfg = cfg
         self.total_steps = cfg.train.steps
-
-        checkpoint = self._find_checkpoint(resume)
-        self.run_dir = run_path(cfg)
-        distributed.run_on_main(lambda: init_run_dir(cfg, self.data_dir, resuming=resume is not None))
-
-        seed_everything(cfg.train.seed)
-        model = cfg.model.build().to(self.device)
-        counts = count_parameters(cfg.model)
-        self.flops_per_token = flops_per_token(cfg.model, cfg.train.seq_len)
-        self.peak_flops, peak_source = peak_flops(self.device)
-        self.model = apply_parallelism(model, cfg.train, self.device, has_unused_parameters=cfg.model.moe is not None)
-        # Built after wrapping: FSDP2 replaces parameters with sharded DTensors.
-        self.optimizer = build_optimizer(self.model, cfg.optim)
-        self.loader = MixtureLoader(
-            self.data_dir, cfg.train.seq_len, cfg.train.batch_size // self.world_size, cfg.train.seed,
-            weights={s.name: s.weight for s in cfg.data.sources},
-            rank=self.rank, world_size=self.world_size, temperature=cfg.data.mixture_temperature,
-        )
-        if self.is_main:
-            total = cfg.train.tokens_per_step * cfg.train.steps
-            warn_repeats(planned_epochs(self.loader.source_tokens(), self.loader.weights(), total))
         self.guard = StabilityGuard(cfg.train.guard)
         self.step, self.tokens = 0, 0
         self.last_checkpoint: Path | None = None
-        self.callbacks = callbacks if callbacks is not None else default_callbacks()
-        if checkpoint is not None:
-            self._restore(checkpoint)
-        if self.is_main:
-            write_model_card(self.run_dir, cfg, counts, self.flops_per_token, self.device,
-                             self.peak_flops, peak_source, self.tokens)
-        log.info(
-            "model: %.2fM parameters (%.2fM active), %.2f MFLOPs/token; device %s%s",
-            counts.total / 1e6, counts.active / 1e6, self.flops_per_token / 1e6, self.device,
-            f"; {self.world_size} processes ({cfg.train.data_parallel})" if self.world_size > 1 else "",
-        )
+        self.run_lock: RunLock | None = None  # set by the assembly on rank 0: released when fit() ends
 
     # ---- evaluation target -------------------------------------------------------------
     @property
@@ -124,41 +74,47 @@ class Trainer:
         return self.model if self.eval_on_all_ranks else unwrap(self.model)
 
     # ---- checkpoints -------------------------------------------------------------------
-    def _find_checkpoint(self, resume: str | None) -> Path | None:
-        if resume is None:
-            return None
-        if resume == "auto":
-            found = None
-            if self.is_main:
-                found = latest_valid_checkpoint(run_path(self.cfg) / "checkpoints")
-                if found is None:
-                    log.info("--resume auto: no valid checkpoint yet, starting from step 0")
-            return distributed.broadcast_object(found)  # type: ignore[return-value]
-        path = Path(resume)
-        if not path.exists():
-            raise CheckpointError(f"--resume {resume}: no such checkpoint")
-        return path
-
-    def _restore(self, checkpoint: Path, keep_data_position: bool = False) -> None:
+    def restore(self, checkpoint: Path, keep_data_position: bool = False) -> None:
         state = load_training_checkpoint(checkpoint, self.model, self.optimizer)
+        # Loading brings back the checkpoint's LR, betas, ...: the resolved config wins (also
+        # after a guard rollback, whose checkpoint may predate a changed LR).
+        changes = reapply_config_hyperparameters(self.optimizer, self.cfg.optim)
         self.step, self.tokens = int(state["step"]), int(state["tokens"])
         if not keep_data_position:
-            self.loader.load_state_dict(state["loader"])
+            self.batches.load_state_dict(state["loader"])
             self.guard.load_state_dict(state.get("guard", {}))
-            for callback, cb_state in zip(self.callbacks, state.get("callbacks", [])):
-                callback.load_state_dict(cb_state)
+            self._load_callback_states(state.get("callbacks", {}))
         set_rng_state(state["rng"])
         self.last_checkpoint = checkpoint
         log.info("resumed from %s at step %d", checkpoint, self.step)
+        if not keep_data_position:  # a resume, not a guard rollback: a new branch starts here
+            def branch() -> None:
+                retired = retire_later_checkpoints(self.run_dir / "checkpoints", checkpoint)
+                record_resume(self.run_dir, self.step, checkpoint, retired, changes)
+            distributed.run_on_main(branch)
+
+    def _load_callback_states(self, saved: dict[str, Any] | list[dict[str, Any]]) -> None:
+        if isinstance(saved, list):
+            # Checkpoints written before callbacks had names (up to commit cdee255) stored a list in
+            # the order of the defaults; none of those callbacks kept state.
+            if any(saved):
+                log.warning("this checkpoint's callback states are unnamed (older lmforge); they are not restored")
+            return
+        for name, callback in self.callbacks.items():
+            if name in saved:
+                callback.load_state_dict(saved[name])
+        for name in sorted(set(saved) - set(self.callbacks)):
+            if saved[name]:
+                log.warning("checkpoint holds state of callback %r, which this run does not use", name)
 
     def trainer_state(self) -> dict[str, Any]:
         return {
             "step": self.step,
             "tokens": self.tokens,
-            "loader": self.loader.state_dict(),
+            "loader": self.batches.state_dict(),
             "rng": rng_state(),
             "guard": self.guard.state_dict(),
-            "callbacks": [cb.state_dict() for cb in self.callbacks],
+            "callbacks": {name: cb.state_dict() for name, cb in self.callbacks.items()},
         }
 
     def save_checkpoint(self) -> Path | None:
@@ -173,11 +129,9 @@ class Trainer:
 
     # ---- one step ----------------------------------------------------------------------
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
-        """(inputs, targets, extra model kwargs) on the device. Subclasses that feed the model
-        more than tokens (e.g. retrieved neighbours) override this; whatever they read must be
-        a pure function of the loader position so resume stays exact."""
-        inputs, targets = self.loader.next_batch()
-        return inputs.to(self.device), targets.to(self.device), {}
+        """(inputs, targets, extra model kwargs such as retrieved neighbours) on the device."""
+        inputs, targets, extra = self.batches.next_batch()
+        return inputs.to(self.device), targets.to(self.device), {k: v.to(self.device) for k, v in extra.items()}
 
     def train_step(self) -> dict[str, Any]:
         cfg = self.cfg.train
@@ -242,19 +196,19 @@ class Trainer:
         guard.counts["rollbacks"] += 1
         counts = dict(guard.counts)
         log.warning("stability guard: rolling back to %s; the data loader keeps its position", self.last_checkpoint)
-        self._restore(self.last_checkpoint, keep_data_position=True)
+        self.restore(self.last_checkpoint, keep_data_position=True)
         guard.counts.update(counts)
 
     # ---- the loop ----------------------------------------------------------------------
     def fit(self) -> Path:
         preemption = PreemptionHandler().install()
-        for callback in self.callbacks:
+        for callback in self.callbacks.values():
             callback.on_train_start(self)
         self.model.train()
         try:
             while self.step < self.total_steps:
                 metrics = self.train_step()
-                for callback in self.callbacks:
+                for callback in self.callbacks.values():
                     callback.on_step_end(self, metrics)
                 faults.maybe_crash(self.step)
                 if "skipped" in metrics and self.cfg.train.guard.rollback:
@@ -262,13 +216,15 @@ class Trainer:
                 (signum,) = distributed.all_reduce([float(preemption.signum or 0)], "max", self._collective_device)
                 if signum:
                     self._stop_for_preemption(int(signum))
-            for callback in self.callbacks:
+            for callback in self.callbacks.values():
                 callback.on_train_end(self)
             distributed.barrier()  # rank 0 may still be evaluating; leave together
         finally:
             preemption.restore()
-            for callback in self.callbacks:
+            for callback in self.callbacks.values():
                 callback.close()
+            if self.run_lock is not None:
+                self.run_lock.release()
         return self.run_dir
 
     def _stop_for_preemption(self, signum: int) -> None:

@@ -17,7 +17,7 @@ import shlex
 from pathlib import Path
 
 from lmforge.core.io import atomic_write_text
-from lmforge.scaling.ladder_plan import LadderPlan, Rung
+from lmforge.scaling.ladder.plan import LadderPlan, Rung
 
 LADDER_SCRIPT = "slurm_ladder.sh"
 HOLDOUT_SCRIPT = "slurm_holdout.sh"

@@ -28,11 +28,11 @@ from lmforge.core.code_version import code_version
 from lmforge.core.config import read_yaml
 from lmforge.core.errors import DataError, LmforgeError
 from lmforge.core.io import atomic_write_json, read_json, sha256_file
-from lmforge.scaling.ladder_config import LadderConfig, load_ladder_config
-from lmforge.scaling.ladder_gather import LADDER_CSV, write_results
-from lmforge.scaling.ladder_plan import PLAN_FILE, LadderPlan, build_plan, short_number, write_plan
-from lmforge.scaling.ladder_predict import make_prediction, score_prediction
-from lmforge.scaling.ladder_run import (
+from lmforge.scaling.ladder.config import LadderConfig, load_ladder_config
+from lmforge.scaling.ladder.gather import LADDER_CSV, write_results
+from lmforge.scaling.ladder.plan import PLAN_FILE, LadderPlan, build_plan, short_number, write_plan
+from lmforge.scaling.ladder.predict import make_prediction, score_prediction
+from lmforge.scaling.ladder.runner import (
     LocalRunner,
     event_times,
     has_started,
@@ -48,7 +48,8 @@ PREDICTION_BEFORE = "prediction_before_training.json"
 def _console():
     from rich.console import Console
 
-    return Console(file=sys.stdout, width=140)
+    # A fixed width: what is printed does not depend on the terminal (or COLUMNS); no wrapping of lines.
+    return Console(file=sys.stdout, width=140, soft_wrap=True)
 
 
 def prepared_vocab_size(base: dict[str, Any], prepare: bool) -> int | None:
@@ -195,7 +196,7 @@ def finish(plan: LadderPlan, console, holdout: bool) -> tuple[list[dict], dict |
                                       {k: v for k, v in event_times(plan).items() if k in held})
         atomic_write_json(path, prediction)
         console.print(f"written: {path}", highlight=False)
-    from lmforge.scaling import ladder_plots
+    from lmforge.scaling.ladder import plots as ladder_plots
 
     for written in ladder_plots.fit_and_plot(plan, rows, prediction):
         console.print(f"written: {written}", highlight=False)
@@ -218,15 +219,10 @@ def train_rung(plan: LadderPlan, name: str, holdout: bool, console) -> int:
     if not is_ready(plan, rung):
         raise LmforgeError(f"{name} branches from {rung.parent} at step {rung.branch_step}, and that checkpoint "
                            f"does not exist yet: train {rung.parent} first")
-    from lmforge.core import distributed
+    from lmforge.train.assembly import train_run
     from lmforge.train.config import RunConfig
-    from lmforge.train.trainer import Trainer
 
-    cfg = RunConfig.from_dict(read_yaml(config))
-    try:
-        Trainer(cfg, resume=resume_argument(plan, rung)).fit()
-    finally:
-        distributed.shutdown()
+    train_run(RunConfig.from_dict(read_yaml(config)), resume=resume_argument(plan, rung))
     return 0
 
 
@@ -257,7 +253,7 @@ def run_ladder(config: str | Path, overrides: list[str] | None = None, workers: 
     if dry_run:
         return 0
     if print_commands:
-        from lmforge.scaling.ladder_commands import print_commands as show
+        from lmforge.scaling.ladder.launch import print_commands as show
 
         show(plan, config, overrides, holdout, console)
         return 0

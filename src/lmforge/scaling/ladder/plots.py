@@ -24,8 +24,8 @@ import numpy as np  # noqa: E402
 from lmforge.core.code_version import code_version  # noqa: E402
 from lmforge.core.errors import DataError  # noqa: E402
 from lmforge.core.io import atomic_write, atomic_write_text  # noqa: E402
-from lmforge.scaling.ladder_gather import CURVES_CSV, LADDER_CSV  # noqa: E402
-from lmforge.scaling.ladder_plan import LadderPlan  # noqa: E402
+from lmforge.scaling.ladder.gather import CURVES_CSV, LADDER_CSV  # noqa: E402
+from lmforge.scaling.ladder.plan import LadderPlan  # noqa: E402
 
 FIT_DIR = "fit"
 
@@ -113,7 +113,7 @@ def plot_prediction(plan: LadderPlan, rows: list[dict], prediction: dict, path: 
             ax.plot(6.0 * rungs[0].counts.active * tokens, fitted_law.loss(n, tokens), color=colors[size], lw=0.8,
                     ls="--" if rungs[0].holdout else "-")
     else:
-        from lmforge.scaling.ladder_predict import OffsetPowerLaw
+        from lmforge.scaling.ladder.predict import OffsetPowerLaw
 
         p = law["params"]
         curve = OffsetPowerLaw(p["E"], p["A"], p["gamma"], p["x_ref"])

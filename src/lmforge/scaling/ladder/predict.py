@@ -87,8 +87,9 @@ def fit_offset_power_law(x: Sequence[float], y: Sequence[float]) -> OffsetPowerL
     over log γ and a bounded Brent refinement around the best grid point.
     """
     x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
-    if len(np.unique(x)) < 3:
-        raise DataError(f"a power law with an offset needs 3 or more distinct x values, got {len(np.unique(x))}")
+    if len(np.unique(x)) < 4:  # 3 parameters: 3 points are fitted exactly, with nothing left to judge the fit by
+        raise DataError(f"a power law with an offset (3 parameters) needs 4 or more distinct x values, "
+                        f"got {len(np.unique(x))}")
     x_ref = float(np.exp(np.mean(np.log(x))))
     log_x = np.log(x / x_ref)
 
@@ -168,7 +169,8 @@ def _fit_approach3(rows, targets, n_bootstrap, seed, level):
     draws = [[float(s.loss(t["N"], t["D"])) for s in samples] for t in targets]
     info = {"params": fit["approach3"]["quantities"], "law": law.to_dict(), "fit": fit["approach3"]["fit"],
             "bootstrap": {k: v for k, v in fit["approach3"].get("bootstrap", {}).items() if k != "samples"},
-            "fitted_values": [float(law.loss(r["N"], r["D"])) for r in rows]}
+            "fitted_values": [float(law.loss(r["N"], r["D"])) for r in rows],
+            "warnings": fit.get("warnings", [])}
     return point, draws, info
 
 
@@ -256,7 +258,7 @@ def make_prediction(ladder: str, rows: list[dict[str, Any]], targets: list[dict[
         "format": FORMAT, "ladder": ladder, "written_at": written_at, "written_unix": unix,
         "post_hoc": False, "count": count, "level": level,
         "law": {"kind": kind, "reason": reason, **info},
-        "warnings": fit_warnings(kind, info["params"]),
+        "warnings": fit_warnings(kind, info["params"]) + info.pop("warnings", []),
         "fitted_rungs": [r["rung"] for r in rows],
         "downstream_note": "two-step: the predicted held-out loss is mapped to each second-step metric by a "
                            "line fitted on the same rungs: every domain's bits-per-byte, and each held-out "

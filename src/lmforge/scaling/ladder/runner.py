@@ -34,9 +34,9 @@ from typing import Callable, Protocol
 
 from lmforge.core.checkpoint_files import latest_valid_checkpoint, list_checkpoints, step_dir_name
 from lmforge.core.metrics_file import append_metrics, read_metrics
-from lmforge.scaling.ladder_gather import final_path
-from lmforge.scaling.ladder_plan import LadderPlan, Rung
-from lmforge.scaling.ladder_predict import utc_now
+from lmforge.scaling.ladder.gather import final_path
+from lmforge.scaling.ladder.plan import LadderPlan, Rung
+from lmforge.scaling.ladder.predict import utc_now
 
 EVENTS = "ladder_events.jsonl"
 
@@ -199,8 +199,10 @@ class LocalRunner:
         self.threads_per_rung = threads_per_rung
         self.launcher = launcher or subprocess_launcher
         self.poll_seconds = poll_seconds
-        self.console = console or Console(stderr=True)
+        # soft_wrap: off a terminal rich would break lines at 80 columns, splitting what grep looks for.
+        self.console = console or Console(stderr=True, soft_wrap=True)
         self._cpu_seen = _children_cpu()
+        self._last_status = time.time()
 
     def _priorities(self) -> dict[str, float]:
         """Compute left in each rung's chain (itself plus every descendant)."""
@@ -214,15 +216,18 @@ class LocalRunner:
 
         return {rung.name: total(rung) for rung in self.plan.rungs}
 
+    def _live(self) -> bool:
+        """Live bars on a terminal; elsewhere a status line per running rung now and then."""
+        from lmforge.core.logging import progress_enabled
+
+        return progress_enabled() and self.console.is_terminal
+
     def _progress(self):
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-        from lmforge.core.logging import progress_enabled
-
-        interactive = self.console.is_terminal or os.environ.get("LMFORGE_PROGRESS") == "1"
         return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                         TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=self.console,
-                        disable=not (progress_enabled() and interactive), transient=False)
+                        disable=not self._live(), transient=False)
 
     def run(self, rungs: list[Rung]) -> dict[str, Outcome]:
         outcomes: dict[str, Outcome] = {}
@@ -314,11 +319,21 @@ class LocalRunner:
                 self.console.print(f"[red]blocked[/red] {rung.name}: parent {rung.parent} {parent.status}")
 
     def _update(self, running: dict[str, _Running], progress) -> None:
+        from lmforge.core.logging import progress_enabled, progress_seconds
+
+        status = (not self._live() and progress_enabled() and running
+                  and time.time() - self._last_status >= progress_seconds())
+        if status:
+            self._last_status = time.time()
         for item in running.values():
             record = last_train_record(run_dir(self.plan, item.rung) / "metrics.jsonl")
+            info = f"loss {record['loss']:.3f}  {record.get('tokens_per_s', 0):,.0f} tok/s" if record else "starting"
             if record and item.task is not None:
-                progress.update(item.task, completed=record["step"],
-                                info=f"loss {record['loss']:.3f}  {record.get('tokens_per_s', 0):,.0f} tok/s")
+                progress.update(item.task, completed=record["step"], info=info)
+            if status:
+                step = record["step"] if record else 0
+                self.console.print(f"running {item.rung.name}: step {step}/{item.rung.steps}, {info}, "
+                                   f"{time.time() - item.started:.0f} s", highlight=False)
 
     def _stop(self, running: dict[str, _Running]) -> None:
         """SIGTERM every running rung (each saves a checkpoint) and wait for them."""

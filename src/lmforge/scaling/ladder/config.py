@@ -3,7 +3,7 @@
 A ladder is a set of training runs ("rungs") made from one base run config by two rules,
 kept apart as OLMo's ladders do: **size → model** (:class:`SizeRule`) and
 **model → batch, duration, learning rate** (:class:`GridRule` or :class:`IsoFlopRule`,
-:class:`BatchRule`, :class:`LRRule`, :class:`ScheduleRule`). ``lmforge.scaling.ladder_plan``
+:class:`BatchRule`, :class:`LRRule`, :class:`ScheduleRule`). ``lmforge.scaling.ladder.plan``
 turns a :class:`LadderConfig` into rungs and their resolved run configs.
 
 Numbers (token counts, compute budgets) may be written ``2e6``, ``2M``, ``1.5e15``: YAML
@@ -20,6 +20,7 @@ from typing import Any, Literal
 
 from lmforge.core.config import Config, apply_overrides, read_yaml
 from lmforge.core.errors import ConfigError
+from lmforge.scaling.shape import ShapeRule
 from lmforge.scaling.table import parse_number
 
 Number = float | str
@@ -38,38 +39,22 @@ def _number(value: Number, what: str) -> float:
 
 
 @dataclass
-class SizeRule(Config):
-    """Model shapes: ``n_layers`` with a fixed aspect ratio, or explicit ``shapes``.
+class SizeRule(ShapeRule):
+    """Model shapes: ``n_layers`` under the shared size rule (:class:`~lmforge.scaling.shape.ShapeRule`:
+    d_model from the aspect ratio, heads, SwiGLU and expert widths), or explicit ``shapes``.
 
-    With ``n_layers`` each size is
-
-        d_model = head_dim · max(1, round(aspect_ratio · n_layers / head_dim)),
-        n_heads = d_model / head_dim,  n_kv_heads = n_heads / kv_group,
-
-    and every shape gets a SwiGLU hidden size of ``ffn_ratio · d_model`` rounded up to a
-    multiple of ``ffn_multiple`` (and, for a mixture of experts with ``expert_ratio``,
-    experts of ``expert_ratio · d_model``, same rounding). Other model settings (vocabulary,
-    QK-norm, tied embeddings, the MoE's expert count and top-k) come from the base config.
+    The rule is the one ``scaling plan`` proposes shapes with, default aspect ratio included.
+    Other model settings (vocabulary, QK-norm, tied embeddings, the MoE's expert count and
+    top-k) come from the base config.
     """
 
     n_layers: list[int] = field(default_factory=list)
-    aspect_ratio: float = 64.0
-    head_dim: int = 64
     shapes: list[list[int]] = field(default_factory=list)   # explicit [d_model, n_layers] pairs
-    ffn_ratio: float = 8.0 / 3.0
-    ffn_multiple: int = 64
-    kv_group: int = 1                     # query heads per key/value head (1: plain multi-head)
-    expert_ratio: float | None = None     # MoE expert hidden size / d_model; null: the base config's
 
     def __post_init__(self) -> None:
         if bool(self.n_layers) == bool(self.shapes):
             raise ValueError("give either n_layers (with aspect_ratio) or shapes ([d_model, n_layers] pairs)")
-        if self.head_dim < 2 or self.head_dim % 2:
-            raise ValueError(f"head_dim must be even and >= 2 (RoPE), got {self.head_dim}")
-        if self.aspect_ratio <= 0 or self.ffn_ratio <= 0 or self.ffn_multiple < 1 or self.kv_group < 1:
-            raise ValueError("aspect_ratio and ffn_ratio must be positive, ffn_multiple and kv_group >= 1")
-        if self.expert_ratio is not None and self.expert_ratio <= 0:
-            raise ValueError(f"expert_ratio must be positive, got {self.expert_ratio}")
+        super().__post_init__()
         if any(n < 1 for n in self.n_layers):
             raise ValueError(f"n_layers: every value must be >= 1, got {self.n_layers}")
         for shape in self.shapes:
@@ -82,12 +67,7 @@ class SizeRule(Config):
         """(d_model, n_layers) of every size, in the order given."""
         if self.shapes:
             return [(int(d), int(n)) for d, n in self.shapes]
-        return [(self.head_dim * max(1, round(self.aspect_ratio * n / self.head_dim)), n) for n in self.n_layers]
-
-    def round_hidden(self, d_model: int, ratio: float) -> int:
-        """ratio·d_model rounded up to a multiple of ffn_multiple. The quotient is rounded to 6
-        decimals first: 2.6666667·48 = 128.0000016 must give 128, not 144."""
-        return math.ceil(round(ratio * d_model / self.ffn_multiple, 6)) * self.ffn_multiple
+        return [(self.d_model(n), n) for n in self.n_layers]
 
 
 @dataclass
@@ -203,7 +183,7 @@ class BatchRule(Config):
 
 @dataclass
 class FitRule(Config):
-    """How the held-out rung is predicted (see ``ladder_predict``)."""
+    """How the held-out rung is predicted (see ``ladder.predict``)."""
 
     law: Literal["auto", "approach3", "power_law"] = "auto"
     bootstrap: int = 200
@@ -289,7 +269,7 @@ def load_ladder_config(path: str | Path, overrides: list[str] | None = None) -> 
     """
     path = Path(path)
     if not path.is_file():  # like `lmforge train`: a bare name is also looked up in the checkout's configs/
-        candidate = Path(__file__).resolve().parents[3] / "configs" / path.name
+        candidate = Path(__file__).resolve().parents[4] / "configs" / path.name
         path = candidate if candidate.is_file() else path
     raw = apply_overrides(read_yaml(path), overrides or [])
     try:

@@ -28,7 +28,7 @@ from lmforge.core.errors import DataError
 from lmforge.core.io import atomic_write_text
 from lmforge.core.metrics_file import read_metrics
 from lmforge.nn.counting import count_parameters
-from lmforge.scaling.ladder_plan import LadderPlan, Rung, decay_start
+from lmforge.scaling.ladder.plan import LadderPlan, Rung, decay_start
 from lmforge.train.config import RunConfig
 
 LADDER_CSV = "ladder.csv"

@@ -34,7 +34,7 @@ from lmforge.nn.config import ModelConfig
 from lmforge.nn.counting import ParameterCounts, count_parameters
 from lmforge.optim.config import OptimConfig
 from lmforge.optim.schedules import lr_multiplier
-from lmforge.scaling.ladder_config import LadderConfig
+from lmforge.scaling.ladder.config import LadderConfig
 from lmforge.train.config import RunConfig
 
 PLAN_FILE = "ladder_plan.json"
@@ -171,17 +171,17 @@ def short_sci(value: float) -> str:
 
 def model_section(cfg: LadderConfig, base_model: dict[str, Any], d_model: int, n_layers: int,
                   vocab_size: int) -> dict[str, Any]:
-    """The base model section with this size's shape (the size rule applied)."""
+    """The base model section with this size's shape (the shared size rule applied)."""
     rule = cfg.sizes
-    n_heads = d_model // rule.head_dim
-    if n_heads % rule.kv_group:
-        raise ConfigError(f"sizes: d_model {d_model} gives {n_heads} heads, not divisible by kv_group {rule.kv_group}")
+    try:
+        fields = rule.model_fields(d_model, n_layers)
+    except ConfigError as exc:
+        raise ConfigError(f"sizes: {exc}") from None
     model = copy.deepcopy(base_model)
-    model.update(d_model=d_model, n_layers=n_layers, n_heads=n_heads, vocab_size=vocab_size,
-                 n_kv_heads=n_heads // rule.kv_group if rule.kv_group > 1 else None,
-                 d_ff=rule.round_hidden(d_model, rule.ffn_ratio))
-    if model.get("moe") is not None and rule.expert_ratio is not None:
-        model["moe"] = {**model["moe"], "d_expert": rule.round_hidden(d_model, rule.expert_ratio)}
+    model.update(fields, vocab_size=vocab_size)
+    expert = rule.expert_hidden(d_model)
+    if model.get("moe") is not None and expert is not None:
+        model["moe"] = {**model["moe"], "d_expert": expert}
     return model
 
 

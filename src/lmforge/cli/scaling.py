@@ -1,6 +1,8 @@
 """``lmforge scaling fit``, ``plan`` and ``ladder``: argument parsing and printing.
 
-Wired into the main command line with::
+The work is done by library calls with typed arguments — ``scaling.workflows.fit_csv`` and
+``plan_budget``, ``scaling.ladder.run_ladder`` — this module only turns options into those
+arguments and prints what comes back. Wired into the main command line with::
 
     add_scaling_parser(verbs)                  # verbs = parser.add_subparsers(...)
     handler = {"scaling": run_scaling, ...}    # run_scaling(args) -> exit code
@@ -12,11 +14,10 @@ import argparse
 import math
 import os
 import sys
-from pathlib import Path
 
-from lmforge.core.errors import ConfigError, DataError, LmforgeError
-
-FIT_FILE = "fit.json"
+from lmforge.cli.arguments import non_negative_int, positive_int
+from lmforge.core.errors import ConfigError, LmforgeError
+from lmforge.scaling.shape import DEFAULT_ASPECT_RATIO
 
 
 def _positive_float(text: str) -> float:
@@ -32,7 +33,10 @@ def _positive_float(text: str) -> float:
 
 
 def _level(text: str) -> float:
-    value = float(text)
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a level in (0, 1) such as 0.95, got {text!r}") from None
     if not 0 < value < 1:
         raise argparse.ArgumentTypeError(f"expected a level in (0, 1) such as 0.95, got {text!r}")
     return value
@@ -54,7 +58,7 @@ def add_scaling_parser(subparsers: argparse._SubParsersAction) -> argparse.Argum
     fit.add_argument("csv", metavar="CSV", help="CSV file with a header row (see docs/scaling.md)")
     fit.add_argument("--out", default=None, metavar="DIR",
                      help="output directory for fit.json and plots (default: runs/scaling/<CSV name>)")
-    fit.add_argument("--bootstrap", type=int, default=100, metavar="K",
+    fit.add_argument("--bootstrap", type=non_negative_int, default=100, metavar="K",
                      help="bootstrap resamples per approach for the intervals; 0 for none (default 100)")
     fit.add_argument("--columns", default=None, metavar="KEY=NAME,...",
                      help="map logical columns to the CSV's header, e.g. params=n_active,loss=val_loss "
@@ -62,7 +66,7 @@ def add_scaling_parser(subparsers: argparse._SubParsersAction) -> argparse.Argum
     fit.add_argument("--approach", default="auto", metavar="LIST",
                      help="comma-separated approaches to fit: 1 (min-loss envelope), 2 (IsoFLOP parabolas), "
                           "3 (parametric L(N, D)); 'auto' fits those the data supports (default auto)")
-    fit.add_argument("--seed", type=int, default=0, help="seed for the bootstrap resamples (default 0)")
+    fit.add_argument("--seed", type=non_negative_int, default=0, help="seed for the bootstrap resamples (default 0)")
     fit.add_argument("--level", type=_level, default=0.95, help="confidence level of the intervals (default 0.95)")
     fit.add_argument("--r-star", default="auto", metavar="auto|fit|none|VALUE",
                      help="data-constrained fit (Muennighoff et al. 2023): 'fit' fits R*, a number fixes it, "
@@ -73,7 +77,7 @@ def add_scaling_parser(subparsers: argparse._SubParsersAction) -> argparse.Argum
     fit.add_argument("--budget-tolerance", type=_positive_float, default=0.05, metavar="DECADES",
                      help="rows whose compute differs by at most this many decades form one IsoFLOP budget "
                           "(default 0.05)")
-    fit.add_argument("--starts", type=int, default=16,
+    fit.add_argument("--starts", type=positive_int, default=16,
                      help="L-BFGS-B runs from the best points of the initialisation grid (default 16)")
     fit.add_argument("--no-plots", action="store_true", help="write fit.json only, no PNG figures")
 
@@ -95,30 +99,21 @@ def add_scaling_parser(subparsers: argparse._SubParsersAction) -> argparse.Argum
                       help="unique tokens available (a data-constrained fit then accounts for repetition)")
     plan.add_argument("--level", type=_level, default=None,
                       help="confidence level of the intervals (default: the fit's)")
-    plan.add_argument("--aspect-ratio", type=_positive_float, default=128.0,
-                      help="d_model / n_layers of the proposed shape (default 128)")
-    plan.add_argument("--vocab-size", type=int, default=None,
+    plan.add_argument("--aspect-ratio", type=_positive_float, default=DEFAULT_ASPECT_RATIO,
+                      help="d_model / n_layers of the proposed shape, under the ladder's size rule "
+                           f"(default {DEFAULT_ASPECT_RATIO:g})")
+    plan.add_argument("--vocab-size", type=positive_int, default=None,
                       help="vocabulary size of the proposed shape (default: ModelConfig's)")
-    plan.add_argument("--seq-len", type=int, default=None,
+    plan.add_argument("--seq-len", type=positive_int, default=None,
                       help="sequence length for the shape's FLOPs per token (default: ModelConfig's)")
-    plan.add_argument("--n-experts", type=int, default=None,
+    plan.add_argument("--n-experts", type=positive_int, default=None,
                       help="propose a mixture of experts with this many experts (N is then active parameters)")
-    plan.add_argument("--top-k", type=int, default=2, help="experts per token for --n-experts (default 2)")
+    plan.add_argument("--top-k", type=positive_int, default=2, help="experts per token for --n-experts (default 2)")
     plan.add_argument("--count", default="active", choices=["active", "active_non_embedding"],
                       help="which parameter count N means, as in the fitted data (default active)")
     plan.add_argument("--json", default=None, metavar="PATH", help="also write the plan as JSON to PATH")
     add_ladder_parser(verbs)
     return scaling
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
 
 
 def add_ladder_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -134,10 +129,10 @@ def add_ladder_parser(subparsers: argparse._SubParsersAction) -> argparse.Argume
     ladder.add_argument("config", metavar="CONFIG", help="ladder config YAML (see configs/ladder_*.yaml)")
     ladder.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a ladder config value, e.g. --set fit.bootstrap=50 (repeatable)")
-    ladder.add_argument("--workers", type=_positive_int, default=1, metavar="K",
+    ladder.add_argument("--workers", type=positive_int, default=1, metavar="K",
                         help="rungs trained at once, each a `python -m lmforge train` process with "
                              "cores/K threads (default 1)")
-    ladder.add_argument("--threads-per-rung", type=_positive_int, default=None, metavar="T",
+    ladder.add_argument("--threads-per-rung", type=positive_int, default=None, metavar="T",
                         help="CPU threads per rung process instead of cores/K")
     ladder.add_argument("--resume", choices=["auto"], default="auto",
                         help="rerun behaviour (the only one): finished rungs (eval/final.json) are skipped, "
@@ -192,7 +187,8 @@ def human(value: float | None) -> str:
 def _console():
     from rich.console import Console
 
-    return Console(file=sys.stdout, width=120)
+    # A fixed width: what is printed does not depend on the terminal (or COLUMNS); no wrapping of lines.
+    return Console(file=sys.stdout, width=120, soft_wrap=True)
 
 
 def _print_fit(fit: dict) -> None:
@@ -216,6 +212,8 @@ def _print_fit(fit: dict) -> None:
     console.print(table)
     for key, reason in fit.get("skipped", {}).items():
         console.print(f"{key} skipped: {reason}", markup=False)
+    for warning in fit.get("warnings", []):
+        print(f"lmforge: warning: {warning}", file=sys.stderr)
 
 
 def _parse_approaches(text: str) -> tuple[tuple[int, ...], bool]:
@@ -230,57 +228,33 @@ def _parse_approaches(text: str) -> tuple[tuple[int, ...], bool]:
     return chosen, True
 
 
-def _parse_r_star(text: str, table) -> float | str | None:
+def _parse_r_star(text: str) -> float | str | None:
+    """``--r-star``: auto, fit, none or a positive number (``scaling.workflows.resolve_r_star``)."""
     text = text.strip().lower()
-    if text == "auto":  # fit R* only when some run saw repeated data
-        repeats = table.unique_tokens is not None and bool((table.tokens > table.unique_tokens).any())
-        return "fit" if repeats else None
+    if text in ("auto", "fit"):
+        return text
     if text == "none":
         return None
-    if text == "fit":
-        return "fit"
     try:
         value = float(text)
     except ValueError:
         raise ConfigError(f"--r-star: expected auto, fit, none or a number, got {text!r}") from None
-    if not value > 0:
+    if not (math.isfinite(value) and value > 0):
         raise ConfigError(f"--r-star: must be positive, got {text!r}")
     return value
 
 
 def _run_fit(args: argparse.Namespace) -> int:
-    from lmforge.core.code_version import code_version
-    from lmforge.scaling.fit import fit_scaling, law_from_fit, save_fit
-    from lmforge.scaling.table import parse_columns, read_table
+    from lmforge.scaling.table import parse_columns
+    from lmforge.scaling.workflows import fit_csv
 
-    if args.bootstrap < 0:
-        raise ConfigError(f"--bootstrap: must be >= 0, got {args.bootstrap}")
-    if args.starts < 1:
-        raise ConfigError(f"--starts: must be >= 1, got {args.starts}")
     approaches, strict = _parse_approaches(args.approach)
-    table = read_table(args.csv, parse_columns(args.columns))
-    out = Path(args.out) if args.out else Path("runs") / "scaling" / Path(args.csv).stem
-    fit = fit_scaling(table, approaches=approaches, n_bootstrap=args.bootstrap, seed=args.seed, level=args.level,
-                      huber_delta=args.huber_delta, r_star=_parse_r_star(args.r_star, table),
-                      budget_tolerance=args.budget_tolerance, n_starts=args.starts, strict=strict)
-    if not any(f"approach{a}" in fit for a in approaches):
-        raise DataError(f"{args.csv}: no approach could be fitted: "
-                        + "; ".join(f"{k}: {v}" for k, v in fit["skipped"].items()))
-    # What produced these numbers: the command line (when run as `lmforge scaling fit`) and the code.
-    fit["command"] = ["lmforge", "scaling", "fit", *sys.argv[3:]] if sys.argv[1:3] == ["scaling", "fit"] else None
-    version = code_version()
-    fit["code_version"] = {key: version[key] for key in ("version", "commit", "dirty")}
-    written = [save_fit(out / FIT_FILE, fit)]
-    if not args.no_plots:
-        from lmforge.scaling import plots
-
-        if "approach2" in fit:
-            written.append(plots.plot_isoflops(table, fit["approach2"], out / "isoflops.png",
-                                               args.budget_tolerance))
-        if "approach3" in fit:
-            law, _ = law_from_fit(fit)
-            written.append(plots.plot_loss_surface(law, table, out / "loss_surface.png"))
-            written.append(plots.plot_residuals(law, table, out / "residuals.png"))
+    command = ["lmforge", "scaling", "fit", *sys.argv[3:]] if sys.argv[1:3] == ["scaling", "fit"] else None
+    fit, written = fit_csv(args.csv, args.out, columns=parse_columns(args.columns), approaches=approaches,
+                           strict=strict, n_bootstrap=args.bootstrap, seed=args.seed, level=args.level,
+                           huber_delta=args.huber_delta, r_star=_parse_r_star(args.r_star),
+                           budget_tolerance=args.budget_tolerance, n_starts=args.starts,
+                           plots=not args.no_plots, command=command)
     _print_fit(fit)
     for path in written:
         print(f"written: {path}")
@@ -304,40 +278,18 @@ def _run_ladder(args: argparse.Namespace) -> int:
 
 def _run_plan(args: argparse.Namespace) -> int:
     from lmforge.core.io import atomic_write_json
-    from lmforge.scaling.fit import PUBLISHED_LAWS, law_from_fit, load_fit
-    from lmforge.scaling.plan import plan, propose_shape
+    from lmforge.scaling.shape import ShapeRule
+    from lmforge.scaling.workflows import plan_budget
 
-    level = args.level
-    if args.fit:
-        fit = load_fit(args.fit)
-        law, samples = law_from_fit(fit)
-        level = level or fit["settings"].get("level", 0.95)
-        source = f"fit {args.fit}"
-    else:
-        law, samples, source = PUBLISHED_LAWS[args.law], [], f"published law {args.law} (no intervals)"
-    for name, value in (("--vocab-size", args.vocab_size), ("--seq-len", args.seq_len),
-                        ("--n-experts", args.n_experts), ("--top-k", args.top_k)):
-        if value is not None and value < 1:
-            raise ConfigError(f"{name}: must be >= 1, got {value}")
     if args.n_experts is not None and args.top_k > args.n_experts:
         raise ConfigError(f"--top-k ({args.top_k}) must not exceed --n-experts ({args.n_experts})")
-    result = plan(law, args.compute, inference_tokens=args.inference_tokens, unique_tokens=args.unique_tokens,
-                  samples=samples, level=level or 0.95)
-    targets = {"optimal": result.params.value}
-    if result.inference is not None:
-        targets["inference"] = result.inference.params.value
-    shapes = {name: propose_shape(n, aspect_ratio=args.aspect_ratio, vocab_size=args.vocab_size,
-                                  seq_len=args.seq_len, n_experts=args.n_experts, top_k=args.top_k,
-                                  count=args.count) for name, n in targets.items()}
-    _print_plan(result, shapes, source)
+    planned = plan_budget(args.compute, fit=args.fit, law=args.law, inference_tokens=args.inference_tokens,
+                          unique_tokens=args.unique_tokens, level=args.level,
+                          rule=ShapeRule(aspect_ratio=args.aspect_ratio), vocab_size=args.vocab_size,
+                          seq_len=args.seq_len, n_experts=args.n_experts, top_k=args.top_k, count=args.count)
+    _print_plan(planned.plan, planned.shapes, planned.source)
     if args.json:
-        data = result.to_dict()
-        data["source"] = source
-        data["shapes"] = {name: {"config": shape.config.to_dict(), "params": shape.params,
-                                 "total_params": shape.total_params, "active_params": shape.active_params,
-                                 "flops_per_token": shape.flops_per_token, "count": shape.count}
-                          for name, shape in shapes.items()}
-        print(f"written: {atomic_write_json(args.json, data)}")
+        print(f"written: {atomic_write_json(args.json, planned.to_dict())}")
     return 0
 
 

@@ -1,0 +1,193 @@
+"""An export folder: where one may be written, its marker, and replacing one without loss.
+
+Every export lmforge writes holds a marker, ``lmforge_export.json``, that lists the files
+written. ``overwrite`` replaces only such a folder, and only while it holds nothing but those
+files, so a folder of the user's own is never deleted. The working directory (and its
+parents), the home folder, the filesystem root and git repositories are refused outright.
+The new export is written beside the old one and swapped in by renaming, so the path always
+holds one complete export.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import json
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from lmforge.core.errors import LmforgeError
+from lmforge.core.io import fsync_dir
+
+MARKER = "lmforge_export.json"
+MARKER_FORMAT = "lmforge-hf-export"
+
+
+class ExportError(LmforgeError):
+    """The model cannot be exported as asked (format, or where it would be written)."""
+
+
+def check_target(out_dir: Path, overwrite: bool) -> None:
+    """Raise ExportError unless ``out_dir`` is free, or (with ``overwrite``) an lmforge export
+    holding only the files lmforge wrote there."""
+    if not os.path.lexists(out_dir):
+        return
+    if out_dir.is_symlink():
+        raise ExportError(f"--out {out_dir} is a symbolic link; give a new folder (or a real export folder "
+                          "with --overwrite)")
+    if not out_dir.is_dir():
+        raise ExportError(f"--out {out_dir} is a file, not a folder; choose another --out")
+    refusal = _protected(out_dir.resolve())
+    if refusal:
+        raise ExportError(f"--out {out_dir} is {refusal}; an export needs a folder of its own")
+    if not overwrite:
+        raise ExportError(f"--out {out_dir} exists; choose another --out, or pass --overwrite to replace "
+                          "an earlier lmforge export")
+    recorded = read_marker(out_dir)
+    if recorded is None:
+        raise ExportError(f"--out {out_dir} is not an lmforge export (it has no valid {MARKER}); --overwrite "
+                          "only replaces a folder lmforge exported. Choose another --out")
+    foreign = _unrecorded_entries(out_dir, recorded)
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise ExportError(f"--out {out_dir} holds files lmforge did not write ({shown}); move them out or "
+                          "choose another --out")
+
+
+def _protected(path: Path) -> str | None:
+    """Why ``path`` (resolved) must never be replaced, or None."""
+    if path.parent == path:
+        return "the filesystem root"
+    try:
+        home: Path | None = Path.home().resolve()
+    except RuntimeError:  # no home folder known
+        home = None
+    if home is not None and home.is_relative_to(path):
+        return "the home folder" if path == home else "a parent of the home folder"
+    cwd = Path.cwd().resolve()
+    if cwd.is_relative_to(path):
+        return "the working directory" if path == cwd else "a parent of the working directory"
+    if (path / ".git").exists():
+        return "a git repository"
+    if Path(__file__).resolve().is_relative_to(path):
+        return "a folder holding lmforge's own code"
+    return None
+
+
+def read_marker(folder: Path) -> dict[str, Any] | None:
+    """The marker of an lmforge export, or None if ``folder`` is not one."""
+    try:
+        marker = json.loads((folder / MARKER).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(marker, dict) or marker.get("format") != MARKER_FORMAT:
+        return None
+    if not isinstance(marker.get("files"), list) or not all(isinstance(f, str) for f in marker["files"]):
+        return None
+    return marker
+
+
+def _unrecorded_entries(folder: Path, marker: dict[str, Any]) -> list[str]:
+    """Files and folders under ``folder`` that the marker does not account for."""
+    allowed = set(marker["files"]) | {MARKER}
+    allowed |= {parent.as_posix() for name in allowed for parent in Path(name).parents}
+    found = []
+    for root, dirs, files in os.walk(folder):
+        for name in sorted(dirs) + sorted(files):
+            relative = (Path(root) / name).relative_to(folder).as_posix()
+            if relative not in allowed:
+                found.append(relative)
+    return sorted(found)
+
+
+def new_folder_beside(out_dir: Path) -> Path:
+    """An empty folder next to ``out_dir`` (same filesystem, so the final rename is atomic)."""
+    for ancestor in out_dir.parents:
+        if ancestor.exists() or ancestor.is_symlink():
+            if not ancestor.is_dir():
+                raise ExportError(f"cannot create {out_dir}: {ancestor} is a file, not a folder")
+            break
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
+    except OSError as exc:
+        raise ExportError(f"cannot write in {out_dir.parent}: {exc.strerror or exc}") from exc
+
+
+def finish(folder: Path, summary: dict[str, Any]) -> None:
+    """Give the finished export the usual permissions and write its marker (last: a folder with
+    a marker is complete)."""
+    files = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+    umask = _umask()
+    # mkdtemp makes the folder 0700 and safetensors writes weights 0600; apply the umask like
+    # every other file instead.
+    for path in [folder, *folder.rglob("*")]:
+        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
+    (folder / MARKER).write_text(json.dumps({"format": MARKER_FORMAT, **summary, "files": files}, indent=2) + "\n")
+    os.chmod(folder / MARKER, 0o666 & ~umask)
+
+
+def install(folder: Path, out_dir: Path, overwrite: bool) -> None:
+    """Move the finished export ``folder`` to ``out_dir``, replacing an earlier export there.
+
+    The target is checked again first: the export can take minutes and the folder may have
+    changed since. On any error ``folder`` is left for the caller to remove and ``out_dir`` is
+    unchanged.
+    """
+    check_target(out_dir, overwrite)
+    earlier = None  # where the replaced export ends up, removed once the new one is in place
+    try:
+        if not os.path.lexists(out_dir):
+            os.rename(folder, out_dir)  # fails if a non-empty folder appeared meanwhile
+        elif _exchange(folder, out_dir):
+            earlier = folder
+        else:
+            earlier = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".old", dir=out_dir.parent))
+            os.rename(out_dir, earlier / "export")
+            try:
+                os.rename(folder, out_dir)
+            except BaseException:
+                os.rename(earlier / "export", out_dir)
+                earlier.rmdir()
+                raise
+    except OSError as exc:
+        raise ExportError(f"cannot move the export to {out_dir}: {exc.strerror or exc}") from exc
+    fsync_dir(out_dir.parent)
+    if earlier is not None:
+        shutil.rmtree(earlier)  # checked above to hold only lmforge's files
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one step (Linux renameat2 with RENAME_EXCHANGE); False where the
+    system or filesystem cannot, so the caller falls back to two renames."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):  # glibc older than 2.28, or another libc
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(code, os.strerror(code), str(b))
+
+
+def _umask() -> int:
+    """The process umask, read without changing it where Linux allows."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask

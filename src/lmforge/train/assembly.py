@@ -1,0 +1,179 @@
+"""A run assembled in one place: everything the trainer needs, built in order, then handed over.
+
+    trainer = build_trainer(cfg, resume="auto")   # or: train_run(cfg, resume) -> run directory
+    trainer.fit()
+
+Order, and why:
+
+1. device and process group (under torchrun each rank takes its GPU);
+2. data prepared on rank 0 (resumable, a no-op when done), held-out isolation checked, the
+   tokenizer loaded — it decides the vocabulary, recorded in the resolved config;
+3. the run directory locked (one writer at a time), the checkpoint to resume from
+   (``--resume auto|PATH``), then the run directory written (marker, resolved config, code
+   version, data manifest) — refused if it holds another run — and checked writable;
+4. seed, then the model of the config's family (``model.family``, :mod:`lmforge.nn.families`),
+   parameter and FLOP counts, parallelism applied (DDP/FSDP2/compile/checkpointing), and the
+   optimizer built after wrapping (FSDP2 replaces parameters with sharded DTensors);
+5. the family's batch stream and callbacks (:mod:`lmforge.train.families`) over the defaults,
+   keyed by name;
+6. the trainer, restored from the checkpoint if resuming, and the model card.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import torch
+
+from lmforge.core import distributed
+from lmforge.core.checkpoint_files import check_writable, latest_valid_checkpoint
+from lmforge.core.device import resolve_device
+from lmforge.core.errors import CheckpointError, ConfigError
+from lmforge.core.logging import get_logger
+from lmforge.core.run_lock import RunLock
+from lmforge.core.seeding import seed_everything
+from lmforge.data.mixture import planned_epochs, warn_repeats
+from lmforge.data.prepare import prepare_data
+from lmforge.data.tokenizer import Tokenizer
+from lmforge.eval.isolation import require_isolation
+from lmforge.nn.families import family_of
+from lmforge.optim.optimizers import build_optimizer
+from lmforge.parallel.apply import apply_parallelism
+from lmforge.train.callbacks import Callback, default_callbacks
+from lmforge.train.config import RunConfig
+from lmforge.train.families import RunSetup, training_family
+from lmforge.train.model_card import write_model_card
+from lmforge.train.run_dir import init_run_dir, record_resume, run_path
+from lmforge.train.throughput import peak_flops
+from lmforge.train.trainer import Trainer
+
+log = get_logger(__name__)
+
+
+def device_for_rank(name: str) -> torch.device:
+    device = resolve_device(name)
+    if device.type == "cuda" and device.index is None and distributed.world_size() > 1:
+        device = torch.device("cuda", distributed.local_rank())
+    return device
+
+
+def find_checkpoint(cfg: RunConfig, resume: str | None) -> Path | None:
+    """The checkpoint ``--resume`` names: ``auto`` is the run's newest valid one (None if there is none)."""
+    if resume is None:
+        return None
+    if resume == "auto":
+        found = None
+        if distributed.is_main_process():
+            found = latest_valid_checkpoint(run_path(cfg) / "checkpoints")
+            if found is None:
+                log.info("--resume auto: no valid checkpoint yet, starting from step 0")
+        return distributed.broadcast_object(found)  # type: ignore[return-value]
+    path = Path(resume)
+    if not path.exists():
+        raise CheckpointError(f"--resume {resume}: no such checkpoint")
+    return path
+
+
+def _prepared_data(cfg: RunConfig) -> tuple[RunConfig, Path, Tokenizer]:
+    if cfg.data.executor != "local":
+        raise ConfigError("data.executor: training prepares data locally; run `lmforge data prepare` "
+                          f"with executor {cfg.data.executor!r} first, then train with executor: local")
+    data_dir = Path(cfg.data.out_dir)
+    distributed.run_on_main(lambda: prepare_data(cfg.data))
+    require_isolation(data_dir)
+    tokenizer = Tokenizer.load(data_dir / "tokenizer.json")
+    if cfg.model.vocab_size != tokenizer.vocab_size:
+        # The tokenizer, trained on this data, decides the vocabulary; the resolved
+        # config written to the run directory records the value actually used.
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=tokenizer.vocab_size))
+    return cfg, data_dir, tokenizer
+
+
+def build_trainer(cfg: RunConfig, resume: str | None = None,
+                  extra_callbacks: dict[str, Callback] | None = None) -> Trainer:
+    """Assemble the run ``cfg`` describes (see the module docstring for the order).
+
+    ``resume``: None (a new run), ``"auto"`` (the newest valid checkpoint of runs/<name>) or a
+    checkpoint directory. ``extra_callbacks`` are added after the defaults and the family's.
+    """
+    device = device_for_rank(cfg.train.device)
+    distributed.init_distributed(device)
+    world_size = distributed.world_size()
+    if cfg.train.batch_size % world_size:
+        raise ConfigError(f"train.batch_size ({cfg.train.batch_size}) is the global batch and must be "
+                          f"divisible by the number of processes ({world_size})")
+    cfg, data_dir, tokenizer = _prepared_data(cfg)
+
+    run_dir = run_path(cfg)
+    # One writer per run directory: held from before the checkpoint is chosen until fit() ends
+    # (a lock left by a killed process is taken over; see core/run_lock.py).
+    lock = distributed.run_on_main(lambda: RunLock(run_dir).acquire())
+    try:
+        checkpoint = _open_run_directory(cfg, data_dir, resume)
+        trainer = _assemble(cfg, data_dir, tokenizer, device, checkpoint, extra_callbacks)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+    trainer.run_lock = lock
+    return trainer
+
+
+def _open_run_directory(cfg: RunConfig, data_dir: Path, resume: str | None) -> Path | None:
+    """The checkpoint to resume from; the run directory written (refused if it holds another run)
+    and its checkpoints folder checked writable now rather than at the first save."""
+    run_dir = run_path(cfg)
+    checkpoint = find_checkpoint(cfg, resume)
+    distributed.run_on_main(lambda: init_run_dir(cfg, data_dir, resuming=resume is not None))
+    distributed.run_on_main(lambda: check_writable(run_dir / "checkpoints"))
+    if resume is not None and checkpoint is None and (run_dir / "metrics.jsonl").exists():
+        # --resume auto with no valid checkpoint: the run restarts from step 0, a new branch
+        distributed.run_on_main(lambda: record_resume(run_dir, 0, None, [], []))
+    return checkpoint
+
+
+def _assemble(cfg: RunConfig, data_dir: Path, tokenizer: Tokenizer, device: torch.device,
+              checkpoint: Path | None, extra_callbacks: dict[str, Callback] | None) -> Trainer:
+    """Model, parallelism, optimizer, the family's batches and callbacks, the trainer (restored)."""
+    rank, world_size = distributed.rank(), distributed.world_size()
+    run_dir = run_path(cfg)
+    seed_everything(cfg.train.seed)
+    model_family = family_of(cfg.model)
+    model = cfg.model.build().to(device)
+    counts = model_family.count_parameters(cfg.model)
+    flops = model_family.flops_per_token(cfg.model, cfg.train.seq_len)
+    peak, peak_source = peak_flops(device)
+    model = apply_parallelism(model, cfg.train, device, has_unused_parameters=cfg.model.moe is not None)
+    # Built after wrapping: FSDP2 replaces parameters with sharded DTensors.
+    optimizer = build_optimizer(model, cfg.optim)
+
+    parts = training_family(cfg.model.family).build(RunSetup(cfg, data_dir, tokenizer, rank, world_size), model)
+    if rank == 0:
+        total = cfg.train.tokens_per_step * cfg.train.steps
+        warn_repeats(planned_epochs(parts.batches.source_tokens(), parts.batches.weights(), total))
+    callbacks = {**default_callbacks(), **parts.callbacks, **(extra_callbacks or {})}
+    trainer = Trainer(cfg, model=model, optimizer=optimizer, batches=parts.batches, callbacks=callbacks,
+                      run_dir=run_dir, data_dir=data_dir, tokenizer=tokenizer, device=device,
+                      flops_per_token=flops, peak_flops=peak)
+    if checkpoint is not None:
+        trainer.restore(checkpoint)
+    if rank == 0:
+        write_model_card(run_dir, cfg, counts, flops, device, peak, peak_source, trainer.tokens)
+    log.info(
+        "model: %s, %.2fM parameters (%.2fM active), %.2f MFLOPs/token; device %s%s",
+        cfg.model.family, counts.total / 1e6, counts.active / 1e6, flops / 1e6, device,
+        f"; {world_size} processes ({cfg.train.data_parallel})" if world_size > 1 else "",
+    )
+    if parts.description:
+        log.info("%s", parts.description)
+    return trainer
+
+
+def train_run(cfg: RunConfig, resume: str | None = None,
+              extra_callbacks: dict[str, Callback] | None = None) -> Path:
+    """Assemble and train; returns the run directory. Leaves the process group however it ends."""
+    try:
+        return build_trainer(cfg, resume, extra_callbacks).fit()
+    finally:
+        distributed.shutdown()
