@@ -24,8 +24,9 @@ def _exit_code(argv: list[str]) -> int:
 
 
 def _one_error_line(err: str) -> str:
-    lines = [line for line in err.strip().splitlines() if "error" in line]
-    assert len(lines) == 1 and "Traceback" not in err, err
+    """stderr must be exactly one line (no usage block, no traceback) holding the error."""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "error" in lines[0], err
     return lines[0]
 
 

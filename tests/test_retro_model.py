@@ -7,7 +7,6 @@ import torch
 
 from lmforge.core.config import Config
 from lmforge.core.errors import ConfigError
-from lmforge.nn.config import ModelConfig
 from lmforge.nn.retro import RetroModelConfig, RetroTransformer, count_retro_parameters
 
 M, K = 4, 2

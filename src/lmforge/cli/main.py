@@ -20,14 +20,23 @@ from __future__ import annotations
 
 import argparse
 import sys
+import typing
 
 from lmforge.cli.arguments import (SET_HELP, add_config_args, add_train_args, name_list,
                                    non_negative_float, non_negative_int, positive_int)
 from lmforge.core.errors import LmforgeError
 
 
+class OneLineErrorParser(argparse.ArgumentParser):
+    """argparse, but a bad option is one line on stderr (exit code 2) naming the option, with a
+    pointer to --help instead of the full usage block; subcommand parsers inherit it."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineErrorParser(
         prog="lmforge",
         description="lmforge: a compact, complete language-model pretraining system.",
     )

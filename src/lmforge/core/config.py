@@ -128,6 +128,15 @@ def _key_text(key: Any) -> str:
     return text if text.replace("_", "").replace("-", "").isalnum() else repr(key)
 
 
+class FieldValueError(ValueError):
+    """Raised by a config's ``__post_init__`` about one of its fields: ``from_dict`` reports
+    it under that field's full key (``optim.name: unknown optimizer 'x' (known: ...)``)."""
+
+    def __init__(self, key: str, message: str):
+        super().__init__(f"{key}: {message}")
+        self.key, self.message = key, message
+
+
 class Config:
     """Base for config dataclasses (subclasses must be decorated with ``@dataclass``)."""
 
@@ -153,6 +162,8 @@ class Config:
                 raise ConfigError(f"{prefix}{name}: required key is missing ({_describe(hints[name])})")
         try:
             instance = cls(**kwargs)
+        except FieldValueError as exc:
+            raise ConfigError(f"{prefix}{exc.key}: {exc.message}") from exc
         except (ValueError, TypeError) as exc:
             raise ConfigError(f"{path or cls.__name__}: {exc}") from exc
         return instance

@@ -148,8 +148,11 @@ def protected_path_reason(path: Path) -> str | None:
     path = Path(path).resolve()
     if path.parent == path:
         return "the filesystem root"
-    home = Path.home().resolve()
-    if home.is_relative_to(path):
+    try:
+        home: Path | None = Path.home().resolve()
+    except RuntimeError:  # no home folder known
+        home = None
+    if home is not None and home.is_relative_to(path):
         return "the home folder" if path == home else "a parent of the home folder"
     cwd = Path.cwd().resolve()
     if cwd.is_relative_to(path):
@@ -158,5 +161,5 @@ def protected_path_reason(path: Path) -> str | None:
         return "a git repository"
     source = Path(__file__).resolve().parents[1]  # the lmforge package
     if source.is_relative_to(path):
-        return "a folder holding lmforge's source code"
+        return "a folder holding lmforge's own code"
     return None

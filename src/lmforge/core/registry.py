@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Callable, Generic, TypeVar
 
+from lmforge.core.config import FieldValueError
 from lmforge.core.errors import ConfigError
 
 T = TypeVar("T")
@@ -23,11 +24,21 @@ class Registry(Generic[T]):
 
         return decorator
 
-    def get(self, name: str) -> T:
+    def get(self, name: str, key: str | None = None) -> T:
+        """The entry registered as ``name``; else a ConfigError naming ``key`` (the config key or
+        argument that chose the name, when given) and the known names."""
         if name not in self._items:
-            known = ", ".join(sorted(self._items))
-            raise ConfigError(f"unknown {self.kind} {name!r} (known: {known})")
+            raise ConfigError(f"{key}: {self._unknown(name)}" if key else self._unknown(name))
         return self._items[name]
+
+    def check(self, name: str, key: str) -> None:
+        """For a config's ``__post_init__``: unless ``name`` is registered, a FieldValueError
+        that ``Config.from_dict`` reports under the full key (``optim.name: unknown ...``)."""
+        if name not in self._items:
+            raise FieldValueError(key, self._unknown(name))
+
+    def _unknown(self, name: str) -> str:
+        return f"unknown {self.kind} {name!r} (known: {', '.join(sorted(self._items))})"
 
     def names(self) -> list[str]:
         return sorted(self._items)

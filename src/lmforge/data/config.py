@@ -8,10 +8,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from lmforge.core.config import Config
+from lmforge.core.config import Config, FieldValueError
 
-SourceKind = Literal["demo_literature", "demo_code", "files", "jsonl", "parquet", "hf"]
-_NEEDS_PATH = ("files", "jsonl", "parquet", "hf")
 # Source names become directory names under shards/, so keep them path-safe.
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 N_SPECIAL_TOKENS = 1  # "<|endoftext|>"
@@ -125,12 +123,21 @@ class EvalSetConfig(Config):
     """An evaluation set on disk that training data must not contain (read like a source)."""
 
     name: str
-    kind: Literal["files", "jsonl", "parquet", "hf"]
+    kind: str                      # a source kind that reads a path: files, jsonl, parquet, hf
     path: str
     text_field: str = "text"
     split: str = "test"            # hf split
     role: Literal["task", "heldout"] = "task"
     max_items: int | None = None
+
+    def __post_init__(self) -> None:
+        from lmforge.data.sources import SOURCE_KINDS  # the readers register there; it imports this module
+
+        SOURCE_KINDS.check(self.kind, "kind")
+        if not SOURCE_KINDS.get(self.kind).needs_path:
+            with_path = [name for name in SOURCE_KINDS.names() if SOURCE_KINDS.get(name).needs_path]
+            raise FieldValueError("kind", f"an eval set is read from its path, and source kind {self.kind!r} "
+                                          f"reads none (kinds with a path: {', '.join(with_path)})")
 
 
 @dataclass
@@ -176,7 +183,7 @@ class SlurmConfig(Config):
 @dataclass
 class SourceConfig(Config):
     name: str                      # domain name, e.g. "literature", "code"
-    kind: SourceKind
+    kind: str                      # a name in sources.SOURCE_KINDS (demo_literature, files, jsonl, hf, ...)
     path: str | None = None        # folder/file for files/jsonl/parquet; dataset name or local path for hf
     text_field: str = "text"       # for jsonl/parquet/hf
     glob: str | None = None        # files: default "**/*.txt" and "**/*.md"
@@ -194,10 +201,13 @@ class SourceConfig(Config):
     heldout_fraction: float | None = None
 
     def __post_init__(self) -> None:
+        from lmforge.data.sources import SOURCE_KINDS  # the readers register there; it imports this module
+
+        SOURCE_KINDS.check(self.kind, "kind")
         if not _NAME_RE.match(self.name):
             raise ValueError(f"source name {self.name!r} must be letters, digits, '_', '.', '-' "
                              "(it becomes a directory name)")
-        if self.kind in _NEEDS_PATH and not self.path:
+        if SOURCE_KINDS.get(self.kind).needs_path and not self.path:
             raise ValueError(f"source {self.name!r} of kind {self.kind!r} needs a path")
         for key in ("max_documents", "max_bytes"):
             value = getattr(self, key)

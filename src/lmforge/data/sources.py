@@ -8,20 +8,26 @@ with no usable line is a :class:`DataError` naming the file; an empty file, unde
 bytes, a malformed JSON line, a record without the text field or an unreadable file is
 skipped (or, for bytes, replaced) and counted in :class:`InputProblems`, which prepare
 writes into the manifest.
+
+``SourceConfig.kind`` names a :class:`SourceKind` in :data:`SOURCE_KINDS`; a new kind is one
+reader function decorated with :func:`register_source_kind`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import sys
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 from lmforge.core.errors import DataError
 from lmforge.core.logging import get_logger
+from lmforge.core.registry import Registry
 from lmforge.data.config import SourceConfig
-from lmforge.data.demo_corpus import iter_literature, iter_stdlib_code
+from lmforge.data.demo_corpus import SHAKESPEARE_SHA256, iter_literature, iter_stdlib_code, stdlib_files
 from lmforge.data.documents import Document
 
 log = get_logger(__name__)
@@ -49,51 +55,93 @@ class InputProblems:
         return ", ".join(f"{n} {kind.replace('_', ' ')}" for kind, n in sorted(self.counts.items())) or "none"
 
 
+Reader = Callable[[SourceConfig, InputProblems], Iterable[Document]]
+
+
+@dataclass(frozen=True)
+class SourceKind:
+    """How to read one kind of source, and how to tell that its input changed."""
+
+    name: str
+    read: Reader                                       # documents in a fixed order
+    # What the input looks like on disk (files, sizes, mtimes), hashed; None when unknowable
+    # (a remote dataset), and then the source is read again on every run.
+    signature: Callable[[SourceConfig], str | None]
+    needs_path: bool = True                            # SourceConfig.path must be set
+
+
+SOURCE_KINDS: Registry[SourceKind] = Registry("source kind")
+
+
+def register_source_kind(name: str, signature: Callable[[SourceConfig], str | None],
+                         needs_path: bool = True) -> Callable[[Reader], Reader]:
+    """Decorator: make a reader available as ``kind: name`` in a source config."""
+    def decorator(read: Reader) -> Reader:
+        SOURCE_KINDS.register(name)(SourceKind(name, read, signature, needs_path))
+        return read
+
+    return decorator
+
+
 def iter_documents(source: SourceConfig, problems: InputProblems | None = None) -> Iterator[Document]:
     """All documents of ``source``, cut to its max_documents / max_bytes.
 
     Skipped or repaired input is counted in ``problems`` (and logged as a warning).
     """
     problems = problems if problems is not None else InputProblems()
-    readers = {
-        "demo_literature": lambda: iter_literature(source.name),
-        "demo_code": lambda: iter_stdlib_code(source.name),
-        "files": lambda: _iter_text_files(source, problems),
-        "jsonl": lambda: _iter_jsonl(source, problems),
-        "parquet": lambda: _iter_parquet(source, problems),
-        "hf": lambda: _iter_hf(source, problems),
-    }
-    yield from _limit(readers[source.kind](), source.max_documents, source.max_bytes)
+    yield from _limit(_kind(source).read(source, problems), source.max_documents, source.max_bytes)
 
 
 def source_signature(source: SourceConfig) -> str | None:
     """What the source's input looks like on disk (files, sizes, mtimes), or None if unknowable.
 
-    Lets a rerun skip re-reading a source whose files did not change; a remote dataset
-    has no such signature and is always read again.
+    Lets a rerun skip re-reading a source whose files did not change.
     """
-    import hashlib
-    import sys
+    return _kind(source).signature(source)
 
-    from lmforge.data import demo_corpus
 
-    if source.kind == "demo_literature":
-        return demo_corpus.SHAKESPEARE_SHA256
-    if source.kind == "demo_code":
-        files = demo_corpus.stdlib_files()
-        listing = [sys.version] + [f"{p}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files]
-    elif source.kind == "hf":
-        path = Path(source.path or "")
-        if not path.is_dir():
-            return None
-        listing = [f"{p.relative_to(path)}:{p.stat().st_size}:{p.stat().st_mtime_ns}"
-                   for p in sorted(path.rglob("*")) if p.is_file()]
-    else:
-        patterns = {"files": (source.glob,) if source.glob else DEFAULT_TEXT_GLOBS, "jsonl": ("**/*.jsonl",),
-                    "parquet": ("**/*.parquet",)}[source.kind]
-        root, files = _files(source, patterns)
-        listing = [f"{p.relative_to(root)}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files]
+def _kind(source: SourceConfig) -> SourceKind:
+    return SOURCE_KINDS.get(source.kind, key=f"source {source.name!r}: kind")
+
+
+def _hashed(listing: list[str]) -> str:
     return hashlib.sha256("\n".join(listing).encode()).hexdigest()
+
+
+def _files_signature(patterns: Callable[[SourceConfig], tuple[str, ...]]) -> Callable[[SourceConfig], str]:
+    """The signature of a source read from the files that ``patterns`` pick."""
+    def signature(source: SourceConfig) -> str:
+        root, files = _files(source, patterns(source))
+        return _hashed([f"{p.relative_to(root)}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files])
+
+    return signature
+
+
+def _demo_code_signature(source: SourceConfig) -> str:
+    files = stdlib_files()
+    return _hashed([sys.version] + [f"{p}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files])
+
+
+def _hf_signature(source: SourceConfig) -> str | None:
+    path = Path(source.path or "")
+    if not path.is_dir():
+        return None
+    return _hashed([f"{p.relative_to(path)}:{p.stat().st_size}:{p.stat().st_mtime_ns}"
+                    for p in sorted(path.rglob("*")) if p.is_file()])
+
+
+def _text_patterns(source: SourceConfig) -> tuple[str, ...]:
+    return (source.glob,) if source.glob else DEFAULT_TEXT_GLOBS
+
+
+@register_source_kind("demo_literature", signature=lambda source: SHAKESPEARE_SHA256, needs_path=False)
+def _iter_demo_literature(source: SourceConfig, problems: InputProblems) -> Iterator[Document]:
+    return iter_literature(source.name)
+
+
+@register_source_kind("demo_code", signature=_demo_code_signature, needs_path=False)
+def _iter_demo_code(source: SourceConfig, problems: InputProblems) -> Iterator[Document]:
+    return iter_stdlib_code(source.name)
 
 
 def _limit(docs: Iterable[Document], max_documents: int | None, max_bytes: int | None) -> Iterator[Document]:
@@ -152,8 +200,9 @@ def _read_bytes(path: Path, problems: InputProblems) -> bytes | None:
     return raw
 
 
+@register_source_kind("files", signature=_files_signature(_text_patterns))
 def _iter_text_files(source: SourceConfig, problems: InputProblems) -> Iterator[Document]:
-    root, files = _files(source, (source.glob,) if source.glob else DEFAULT_TEXT_GLOBS)
+    root, files = _files(source, _text_patterns(source))
     for path in files:
         raw = _read_bytes(path, problems)
         if raw is None:
@@ -162,6 +211,7 @@ def _iter_text_files(source: SourceConfig, problems: InputProblems) -> Iterator[
         yield Document(text=text, source=source.name, doc_id=path.relative_to(root).as_posix())
 
 
+@register_source_kind("jsonl", signature=_files_signature(lambda source: ("**/*.jsonl",)))
 def _iter_jsonl(source: SourceConfig, problems: InputProblems) -> Iterator[Document]:
     root, files = _files(source, ("**/*.jsonl",))
     for path in files:
@@ -208,6 +258,7 @@ def _jsonl_file(handle: Any, path: Path, root: Path, source: SourceConfig,
                         f"or was not valid JSON; first: {first_bad})")
 
 
+@register_source_kind("parquet", signature=_files_signature(lambda source: ("**/*.parquet",)))
 def _iter_parquet(source: SourceConfig, problems: InputProblems) -> Iterator[Document]:
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -265,6 +316,7 @@ def _load_hf(source: SourceConfig) -> Any:
                         f"split {source.split!r}: {exc}") from exc
 
 
+@register_source_kind("hf", signature=_hf_signature)
 def _iter_hf(source: SourceConfig, problems: InputProblems) -> Iterator[Document]:
     dataset = _load_hf(source)
     columns = getattr(dataset, "column_names", None)

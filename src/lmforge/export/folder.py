@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from lmforge.core.errors import LmforgeError
-from lmforge.core.io import fsync_dir
+from lmforge.core.io import apply_default_modes, fsync_dir, protected_path_reason
 
 MARKER = "lmforge_export.json"
 MARKER_FORMAT = "lmforge-hf-export"
@@ -41,7 +41,7 @@ def check_target(out_dir: Path, overwrite: bool) -> None:
                           "with --overwrite)")
     if not out_dir.is_dir():
         raise ExportError(f"--out {out_dir} is a file, not a folder; choose another --out")
-    refusal = _protected(out_dir.resolve())
+    refusal = protected_path_reason(out_dir)
     if refusal:
         raise ExportError(f"--out {out_dir} is {refusal}; an export needs a folder of its own")
     if not overwrite:
@@ -56,26 +56,6 @@ def check_target(out_dir: Path, overwrite: bool) -> None:
         shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
         raise ExportError(f"--out {out_dir} holds files lmforge did not write ({shown}); move them out or "
                           "choose another --out")
-
-
-def _protected(path: Path) -> str | None:
-    """Why ``path`` (resolved) must never be replaced, or None."""
-    if path.parent == path:
-        return "the filesystem root"
-    try:
-        home: Path | None = Path.home().resolve()
-    except RuntimeError:  # no home folder known
-        home = None
-    if home is not None and home.is_relative_to(path):
-        return "the home folder" if path == home else "a parent of the home folder"
-    cwd = Path.cwd().resolve()
-    if cwd.is_relative_to(path):
-        return "the working directory" if path == cwd else "a parent of the working directory"
-    if (path / ".git").exists():
-        return "a git repository"
-    if Path(__file__).resolve().is_relative_to(path):
-        return "a folder holding lmforge's own code"
-    return None
 
 
 def read_marker(folder: Path) -> dict[str, Any] | None:
@@ -122,13 +102,10 @@ def finish(folder: Path, summary: dict[str, Any]) -> None:
     """Give the finished export the usual permissions and write its marker (last: a folder with
     a marker is complete)."""
     files = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
-    umask = _umask()
+    (folder / MARKER).write_text(json.dumps({"format": MARKER_FORMAT, **summary, "files": files}, indent=2) + "\n")
     # mkdtemp makes the folder 0700 and safetensors writes weights 0600; apply the umask like
     # every other file instead.
-    for path in [folder, *folder.rglob("*")]:
-        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
-    (folder / MARKER).write_text(json.dumps({"format": MARKER_FORMAT, **summary, "files": files}, indent=2) + "\n")
-    os.chmod(folder / MARKER, 0o666 & ~umask)
+    apply_default_modes(folder)
 
 
 def install(folder: Path, out_dir: Path, overwrite: bool) -> None:
@@ -178,16 +155,3 @@ def _exchange(a: Path, b: Path) -> bool:
     if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
         return False
     raise OSError(code, os.strerror(code), str(b))
-
-
-def _umask() -> int:
-    """The process umask, read without changing it where Linux allows."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                return int(line.split()[1], 8)
-    except (OSError, ValueError, IndexError):
-        pass
-    umask = os.umask(0)
-    os.umask(umask)
-    return umask

@@ -1,12 +1,14 @@
-"""Build AdamW, or Muon for 2-D hidden matrices with AdamW for everything else."""
+"""The optimizers ``optim.name`` picks from :data:`OPTIMIZERS`: AdamW, or Muon for 2-D hidden
+matrices with AdamW for everything else."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
 
+from lmforge.core.registry import Registry
 from lmforge.optim.config import OptimConfig
 
 
@@ -73,32 +75,52 @@ def group_hyperparameters(cfg: OptimConfig, role: str) -> dict[str, Any]:
     }
 
 
+# optim.name -> a function (model, cfg) -> OptimizerGroup. A new optimizer is one function
+# registered here; its param groups' roles say which config fields set their hyperparameters.
+# Roles live on the object, not in the groups: loading a state dict replaces the groups'
+# contents with the saved ones (and checkpoints written before roles existed lack them).
+OPTIMIZERS: Registry[Callable[[nn.Module, OptimConfig], OptimizerGroup]] = Registry("optimizer")
+
+
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> OptimizerGroup:
-    decay, no_decay, muon = [], [], []
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        if cfg.name == "muon" and _is_muon_matrix(name, param):
-            muon.append(param)
-        elif param.ndim >= 2:
-            decay.append(param)
-        else:
-            no_decay.append(param)
-    adamw_groups = [(DECAY, decay), (NO_DECAY, no_decay)]
-    adamw_groups = [(role, params) for role, params in adamw_groups if params]
-    optimizers: list[torch.optim.Optimizer] = [
-        torch.optim.AdamW(
-            [{"params": params, **group_hyperparameters(cfg, role)} for role, params in adamw_groups],
-            lr=cfg.lr,
-        )
-    ]
-    roles = [[role for role, _ in adamw_groups]]
-    if muon:
-        optimizers.append(torch.optim.Muon([{"params": muon, **group_hyperparameters(cfg, MUON)}], lr=cfg.muon_lr))
-        roles.append([MUON])
-    # Roles live on the object, not in the groups: loading a state dict replaces the groups'
-    # contents with the saved ones (and checkpoints written before roles existed lack them).
-    return OptimizerGroup(optimizers, roles)
+    """The optimizer ``optim.name`` names, over ``model``'s trainable parameters."""
+    return OPTIMIZERS.get(cfg.name, key="optim.name")(model, cfg)
+
+
+def _trainable(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    return [(name, param) for name, param in model.named_parameters() if param.requires_grad]
+
+
+def _adamw(named: list[tuple[str, nn.Parameter]], cfg: OptimConfig) -> tuple[torch.optim.AdamW, list[str]]:
+    """AdamW over ``named`` in two groups, matrices with weight decay and the rest without;
+    returns it with the groups' roles."""
+    decay = [param for _, param in named if param.ndim >= 2]
+    no_decay = [param for _, param in named if param.ndim < 2]
+    groups = [(role, params) for role, params in ((DECAY, decay), (NO_DECAY, no_decay)) if params]
+    optimizer = torch.optim.AdamW(
+        [{"params": params, **group_hyperparameters(cfg, role)} for role, params in groups], lr=cfg.lr)
+    return optimizer, [role for role, _ in groups]
+
+
+@OPTIMIZERS.register("adamw")
+def build_adamw(model: nn.Module, cfg: OptimConfig) -> OptimizerGroup:
+    adamw, roles = _adamw(_trainable(model), cfg)
+    return OptimizerGroup([adamw], [roles])
+
+
+@OPTIMIZERS.register("muon")
+def build_muon(model: nn.Module, cfg: OptimConfig) -> OptimizerGroup:
+    """Muon for the 2-D hidden matrices, AdamW for everything else."""
+    named = _trainable(model)
+    matrices = [param for name, param in named if _is_muon_matrix(name, param)]
+    adamw, roles = _adamw([(name, param) for name, param in named if not _is_muon_matrix(name, param)], cfg)
+    optimizers: list[torch.optim.Optimizer] = [adamw]
+    all_roles = [roles]
+    if matrices:
+        optimizers.append(torch.optim.Muon([{"params": matrices, **group_hyperparameters(cfg, MUON)}],
+                                           lr=cfg.muon_lr))
+        all_roles.append([MUON])
+    return OptimizerGroup(optimizers, all_roles)
 
 
 # Group key -> the config field that sets it, per role (for messages and metrics).

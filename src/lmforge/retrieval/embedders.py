@@ -12,16 +12,20 @@ names the embedder exactly; a database records it, and queries must use the same
   extra model, very fast, but only as good as the checkpoint's embedding table.
 - ``bag_of_tokens``: a fixed random projection of the chunk's token counts (a lexical
   sketch). Used by tests and for quick experiments; deterministic from its seed.
+
+Each is an :class:`Embedder` subclass in the :data:`EMBEDDERS` registry; a new embedder is one
+more subclass decorated with :func:`register_embedder`.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
 from lmforge.core.errors import ConfigError, DataError
+from lmforge.core.registry import Registry
 from lmforge.data.tokenizer import Tokenizer
 
 
@@ -35,6 +39,16 @@ class Embedder:
     dim: int
     name: str
 
+    @classmethod
+    def spec_from_argument(cls, argument: str) -> dict[str, Any]:
+        """The spec that a command-line ``NAME:ARGUMENT`` names (``argument`` may be empty)."""
+        return {"name": cls.name}
+
+    @classmethod
+    def from_spec(cls, spec: dict[str, Any], tokenizer: Tokenizer) -> Embedder:
+        """The embedder that ``spec`` (as ``spec()`` wrote it, or ``spec_from_argument``) names."""
+        raise NotImplementedError
+
     def embed(self, chunks: np.ndarray) -> np.ndarray:
         raise NotImplementedError
 
@@ -46,6 +60,18 @@ class Embedder:
         return 4096
 
 
+# Embedder name -> its class. A new embedder is an Embedder subclass decorated with
+# @register_embedder (its ``name``, ``from_spec`` and, if it takes an argument, ``spec_from_argument``).
+EMBEDDERS: Registry[type[Embedder]] = Registry("embedder")
+EmbedderClass = TypeVar("EmbedderClass", bound=type[Embedder])
+
+
+def register_embedder(cls: EmbedderClass) -> EmbedderClass:
+    EMBEDDERS.register(cls.name)(cls)
+    return cls
+
+
+@register_embedder
 class BagOfTokensEmbedder(Embedder):
     name = "bag_of_tokens"
 
@@ -57,6 +83,17 @@ class BagOfTokensEmbedder(Embedder):
         self.table[list(ignore_ids)] = 0.0  # padding / end-of-text carry no content
         self.ignore_ids = tuple(int(i) for i in ignore_ids)
 
+    @classmethod
+    def spec_from_argument(cls, argument: str) -> dict[str, Any]:
+        if argument and not argument.isdigit():
+            raise ConfigError(f"embedder 'bag_of_tokens:{argument}': the dimension must be a positive integer")
+        return {"name": cls.name, "dim": int(argument) if argument else 64}
+
+    @classmethod
+    def from_spec(cls, spec: dict[str, Any], tokenizer: Tokenizer) -> Embedder:
+        return cls(tokenizer.vocab_size, int(spec.get("dim", 64)), int(spec.get("seed", 0)),
+                   tuple(spec.get("ignore_ids", [tokenizer.eos_id])))
+
     def embed(self, chunks: np.ndarray) -> np.ndarray:
         chunks = np.asarray(chunks, dtype=np.int64)
         if chunks.size and (chunks.min() < 0 or chunks.max() >= self.vocab_size):
@@ -67,10 +104,21 @@ class BagOfTokensEmbedder(Embedder):
         return {**super().spec(), "seed": self.seed, "vocab_size": self.vocab_size, "ignore_ids": list(self.ignore_ids)}
 
 
+@register_embedder
 class ModelEmbedder(Embedder):
     """Mean token embedding of an lmforge checkpoint (its ``embed.weight``)."""
 
     name = "model"
+
+    @classmethod
+    def spec_from_argument(cls, argument: str) -> dict[str, Any]:
+        if not argument:
+            raise ConfigError("embedder 'model' needs a checkpoint: --embedder model:runs/NAME/checkpoints/step_...")
+        return {"name": cls.name, "checkpoint": argument}
+
+    @classmethod
+    def from_spec(cls, spec: dict[str, Any], tokenizer: Tokenizer) -> Embedder:
+        return cls(spec["checkpoint"], tokenizer)
 
     def __init__(self, checkpoint: str | Path, tokenizer: Tokenizer):
         from safetensors import safe_open
@@ -109,10 +157,15 @@ def minilm_dir() -> Path:
     return path
 
 
+@register_embedder
 class MiniLMEmbedder(Embedder):
     """all-MiniLM-L6-v2 sentence embeddings of each chunk's decoded text (384-d)."""
 
     name = "minilm"
+
+    @classmethod
+    def from_spec(cls, spec: dict[str, Any], tokenizer: Tokenizer) -> Embedder:
+        return cls(tokenizer, max_length=int(spec.get("max_length", 128)))
 
     def __init__(self, tokenizer: Tokenizer, max_length: int = 128, device: str = "cpu"):
         import torch
@@ -149,30 +202,13 @@ class MiniLMEmbedder(Embedder):
         return {**super().spec(), "max_length": self.max_length}
 
 
-EMBEDDERS = ("minilm", "model", "bag_of_tokens")
-
-
 def build_embedder(spec: dict[str, Any] | str, tokenizer: Tokenizer) -> Embedder:
     """An embedder from its spec (as a database records it) or a command-line name.
 
     Names: ``minilm``, ``bag_of_tokens`` (or ``bag_of_tokens:DIM``), ``model:CHECKPOINT``.
     """
     if isinstance(spec, str):
-        name, _, arg = spec.partition(":")
-        if name == "bag_of_tokens":
-            spec = {"name": name, "dim": int(arg) if arg else 64}
-        elif name == "model":
-            if not arg:
-                raise ConfigError("embedder 'model' needs a checkpoint: --embedder model:runs/NAME/checkpoints/step_...")
-            spec = {"name": name, "checkpoint": arg}
-        else:
-            spec = {"name": name}
-    name = spec.get("name")
-    if name == "minilm":
-        return MiniLMEmbedder(tokenizer, max_length=int(spec.get("max_length", 128)))
-    if name == "bag_of_tokens":
-        return BagOfTokensEmbedder(tokenizer.vocab_size, int(spec.get("dim", 64)), int(spec.get("seed", 0)),
-                                   tuple(spec.get("ignore_ids", [tokenizer.eos_id])))
-    if name == "model":
-        return ModelEmbedder(spec["checkpoint"], tokenizer)
-    raise ConfigError(f"unknown embedder {name!r} (known: {', '.join(EMBEDDERS)})")
+        name, _, argument = spec.partition(":")
+        embedder_class = EMBEDDERS.get(name, key="embedder")
+        return embedder_class.from_spec(embedder_class.spec_from_argument(argument), tokenizer)
+    return EMBEDDERS.get(spec.get("name"), key="embedder.name").from_spec(spec, tokenizer)

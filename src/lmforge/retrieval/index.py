@@ -11,20 +11,22 @@ directly and ``remove_ids`` deletes chunks. Kinds, chosen by database size unles
 | hnsw    | ``IndexHNSWFlat`` in an IDMap        | only when asked          | tombstones only  |
 
 Every search also filters by the database's ``alive`` mask, so a kind without removal
-(HNSW) still never returns a removed chunk.
+(HNSW) still never returns a removed chunk. Each kind is a builder in :data:`INDEXES`; a new
+kind is one function registered there.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
 from lmforge.core.errors import ConfigError, DataError
+from lmforge.core.registry import Registry
 
-INDEX_KINDS = ("auto", "flat", "ivf", "ivfpq", "hnsw")
 FLAT_MAX = 200_000
 IVF_MAX = 5_000_000
 
@@ -37,48 +39,88 @@ def _faiss() -> Any:
     return faiss
 
 
+@dataclass(frozen=True)
+class IndexSettings:
+    nlist: int | None = None       # IVF cells; None: about 4 * sqrt(n)
+    nprobe: int = 16               # IVF cells searched per query
+    pq_m: int = 16                 # IVF-PQ sub-quantizers (must divide the embedding dim)
+    hnsw_m: int = 32               # HNSW neighbours per node
+    seed: int = 0                  # picks the IVF training sample
+
+
+# Index kind -> a function (embeddings [n, dim], settings) -> (an empty FAISS index ready for
+# add_with_ids, what the database manifest must record about it beyond kind and dim).
+# A new kind is one function registered here.
+IndexBuilder = Callable[[np.ndarray, IndexSettings], tuple[Any, dict[str, Any]]]
+INDEXES: Registry[IndexBuilder] = Registry("index kind")
+
+
 def choose_kind(n: int, kind: str = "auto") -> str:
-    if kind not in INDEX_KINDS:
-        raise ConfigError(f"unknown index kind {kind!r} (known: {', '.join(INDEX_KINDS)})")
-    if kind != "auto":
-        return kind
-    return "flat" if n < FLAT_MAX else "ivf" if n < IVF_MAX else "ivfpq"
+    if kind == "auto":
+        return "flat" if n < FLAT_MAX else "ivf" if n < IVF_MAX else "ivfpq"
+    if kind not in INDEXES.names():
+        raise ConfigError(f"index_kind: unknown index kind {kind!r} (known: auto, {', '.join(INDEXES.names())})")
+    return kind
 
 
 def build_index(embeddings: np.ndarray, ids: np.ndarray, kind: str = "auto", nlist: int | None = None,
                 nprobe: int = 16, pq_m: int = 16, hnsw_m: int = 32, seed: int = 0,
                 progress: Callable[[int], None] | None = None) -> tuple[Any, dict[str, Any]]:
     """Build an index over ``embeddings`` [n, dim] (unit rows) with chunk ``ids``; return (index, spec)."""
-    faiss = _faiss()
     n, dim = embeddings.shape
     kind = choose_kind(n, kind)
-    spec: dict[str, Any] = {"kind": kind, "dim": int(dim)}
-    if kind == "flat":
-        index = faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
-    elif kind == "hnsw":
-        index = faiss.IndexIDMap2(faiss.IndexHNSWFlat(dim, hnsw_m, faiss.METRIC_INNER_PRODUCT))
-        spec["hnsw_m"] = hnsw_m
-    elif kind in ("ivf", "ivfpq"):
-        nlist = nlist or max(1, min(int(4 * math.sqrt(max(n, 1))), n // 39 or 1))
-        quantizer = faiss.IndexFlatIP(dim)
-        if kind == "ivf":
-            index = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_INNER_PRODUCT)
-        else:
-            if dim % pq_m:
-                raise ConfigError(f"ivfpq: embedding dim {dim} must be divisible by pq_m {pq_m}")
-            index = faiss.IndexIVFPQ(quantizer, dim, nlist, pq_m, 8, faiss.METRIC_INNER_PRODUCT)
-            spec["pq_m"] = pq_m
-        if n < nlist:
-            raise DataError(f"index kind {kind}: {n} vectors are fewer than nlist={nlist}; use kind flat")
-        # Train the coarse quantizer on a fixed sample (deterministic, bounded cost).
-        sample = np.random.default_rng(seed).permutation(n)[: max(nlist * 64, 10_000)]
-        index.train(np.ascontiguousarray(embeddings[np.sort(sample)], dtype=np.float32))
-        index.nprobe = min(nprobe, nlist)
-        spec.update(nlist=int(nlist), nprobe=int(index.nprobe))
-    else:  # pragma: no cover - choose_kind rejects the rest
-        raise ConfigError(kind)
+    settings = IndexSettings(nlist=nlist, nprobe=nprobe, pq_m=pq_m, hnsw_m=hnsw_m, seed=seed)
+    index, recorded = INDEXES.get(kind)(embeddings, settings)
     add_to_index(index, embeddings, ids, progress)
-    return index, spec
+    return index, {"kind": kind, "dim": int(dim), **recorded}
+
+
+@INDEXES.register("flat")
+def _flat(embeddings: np.ndarray, settings: IndexSettings) -> tuple[Any, dict[str, Any]]:
+    faiss = _faiss()
+    return faiss.IndexIDMap2(faiss.IndexFlatIP(embeddings.shape[1])), {}
+
+
+@INDEXES.register("hnsw")
+def _hnsw(embeddings: np.ndarray, settings: IndexSettings) -> tuple[Any, dict[str, Any]]:
+    faiss = _faiss()
+    graph = faiss.IndexHNSWFlat(embeddings.shape[1], settings.hnsw_m, faiss.METRIC_INNER_PRODUCT)
+    return faiss.IndexIDMap2(graph), {"hnsw_m": settings.hnsw_m}
+
+
+@INDEXES.register("ivf")
+def _ivf(embeddings: np.ndarray, settings: IndexSettings) -> tuple[Any, dict[str, Any]]:
+    faiss = _faiss()
+    return _trained_ivf("ivf", embeddings, settings, lambda quantizer, dim, nlist: (
+        faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_INNER_PRODUCT), {}))
+
+
+@INDEXES.register("ivfpq")
+def _ivfpq(embeddings: np.ndarray, settings: IndexSettings) -> tuple[Any, dict[str, Any]]:
+    faiss = _faiss()
+
+    def make(quantizer: Any, dim: int, nlist: int) -> tuple[Any, dict[str, Any]]:
+        if dim % settings.pq_m:
+            raise ConfigError(f"ivfpq: embedding dim {dim} must be divisible by pq_m {settings.pq_m}")
+        index = faiss.IndexIVFPQ(quantizer, dim, nlist, settings.pq_m, 8, faiss.METRIC_INNER_PRODUCT)
+        return index, {"pq_m": settings.pq_m}
+
+    return _trained_ivf("ivfpq", embeddings, settings, make)
+
+
+def _trained_ivf(kind: str, embeddings: np.ndarray, settings: IndexSettings,
+                 make: Callable[[Any, int, int], tuple[Any, dict[str, Any]]]) -> tuple[Any, dict[str, Any]]:
+    """An inverted-file index made by ``make(quantizer, dim, nlist)``, its coarse quantizer trained."""
+    n, dim = embeddings.shape
+    nlist = settings.nlist or max(1, min(int(4 * math.sqrt(max(n, 1))), n // 39 or 1))
+    index, recorded = make(_faiss().IndexFlatIP(dim), dim, nlist)
+    if n < nlist:
+        raise DataError(f"index kind {kind}: {n} vectors are fewer than nlist={nlist}; use kind flat")
+    # Train the coarse quantizer on a fixed sample (deterministic, bounded cost).
+    sample = np.random.default_rng(settings.seed).permutation(n)[: max(nlist * 64, 10_000)]
+    index.train(np.ascontiguousarray(embeddings[np.sort(sample)], dtype=np.float32))
+    index.nprobe = min(settings.nprobe, nlist)
+    return index, {**recorded, "nlist": int(nlist), "nprobe": int(index.nprobe)}
 
 
 def add_to_index(index: Any, embeddings: np.ndarray, ids: np.ndarray,
@@ -143,3 +185,7 @@ def search_filtered(index: Any, queries: np.ndarray, k: int, keep: Callable[[int
         todo = np.array(short, dtype=np.int64)
         fetch = min(fetch * 2, max_fetch, max(index.ntotal, 1))
     return out_scores, out_ids
+
+
+# The kinds --index offers (built-in ones; ``choose_kind`` also accepts kinds registered later).
+INDEX_KINDS = ("auto", *INDEXES.names())
