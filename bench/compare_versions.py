@@ -6,7 +6,7 @@ a change in machine load hits both alike. Prints median tokens/s per version ove
 steps of every round (the first ``--skip`` steps of each run are warm-up), the ratio, the spread
 over rounds, and whether the two versions' losses are bit-identical.
 
-    python bench/compare_versions.py configs/quickstart.yaml --ref cdee255 --steps 30 --rounds 3
+    python bench/compare_versions.py configs/quickstart.yaml --ref cdee255 --steps 30 --rounds 3 --ref-config
 
 The earlier commit is extracted with ``git archive`` into a temporary folder (the checkout is not
 touched); each version prepares its own copy of the data there, so the two never share files.
@@ -56,6 +56,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--skip", type=int, default=5, help="warm-up steps of each run left out of the timing")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--ref-config", action="store_true",
+                        help="train both versions on the earlier commit's copy of CONFIG (for a refactor that "
+                             "must keep losses bit-identical while the presets changed)")
     args = parser.parse_args()
     if args.steps <= args.skip:
         parser.error("--steps must exceed --skip")
@@ -68,7 +71,8 @@ def main() -> None:
             for version, src in versions.items():
                 work = Path(tmp) / f"work_{list(versions).index(version)}"
                 work.mkdir(exist_ok=True)
-                config = (src / args.config) if (src / args.config).is_file() else Path(args.config).resolve()
+                owner = versions[args.ref] if args.ref_config else src
+                config = (owner / args.config) if (owner / args.config).is_file() else Path(args.config).resolve()
                 records = train(src, config, work, f"r{round_index}", args)
                 timed = [r["tokens_per_s"] for r in records if r["step"] > args.skip]
                 rates[version].append(statistics.median(timed))

@@ -223,3 +223,13 @@ def test_a_failed_overwrite_leaves_the_earlier_export_and_a_good_one_swaps_it(tm
     export_hf(dense.build(), dense, _tokenizer(tmp_path), out, overwrite=True)
     assert _files(out)[Path("model.safetensors")] != before[Path("model.safetensors")]
     assert [p.name for p in out.parent.iterdir()] == ["hf"]
+
+
+def test_a_retro_model_is_refused_with_its_family_named(tmp_path):
+    from lmforge.nn.retro import RetroConfig, RetroModelConfig
+
+    cfg = RetroModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=2, max_seq_len=32,
+                           retro=RetroConfig(chunk_len=8, encoder_layers=1))
+    with pytest.raises(ExportError, match="family 'retro' has no transformers equivalent"):
+        export_hf(cfg.build(), cfg, tmp_path / "tokenizer.json", tmp_path / "out")
+    assert not (tmp_path / "out").exists()

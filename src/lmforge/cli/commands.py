@@ -104,7 +104,10 @@ def quickstart(args: argparse.Namespace) -> int:
         log.info("%s exists: resuming it (pass --fresh to start over)", run_dir)
     run_dir = _train(cfg, resume, write_html=True)
     final = json.loads((run_dir / "eval" / "final.json").read_text())
-    print("\nheld-out bits-per-byte: " + ", ".join(f"{k} {v:.3f}" for k, v in final["bpb"].items()))
+    from lmforge.eval.suite import format_interval
+
+    print(f"\nheld-out bits-per-byte ({final.get('interval_level', 0.95):.0%} interval): "
+          + ", ".join(f"{k} {v:.3f} [{format_interval(final, k)}]" for k, v in final["bpb"].items()))
     for sample in final["samples"]:
         print(f"\n--- {sample['prompt']!r}\n{sample['prompt']}{sample['text']}")
     print(f"\nopen {run_dir / 'report.html'}")
@@ -174,11 +177,11 @@ def export(args: argparse.Namespace) -> int:
     import torch
 
     from lmforge.export.hf import export_hf
-    from lmforge.nn.config import ModelConfig
+    from lmforge.nn.families import model_config_from_dict
     from lmforge.serve.loading import load_for_inference
 
     model, _, config, checkpoint = load_for_inference(args.target, torch.device("cpu"))
-    cfg = ModelConfig.from_dict(config["model"], path="model")
+    cfg = model_config_from_dict(config["model"])
     summary = export_hf(model, cfg, checkpoint / "tokenizer.json", Path(args.out), overwrite=args.overwrite)
     print(f"exported {checkpoint} as {summary['architecture']} ({summary['parameters']:,} parameters) "
           f"to {summary['out_dir']}; reloaded logits match lmforge's within {summary['max_logit_difference']:.2g}")

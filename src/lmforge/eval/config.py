@@ -34,5 +34,9 @@ class EvalConfig(Config):
             raise ValueError(f"bootstrap_samples must be >= 1, got {self.bootstrap_samples}")
         if self.task_items < 0:
             raise ValueError("task_items must be >= 0")
-        if self.temperature < 0:
-            raise ValueError("temperature must be >= 0")
+        if not self.temperature >= 0:  # also refuses nan
+            raise ValueError(f"temperature must be a number >= 0, got {self.temperature}")
+        if self.sample_tokens < 1:
+            raise ValueError(f"sample_tokens must be >= 1, got {self.sample_tokens} (for no samples: sample_prompts: [])")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0: all tokens), got {self.top_k}")

@@ -128,6 +128,9 @@ def export_hf(model: torch.nn.Module, cfg: ModelConfig, tokenizer_json: Path, ou
     after the reloaded model reproduces lmforge's logits, so a failed export leaves nothing
     behind. ``overwrite`` replaces only an earlier lmforge export (see :mod:`.folder`).
     """
+    if cfg.family != "transformer":
+        raise ExportError(f"model family {cfg.family!r} has no transformers equivalent; export writes the "
+                          "transformer family (dense: Llama/Qwen3, MoE: Mixtral/Qwen3-MoE)")
     tf = _transformers()
     out_dir = Path(out_dir)
     check_target(out_dir, overwrite)  # before minutes of work, and again before the swap

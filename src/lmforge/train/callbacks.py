@@ -16,7 +16,7 @@ from lmforge.core.errors import CheckpointError
 from lmforge.core.io import atomic_write_json
 from lmforge.core.logging import RateProgress, get_logger
 from lmforge.core.metrics_file import append_metrics
-from lmforge.eval.suite import complete_evaluation, describe, heldout_record
+from lmforge.eval.suite import complete_evaluation, describe, format_interval, heldout_record
 
 if TYPE_CHECKING:
     from lmforge.train.trainer import Trainer
@@ -125,7 +125,7 @@ class HeldoutEvaluator(Callback):
         if not trainer.is_main:
             return record
         append_metrics(trainer.run_dir / "metrics.jsonl", record)
-        bpb = ", ".join(f"{k} {v:.3f}" for k, v in record["bpb"].items())
+        bpb = ", ".join(f"{k} {v:.3f} [{format_interval(record, k)}]" for k, v in record["bpb"].items())
         log.info("step %d held-out bits-per-byte: %s", trainer.step, bpb)
         return record
 
