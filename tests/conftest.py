@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import os
 import random
 import subprocess
@@ -134,3 +136,18 @@ def dense_reference_run(tmp: Path, corpus: Path, steps: int, name: str) -> Path:
     result = run_cli("train", str(config), "--set", f"name={name}", "--no-report")
     assert result.returncode == 0, result.stderr
     return config
+
+
+@contextlib.contextmanager
+def mounted_tmpfs(mount_point: Path, size: str):
+    """A real small filesystem at ``mount_point`` for full-disk tests (skips the test where this
+    process may not mount one); unmounted afterwards."""
+    mount_point.mkdir(parents=True, exist_ok=True)
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount_point)],
+                            capture_output=True, text=True)
+    if result.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {result.stderr.strip() or result.returncode}")
+    try:
+        yield mount_point
+    finally:
+        subprocess.run(["umount", str(mount_point)], check=False)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import mounted_tmpfs
 from lmforge.core.checkpoint_files import (
     check_writable,
     latest_valid_checkpoint,
@@ -111,16 +112,8 @@ def test_file_size_limit_fails_the_save_cleanly(tmp_path, sizes, failing):
 @pytest.fixture
 def small_tmpfs(tmp_path):
     """A 12 MB tmpfs, if this process may mount one (root in a privileged container)."""
-    mount_point = tmp_path / "tmpfs"
-    mount_point.mkdir()
-    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=12m", "tmpfs", str(mount_point)],
-                            capture_output=True, text=True)
-    if result.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {result.stderr.strip() or result.returncode}")
-    try:
+    with mounted_tmpfs(tmp_path / "tmpfs", "12m") as mount_point:
         yield mount_point
-    finally:
-        subprocess.run(["umount", str(mount_point)], check=False)
 
 
 def test_full_disk_fails_the_save_cleanly(small_tmpfs, sizes):

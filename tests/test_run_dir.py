@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_cli
+from conftest import mounted_tmpfs, run_cli
 from lmforge.core.errors import ConfigError, DataError, LmforgeError
 from lmforge.core.metrics_file import append_metrics, current_branch, read_metrics
 from lmforge.core.run_lock import RunLock
@@ -109,13 +109,7 @@ def test_failed_write_at_creation_is_one_clear_line(tmp_path):
 
 
 def test_full_disk_at_creation_is_one_clear_line(tmp_path):
-    mount_point = tmp_path / "tmpfs"
-    mount_point.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount_point)],
-                             capture_output=True, text=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
-    try:
+    with mounted_tmpfs(tmp_path / "tmpfs", "1m") as mount_point:
         with open(mount_point / "filler", "wb", buffering=0) as handle:
             try:
                 while handle.write(bytes(1 << 16)):
@@ -125,8 +119,6 @@ def test_full_disk_at_creation_is_one_clear_line(tmp_path):
         cfg = RunConfig.from_dict({"name": "r", "runs_dir": str(mount_point / "runs")})
         with pytest.raises(LmforgeError, match="cannot write the run directory: No space left on device"):
             init_run_dir(cfg, _data_dir(tmp_path), resuming=False)
-    finally:
-        subprocess.run(["umount", str(mount_point)], check=False)
 
 
 # ---- deleting a run directory (--fresh) ---------------------------------------------------

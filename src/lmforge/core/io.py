@@ -138,6 +138,18 @@ def read_json(path: str | Path) -> Any:
     return json.loads(Path(path).read_text())
 
 
+def unreplaceable_folder_reason(path: Path) -> str | None:
+    """Why the existing ``path`` must not be replaced or deleted as a folder of lmforge's output:
+    a symbolic link (never followed), a file, or a protected place (see below); None if it may be,
+    as far as its kind goes (callers still check it is their own output)."""
+    path = Path(path)
+    if path.is_symlink():
+        return "a symbolic link (lmforge never deletes through links)"
+    if not path.is_dir():
+        return "a file, not a folder"
+    return protected_path_reason(path)
+
+
 def protected_path_reason(path: Path) -> str | None:
     """Why deleting or replacing ``path`` wholesale must be refused, or None.
 

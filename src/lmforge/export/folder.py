@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from lmforge.core.errors import LmforgeError
-from lmforge.core.io import apply_default_modes, fsync_dir, protected_path_reason
+from lmforge.core.io import apply_default_modes, fsync_dir, unreplaceable_folder_reason
 
 MARKER = "lmforge_export.json"
 MARKER_FORMAT = "lmforge-hf-export"
@@ -36,12 +36,7 @@ def check_target(out_dir: Path, overwrite: bool) -> None:
     holding only the files lmforge wrote there."""
     if not os.path.lexists(out_dir):
         return
-    if out_dir.is_symlink():
-        raise ExportError(f"--out {out_dir} is a symbolic link; give a new folder (or a real export folder "
-                          "with --overwrite)")
-    if not out_dir.is_dir():
-        raise ExportError(f"--out {out_dir} is a file, not a folder; choose another --out")
-    refusal = protected_path_reason(out_dir)
+    refusal = unreplaceable_folder_reason(out_dir)
     if refusal:
         raise ExportError(f"--out {out_dir} is {refusal}; an export needs a folder of its own")
     if not overwrite:

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 from lmforge.core.code_version import code_version
 from lmforge.core.config import read_yaml
 from lmforge.core.errors import ConfigError, LmforgeError
-from lmforge.core.io import atomic_write_json, atomic_write_text, protected_path_reason
+from lmforge.core.io import atomic_write_json, atomic_write_text, unreplaceable_folder_reason
 from lmforge.core.logging import get_logger
 from lmforge.core.metrics_file import append_metrics
 from lmforge.core.run_lock import LOCK_FILE, RunLock
@@ -167,12 +167,7 @@ def remove_run_dir(path: str | Path) -> bool:
     path = Path(path)
     if not os.path.lexists(path):
         return False
-    if path.is_symlink():
-        raise LmforgeError(f"{path} is a symbolic link; lmforge does not delete through links — "
-                           "remove the link (or its target) by hand")
-    if not path.is_dir():
-        raise LmforgeError(f"{path} is a file, not a run directory; not deleting it")
-    reason = protected_path_reason(path)
+    reason = unreplaceable_folder_reason(path)
     if reason:
         raise LmforgeError(f"{path} is {reason}; not deleting it")
     if read_marker(path) is None:
