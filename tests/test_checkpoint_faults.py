@@ -228,3 +228,18 @@ def test_resuming_from_another_folders_checkpoint_retires_every_local_one(tmp_pa
     moved = retire_later_checkpoints(folder, other / step_dir_name(8))
     assert sorted(p.name for p in moved) == [step_dir_name(4), step_dir_name(8), step_dir_name(12)]
     assert list_checkpoints(folder) == []
+
+
+def test_saving_the_same_step_again_replaces_it_in_one_step(tmp_path):
+    """The final save right after a periodic one writes step N twice: the new folder takes the name
+    by an atomic exchange, so step N exists at every moment, and nothing is left beside it."""
+    folder = tmp_path / "checkpoints"
+
+    def writer(text: str):
+        return {"weights.txt": lambda path: path.write_text(text)}
+
+    first = write_checkpoint_dir(folder, 5, writer("first"), {})
+    second = write_checkpoint_dir(folder, 5, writer("second"), {})
+    assert first == second and (second / "weights.txt").read_text() == "second"
+    verify_checkpoint_dir(second)
+    assert sorted(p.name for p in folder.iterdir()) == [step_dir_name(5)]

@@ -211,7 +211,7 @@ def test_a_failed_overwrite_leaves_the_earlier_export_and_a_good_one_swaps_it(tm
     import lmforge.export.folder as folder
 
     if not atomic_exchange:  # the two-rename path used where renameat2 is missing
-        monkeypatch.setattr(folder, "_exchange", lambda a, b: False)
+        monkeypatch.setattr(folder, "exchange_paths", lambda a, b: False)
     dense = ModelConfig.from_dict(BASE)
     out = tmp_path / "out" / "hf"
     export_hf(dense.build(), dense, _tokenizer(tmp_path), out)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import mounted_tmpfs, run_cli
+from conftest import mounted_tmpfs, run_cli, tiny_run_dict, write_config
 from lmforge.core.errors import ConfigError, DataError, LmforgeError
 from lmforge.core.metrics_file import append_metrics, current_branch, read_metrics
 from lmforge.core.run_lock import RunLock
@@ -154,6 +154,60 @@ def test_remove_refuses_an_unmarked_folder_that_holds_anything_else(tmp_path):
     assert (path / "notes.txt").exists()
 
 
+def test_remove_refuses_a_marked_run_that_holds_the_users_files(tmp_path):
+    path = _run_dir(tmp_path)
+    (path / "checkpoints" / "step_0000004").mkdir(parents=True)
+    mine = ["notes.md", "analysis.ipynb", "plots", "a.txt", "b.txt", "c.txt", "checkpoints/best_by_hand"]
+    for name in mine:
+        (path / name).write_text("the user's")
+    before = sorted(str(p.relative_to(path)) for p in path.rglob("*"))
+    with pytest.raises(LmforgeError) as refused:
+        remove_run_dir(path)
+    message = str(refused.value)
+    assert "\n" not in message
+    assert message.startswith(f"{path} holds files lmforge did not write (a.txt, analysis.ipynb, b.txt, c.txt, "
+                              "notes.md and 2 more); not deleting it")
+    assert "move them out" in message and f"rm -r {path}" in message
+    assert sorted(str(p.relative_to(path)) for p in path.rglob("*")) == before  # nothing touched
+    assert read_marker(path) is not None
+    for name in mine:
+        (path / name).unlink()
+    assert remove_run_dir(path) is True and not path.exists()
+
+
+def test_remove_accepts_everything_lmforge_leaves_in_a_run(tmp_path):
+    path = _run_dir(tmp_path)
+    for folder in ("eval", "tensorboard", "query_encoder", "checkpoints/step_0000004", "checkpoints/.step_0000008.x1y2",
+                   "checkpoints/abandoned/20250101T000000Z"):
+        (path / folder).mkdir(parents=True)
+    for name in ("metrics.jsonl", "report.html", "model_card.json", ".lock", "checkpoints/.write_probe.123",
+                 ".config.yaml.k3j4h5.tmp", ".report.html.a1b2.tmp"):  # temporaries of writes cut short
+        (path / name).write_text("")
+    assert remove_run_dir(path) is True
+
+
+def test_fresh_keeps_a_trained_run_holding_a_users_notebook(tmp_path, tiny_corpus):
+    cfg = tiny_run_dict(tmp_path, tiny_corpus, model={"d_model": 32, "n_layers": 1, "n_heads": 2, "n_kv_heads": 1,
+                                                      "max_seq_len": 32, "moe": None},
+                        train={"steps": 2, "batch_size": 2, "seq_len": 32, "log_every": 1, "eval_every": 0,
+                               "checkpoint_every": 2, "keep_checkpoints": 1, "tensorboard": True})
+    cfg["eval"] = {"max_tokens_per_domain": 64, "sample_tokens": 2, "sample_prompts": ["the "]}
+    config = write_config(tmp_path / "run.yaml", cfg)
+    trained = run_cli("train", str(config))  # with the report and TensorBoard: all a run writes
+    assert trained.returncode == 0, trained.stderr
+    run = tmp_path / "runs" / "tiny"
+    assert (run / "report.html").is_file() and (run / "tensorboard").is_dir()
+    (run / "analysis.ipynb").write_text("{}")
+    fresh = run_cli("quickstart", "--config", str(config), "--fresh")
+    assert fresh.returncode == 2
+    (error,) = fresh.stderr.strip().splitlines()
+    assert error == (f"lmforge: error: {run} holds files lmforge did not write (analysis.ipynb); not deleting it — "
+                     f"move them out of the run directory, or delete it by hand (rm -r {run})")
+    assert (run / "analysis.ipynb").read_text() == "{}" and (run / "checkpoints" / "step_0000002").is_dir()
+    (run / "analysis.ipynb").unlink()
+    assert remove_run_dir(run) is True and not run.exists()
+
+
 def test_name_dotdot_never_deletes_the_parent(tmp_path):
     # The reported accident: runs_dir=X/runs, name=.. pointed --fresh at X.
     x = tmp_path / "X"
@@ -216,7 +270,8 @@ def test_relative_data_dir_resolves_against_the_recorded_working_dir(tmp_path, m
     assert resolve_data_dir(path, "data") == trained_in / "data"
     assert resolve_data_dir(checkpoint, "data") == trained_in / "data"
     assert resolve_data_dir(checkpoint, tmp_path / "abs") == tmp_path / "abs"  # absolute: as given
-    with pytest.raises(DataError, match=r"'missing' .* not found \(tried .*project/missing, .*elsewhere/missing\)"):
+    with pytest.raises(DataError, match=r"'missing' .* \(tried .*project/missing: not found; .*elsewhere/missing: "
+                                        r"not found\)"):
         resolve_data_dir(checkpoint, "missing")
 
 

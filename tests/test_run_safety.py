@@ -76,7 +76,9 @@ def test_resume_from_an_older_checkpoint_then_crash_stays_on_the_new_branch(base
     assert crashed.returncode == -signal.SIGKILL
     assert [p.name for p in list_checkpoints(run / "checkpoints")] == [step_dir_name(4)]
     (abandoned,) = (run / "checkpoints" / "abandoned").iterdir()
-    assert sorted(p.name for p in abandoned.iterdir()) == ["retired.json", step_dir_name(8), step_dir_name(12)]
+    assert sorted(p.name for p in abandoned.iterdir()) == ["eval", "retired.json", step_dir_name(8), step_dir_name(12)]
+    # the abandoned branch's final evaluation went with it: the run no longer claims to be finished
+    assert (abandoned / "eval" / "final.json").is_file() and not (run / "eval" / "final.json").exists()
     resumed = run_cli("train", str(config), "--set", "name=branch", "--resume", "auto", "--no-report")
     assert resumed.returncode == 0, resumed.stderr
     assert f"resumed from {older}" in resumed.stdout + resumed.stderr  # not the abandoned step 12
@@ -117,3 +119,43 @@ def test_eval_finds_relative_data_from_another_directory(base, tiny_corpus):
     elsewhere.mkdir()
     result = run_cli("eval", str(project / "runs" / "relative"), cwd=elsewhere)
     assert result.returncode == 0, result.stderr
+
+
+def test_resume_from_a_checkpoint_outside_the_run_then_crash_resumes_that_branch(base):
+    """A branch started from a backup has its own first checkpoint in the run: a crash before the
+    next save resumes it, instead of `--resume auto` finding nothing and starting from step 0."""
+    import shutil
+
+    tmp, config = base
+    run = _copy_reference(tmp, "from_backup")
+    backup = tmp / "backup" / step_dir_name(8)
+    shutil.copytree(tmp / "runs" / "reference" / "checkpoints" / step_dir_name(8), backup)
+    crashed = run_cli("train", str(config), "--set", "name=from_backup", "--resume", str(backup), "--no-report",
+                      env={"LMFORGE_CRASH_AT_STEP": "10"})
+    assert crashed.returncode == -signal.SIGKILL
+    assert [p.name for p in list_checkpoints(run / "checkpoints")] == [step_dir_name(8)]  # the adopted copy
+    resumed = run_cli("train", str(config), "--set", "name=from_backup", "--resume", "auto", "--no-report")
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resumed from {run / 'checkpoints' / step_dir_name(8)} at step 8" in resumed.stdout + resumed.stderr
+    assert train_losses(run) == train_losses(tmp / "runs" / "reference")  # the same history, exactly
+
+
+def test_changed_training_settings_on_resume_are_recorded(base):
+    tmp, config = base
+    run = _copy_reference(tmp, "longer")
+    result = run_cli("train", str(config), "--set", "name=longer", "--set", f"train.steps={STEPS + 2}",
+                     "--resume", "auto", "--no-report")
+    assert result.returncode == 0, result.stderr
+    assert f"resuming with train.steps = {STEPS + 2} (the checkpoint had {STEPS})" in result.stdout + result.stderr
+    (resume,) = [r for r in read_metrics(run / "metrics.jsonl") if r.get("kind") == "resume"]
+    assert {"field": "train.steps", "old": STEPS, "new": STEPS + 2} in resume["config_changes"]
+
+
+def test_a_run_name_onto_a_users_folder_writes_nothing_into_it(base):
+    tmp, config = base
+    users = tmp / "users_runs" / "notes"
+    users.mkdir(parents=True)
+    (users / "thesis.md").write_text("mine")
+    result = run_cli("train", str(config), "--set", f"runs_dir={users.parent}", "--set", "name=notes", "--no-report")
+    assert result.returncode == 2 and "is not an lmforge run directory" in result.stderr
+    assert sorted(p.name for p in users.iterdir()) == ["thesis.md"]  # not even a lock file

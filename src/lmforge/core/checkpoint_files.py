@@ -22,8 +22,10 @@ import torch
 
 from lmforge.core.errors import CheckpointError
 from lmforge.core.io import (
+    apply_default_modes,
     atomic_write_json,
     default_file_mode,
+    exchange_paths,
     fsync_dir,
     make_temp_dir,
     read_json,
@@ -80,11 +82,17 @@ def write_checkpoint_dir(
         atomic_write_json(tmp / MANIFEST, {"step": step, "files": files, **meta})
         fsync_dir(tmp)
         current = "the final rename"
-        if final.exists():
-            # Same step saved twice (e.g. final save right after a periodic one): replace.
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        fsync_dir(checkpoints_dir)
+        if final.exists() and exchange_paths(tmp, final):
+            # Same step saved twice (e.g. the final save right after a periodic one): the new
+            # folder takes the name in one step, so step N exists at every moment.
+            fsync_dir(checkpoints_dir)
+            shutil.rmtree(tmp, ignore_errors=True)  # now the replaced copy
+            tmp = None
+        else:
+            if final.exists():  # no atomic exchange on this system: the old copy goes first
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            fsync_dir(checkpoints_dir)
     except errors as exc:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -209,6 +217,49 @@ def checkpoint_step(checkpoint: Path) -> int:
         return int(match.group(1))
 
 
+def new_abandoned_folder(checkpoints_dir: Path) -> Path:
+    """A new, empty ``checkpoints/abandoned/<UTC time>[_n]/`` for what a branch leaves behind."""
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    target = Path(checkpoints_dir) / ABANDONED / stamp
+    suffix = 1
+    while target.exists():
+        suffix += 1
+        target = Path(checkpoints_dir) / ABANDONED / f"{stamp}_{suffix}"
+    target.mkdir(parents=True)
+    return target
+
+
+def adopt_checkpoint(checkpoint: Path, checkpoints_dir: Path) -> Path:
+    """Copy a checkpoint from outside the run (a backup, another run, ``abandoned/``) into
+    ``checkpoints_dir/step_N``, verified, under a temporary name renamed into place.
+
+    A branch started from it then has its first checkpoint inside the run, so a crash or a
+    preemption before the next save resumes the branch (``--resume auto``) instead of finding
+    nothing and starting over.
+    """
+    checkpoint = Path(checkpoint)
+    final = Path(checkpoints_dir) / step_dir_name(checkpoint_step(checkpoint))
+    tmp: Path | None = None
+    try:
+        tmp = make_temp_dir(final)
+        shutil.copytree(checkpoint, tmp, dirs_exist_ok=True)
+        verify_checkpoint_dir(tmp)
+        apply_default_modes(tmp)
+        fsync_dir(tmp)
+        os.replace(tmp, final)  # the branch retired every checkpoint of the run: final is free
+        fsync_dir(Path(checkpoints_dir))
+    except _write_errors() as exc:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(f"{checkpoints_dir}: copying {checkpoint} into the run failed "
+                              f"({_describe_error(exc)})") from exc
+    except BaseException:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
 def retire_later_checkpoints(checkpoints_dir: Path, checkpoint: Path) -> list[Path]:
     """Move the checkpoints of an abandoned branch out of the way; return their new paths.
 
@@ -231,14 +282,9 @@ def retire_later_checkpoints(checkpoints_dir: Path, checkpoint: Path) -> list[Pa
     ]
     if not later:
         return []
-    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-    target = checkpoints_dir / ABANDONED / stamp
-    suffix = 1
-    while target.exists():
-        suffix += 1
-        target = checkpoints_dir / ABANDONED / f"{stamp}_{suffix}"
     try:
-        target.mkdir(parents=True)
+        target = new_abandoned_folder(checkpoints_dir)
+        stamp = target.name
         atomic_write_json(target / "retired.json", {
             "resumed_from": str(checkpoint), "resumed_step": step,
             "retired": [p.name for p in later], "time": stamp,

@@ -8,6 +8,7 @@ on one machine, and multi-node rendezvous. Every helper is a no-op without a pro
 from __future__ import annotations
 
 import os
+import pickle
 from datetime import timedelta
 from typing import Callable, TypeVar
 
@@ -114,21 +115,43 @@ def broadcast_object(obj: object, src: int = 0) -> object:
 
 
 def run_on_main(fn: Callable[[], T]) -> T | None:
-    """Run ``fn`` on rank 0 only; the others wait, and re-raise rank 0's error if it fails.
+    """Run ``fn`` on rank 0 only; the others wait, and raise rank 0's error if it fails.
 
-    For work that writes shared files (data preparation, run directory): without this a
-    failure on rank 0 would leave the other ranks with an opaque "connection closed" error.
+    For work that writes shared files (data preparation, run directory, metrics): without
+    this a failure on rank 0 would leave the other ranks waiting in the next collective until
+    the process-group timeout, or with an opaque "connection closed" error. Any exception is
+    forwarded: an LmforgeError as itself, anything else (an OSError from a full disk) as
+    LmforgeError("rank 0 failed: <type>: <message>"). Rank 0 raises its original exception.
     """
-    result, error = None, None
+    result: T | None = None
+    failure: Exception | None = None
+    error: tuple[type[LmforgeError], str] | None = None
     if is_main_process():
         try:
             result = fn()
-        except LmforgeError as exc:
+        except Exception as exc:
             if not is_distributed():
                 raise
-            error = (type(exc), str(exc))
-    error = broadcast_object(error)
+            failure = exc
+            error = _forwardable(exc)
+    error = broadcast_object(error)  # type: ignore[assignment]
+    if failure is not None:
+        raise failure
     if error is not None:
-        cls, message = error  # type: ignore[misc]
+        cls, message = error
         raise cls(message)
     return result
+
+
+def _forwardable(exc: Exception) -> tuple[type[LmforgeError], str]:
+    """What the other ranks raise for rank 0's ``exc``: an LmforgeError class that pickles and
+    can be built from one message (else LmforgeError itself), and the message."""
+    if not isinstance(exc, LmforgeError):
+        return LmforgeError, f"rank 0 failed: {type(exc).__name__}: {exc}"
+    cls = type(exc)
+    try:
+        pickle.loads(pickle.dumps(cls))
+        cls(str(exc))
+    except (pickle.PicklingError, AttributeError, TypeError, ValueError):  # a local or unusual class
+        cls = LmforgeError
+    return cls, str(exc)

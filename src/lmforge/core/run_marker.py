@@ -13,10 +13,11 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from lmforge.core.errors import DataError
-from lmforge.core.io import read_json
+from lmforge.core.io import read_json, sha256_file
 
 MARKER = ".lmforge-run"
 MARKER_FORMAT = "lmforge-run"
+TOKENIZER_FILE = "tokenizer.json"  # in prepared data, a run directory and each checkpoint
 
 
 def read_marker(path: Path) -> dict[str, Any] | None:
@@ -49,25 +50,44 @@ def _recorded_working_dirs(target: Path) -> Iterable[Path]:
             return
 
 
+def _tokenizer_digest(folder: Path) -> str | None:
+    """sha256 of ``folder/tokenizer.json``; None if there is none to read."""
+    try:
+        return sha256_file(folder / TOKENIZER_FILE)
+    except OSError:
+        return None
+
+
 def resolve_data_dir(target: str | Path, data_out_dir: str | Path) -> Path:
     """Where a run's prepared data is, given its (possibly relative) ``data.out_dir``.
 
     ``target``: the run directory or a checkpoint of it. A relative path in the saved
     config was relative to the directory the run was trained in; it is looked up there
     (recorded in the checkpoint's manifest and the run's marker), then in the current
-    directory. Raises DataError naming every place tried.
+    directory. A folder whose ``tokenizer.json`` differs from the target's (data prepared
+    again with other settings) is skipped: scored with another tokenizer, bits-per-byte
+    would be wrong without any error. Raises DataError naming every place tried and why.
+    An absolute path that does not exist is returned as given.
     """
     data = Path(data_out_dir).expanduser()
-    if data.is_absolute():
-        return data
-    tried: list[Path] = []
-    for base in [*_recorded_working_dirs(Path(target).absolute()), Path.cwd()]:
-        candidate = (base / data).absolute()
-        if candidate in tried:
+    target = Path(target).absolute()
+    expected = _tokenizer_digest(target)  # None (a target without one): nothing to compare
+    bases = [None] if data.is_absolute() else [*_recorded_working_dirs(target), Path.cwd()]
+    candidates = list(dict.fromkeys(data if base is None else (base / data).absolute() for base in bases))
+    tried: list[str] = []
+    for candidate in candidates:
+        if not candidate.is_dir():
+            tried.append(f"{candidate}: not found")
             continue
-        if candidate.is_dir():
-            return candidate
-        tried.append(candidate)
-    raise DataError(f"data directory {str(data_out_dir)!r} of {target} not found (tried "
-                    f"{', '.join(str(p) for p in tried)}); run from the directory the run was trained in, "
-                    "or prepare the data again with `lmforge data prepare`")
+        if expected is not None:
+            found = _tokenizer_digest(candidate)
+            if found != expected:
+                tried.append(f"{candidate}: " + ("no tokenizer.json" if found is None else
+                                                  f"holds another tokenizer than {target / TOKENIZER_FILE}"))
+                continue
+        return candidate
+    if data.is_absolute() and not candidates[0].is_dir():
+        return data  # the caller says what is missing there
+    raise DataError(f"data directory {str(data_out_dir)!r} of {target}: no folder with the run's data (tried "
+                    f"{'; '.join(tried)}); run from the directory the run was trained in, or prepare the data "
+                    "again with the run's config (`lmforge data prepare`)")

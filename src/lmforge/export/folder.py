@@ -10,18 +10,15 @@ holds one complete export.
 
 from __future__ import annotations
 
-import ctypes
-import errno
 import json
 import os
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
 from lmforge.core.errors import LmforgeError
-from lmforge.core.io import apply_default_modes, fsync_dir, unreplaceable_folder_reason
+from lmforge.core.io import apply_default_modes, exchange_paths, fsync_dir, unreplaceable_folder_reason
 
 MARKER = "lmforge_export.json"
 MARKER_FORMAT = "lmforge-hf-export"
@@ -115,7 +112,7 @@ def install(folder: Path, out_dir: Path, overwrite: bool) -> None:
     try:
         if not os.path.lexists(out_dir):
             os.rename(folder, out_dir)  # fails if a non-empty folder appeared meanwhile
-        elif _exchange(folder, out_dir):
+        elif exchange_paths(folder, out_dir):
             earlier = folder
         else:
             earlier = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".old", dir=out_dir.parent))
@@ -131,22 +128,3 @@ def install(folder: Path, out_dir: Path, overwrite: bool) -> None:
     fsync_dir(out_dir.parent)
     if earlier is not None:
         shutil.rmtree(earlier)  # checked above to hold only lmforge's files
-
-
-def _exchange(a: Path, b: Path) -> bool:
-    """Swap two paths in one step (Linux renameat2 with RENAME_EXCHANGE); False where the
-    system or filesystem cannot, so the caller falls back to two renames."""
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
-    except (OSError, AttributeError):  # glibc older than 2.28, or another libc
-        return False
-    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-    at_fdcwd, rename_exchange = -100, 2
-    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
-        return True
-    code = ctypes.get_errno()
-    if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
-        return False
-    raise OSError(code, os.strerror(code), str(b))

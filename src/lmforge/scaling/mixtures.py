@@ -73,7 +73,7 @@ def run_sweep(config_path: str, mixtures: list[str], overrides: list[str], out_d
             trainer = build_trainer(cfg, resume="auto" if (run_dir / "metrics.jsonl").exists() else None)
             epochs = planned_epochs(trainer.batches.source_tokens(), trainer.batches.weights(),
                                     cfg.train.tokens_per_step * cfg.train.steps)
-            trainer.fit()
+            trainer.fit()  # releases the run's lock however it ends
         else:
             epochs = {}
         result = json.loads(final.read_text())

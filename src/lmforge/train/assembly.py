@@ -23,11 +23,13 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from lmforge.core import distributed
 from lmforge.core.checkpoint_files import check_writable, latest_valid_checkpoint
+from lmforge.core.config import read_yaml
 from lmforge.core.device import resolve_device
 from lmforge.core.errors import CheckpointError, ConfigError
 from lmforge.core.logging import get_logger
@@ -44,7 +46,8 @@ from lmforge.train.callbacks import Callback, default_callbacks
 from lmforge.train.config import RunConfig
 from lmforge.train.families import RunSetup, training_family
 from lmforge.train.model_card import write_model_card
-from lmforge.train.run_dir import init_run_dir, record_resume, run_path
+from lmforge.train.branches import config_differences
+from lmforge.train.run_dir import check_run_target, init_run_dir, record_resume, run_path
 from lmforge.train.throughput import peak_flops
 from lmforge.train.trainer import Trainer
 
@@ -108,10 +111,11 @@ def build_trainer(cfg: RunConfig, resume: str | None = None,
     run_dir = run_path(cfg)
     # One writer per run directory: held from before the checkpoint is chosen until fit() ends
     # (a lock left by a killed process is taken over; see core/run_lock.py).
+    distributed.run_on_main(lambda: check_run_target(run_dir))  # nothing written into a folder not ours
     lock = distributed.run_on_main(lambda: RunLock(run_dir).acquire())
     try:
-        checkpoint = _open_run_directory(cfg, data_dir, resume)
-        trainer = _assemble(cfg, data_dir, tokenizer, device, checkpoint, extra_callbacks)
+        checkpoint, changes = _open_run_directory(cfg, data_dir, resume)
+        trainer = _assemble(cfg, data_dir, tokenizer, device, checkpoint, changes, extra_callbacks)
     except BaseException:
         if lock is not None:
             lock.release()
@@ -120,21 +124,27 @@ def build_trainer(cfg: RunConfig, resume: str | None = None,
     return trainer
 
 
-def _open_run_directory(cfg: RunConfig, data_dir: Path, resume: str | None) -> Path | None:
-    """The checkpoint to resume from; the run directory written (refused if it holds another run)
-    and its checkpoints folder checked writable now rather than at the first save."""
+def _open_run_directory(cfg: RunConfig, data_dir: Path,
+                        resume: str | None) -> tuple[Path | None, list[tuple[str, Any, Any]]]:
+    """The checkpoint to resume from and the settings changed since the run last wrote its config;
+    the run directory written (refused if it holds another run) and its checkpoints folder checked
+    writable now rather than at the first save."""
     run_dir = run_path(cfg)
     checkpoint = find_checkpoint(cfg, resume)
+    changes: list[tuple[str, Any, Any]] = []
+    if resume is not None and distributed.is_main_process() and (run_dir / "config.yaml").is_file():
+        changes = config_differences(read_yaml(run_dir / "config.yaml"), cfg.to_dict())
     distributed.run_on_main(lambda: init_run_dir(cfg, data_dir, resuming=resume is not None))
     distributed.run_on_main(lambda: check_writable(run_dir / "checkpoints"))
     if resume is not None and checkpoint is None and (run_dir / "metrics.jsonl").exists():
         # --resume auto with no valid checkpoint: the run restarts from step 0, a new branch
-        distributed.run_on_main(lambda: record_resume(run_dir, 0, None, [], []))
-    return checkpoint
+        distributed.run_on_main(lambda: record_resume(run_dir, 0, None, [], changes))
+    return checkpoint, changes
 
 
 def _assemble(cfg: RunConfig, data_dir: Path, tokenizer: Tokenizer, device: torch.device,
-              checkpoint: Path | None, extra_callbacks: dict[str, Callback] | None) -> Trainer:
+              checkpoint: Path | None, config_changes: list[tuple[str, Any, Any]],
+              extra_callbacks: dict[str, Callback] | None) -> Trainer:
     """Model, parallelism, optimizer, the family's batches and callbacks, the trainer (restored)."""
     rank, world_size = distributed.rank(), distributed.world_size()
     run_dir = run_path(cfg)
@@ -153,9 +163,12 @@ def _assemble(cfg: RunConfig, data_dir: Path, tokenizer: Tokenizer, device: torc
         total = cfg.train.tokens_per_step * cfg.train.steps
         warn_repeats(planned_epochs(parts.batches.source_tokens(), parts.batches.weights(), total))
     callbacks = {**default_callbacks(), **parts.callbacks, **(extra_callbacks or {})}
+    # The checkpoint saves every callback's state: it runs last, after all of them saw the step.
+    callbacks["checkpoint"] = callbacks.pop("checkpoint")
     trainer = Trainer(cfg, model=model, optimizer=optimizer, batches=parts.batches, callbacks=callbacks,
                       run_dir=run_dir, data_dir=data_dir, tokenizer=tokenizer, device=device,
                       flops_per_token=flops, peak_flops=peak)
+    trainer.config_changes = config_changes
     if checkpoint is not None:
         trainer.restore(checkpoint)
     if rank == 0:

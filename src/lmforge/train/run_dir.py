@@ -33,11 +33,13 @@ from lmforge.nn.families import model_config_from_dict
 if TYPE_CHECKING:  # train.config imports validate_run_name from here
     from lmforge.train.config import RunConfig
 
-# Everything lmforge writes at the top of a run directory (for runs from before markers).
+# Everything lmforge writes at the top of a run directory: ``--fresh`` deletes a run directory
+# only if it holds nothing else. ``query_encoder`` is the default output of
+# ``lmforge retrieval train-query-encoder RUN``; eval/ holds ``lmforge eval``'s results.
 RUN_ENTRIES = frozenset({
     "config.yaml", "metrics.jsonl", "checkpoints", "eval", "report.html", "code_version.json",
     "code.diff", "data_manifest.json", "tokenizer.json", "model_card.json", "tensorboard",
-    MARKER, LOCK_FILE,
+    "query_encoder", MARKER, LOCK_FILE,
 })
 log = get_logger(__name__)
 __all__ = ["MARKER", "init_run_dir", "read_marker", "record_resume", "remove_run_dir", "resolve_data_dir",
@@ -75,17 +77,29 @@ def run_path(cfg: "RunConfig") -> Path:
     return Path(cfg.runs_dir) / validate_run_name(cfg.name)
 
 
-def _legacy_problems(path: Path) -> list[str]:
-    """Why ``path`` (without a marker) does not look like a run directory; empty if it does."""
-    entries = sorted(os.listdir(path))
-    problems = [f"no {name}" for name in ("config.yaml", "metrics.jsonl") if not (path / name).is_file()]
-    problems += [f"unexpected {name!r}" for name in entries if name not in RUN_ENTRIES]
+def _left_by_an_atomic_write(name: str) -> bool:
+    """A temporary file of ``core.io.atomic_write`` (``.<name>.<random>.tmp``) left by a killed
+    process while it rewrote one of the run directory's files."""
+    return name.endswith(".tmp") and any(name.startswith(f".{entry}.") for entry in RUN_ENTRIES)
+
+
+def _unexpected_entries(path: Path) -> list[str]:
+    """What lmforge does not write in a run directory: at its top, and in ``checkpoints/``
+    (``step_N`` folders, their temporary ``.step_N...`` copies, ``abandoned/``, write probes)."""
+    found = [name for name in sorted(os.listdir(path))
+             if name not in RUN_ENTRIES and not _left_by_an_atomic_write(name)]
     checkpoints = path / "checkpoints"
-    if checkpoints.is_dir():
+    if checkpoints.is_dir() and not checkpoints.is_symlink():
         for name in sorted(os.listdir(checkpoints)):
             if not name.startswith(("step_", ".step_", ".write_probe.")) and name != "abandoned":
-                problems.append(f"unexpected 'checkpoints/{name}'")
-    return problems
+                found.append(f"checkpoints/{name}")
+    return found
+
+
+def _legacy_problems(path: Path) -> list[str]:
+    """Why ``path`` (without a marker) does not look like a run directory; empty if it does."""
+    problems = [f"no {name}" for name in ("config.yaml", "metrics.jsonl") if not (path / name).is_file()]
+    return problems + [f"unexpected {name!r}" for name in _unexpected_entries(path)]
 
 
 def _entries_besides_lock(path: Path) -> list[str]:
@@ -157,12 +171,13 @@ def init_run_dir(cfg: "RunConfig", data_dir: Path, resuming: bool) -> Path:
 def remove_run_dir(path: str | Path) -> bool:
     """Delete the run directory ``path`` (``--fresh``); False if there was nothing to delete.
 
-    Only a run directory is deleted: one with lmforge's marker, or a run from before markers
-    existed (``config.yaml`` and ``metrics.jsonl``, nothing lmforge did not write). Refused
-    with LmforgeError: a symbolic link, anything else, the filesystem root, the home or
-    working directory or their parents, a git repository, lmforge's source, and a run that
-    another process is training (its lock is held). The folder is renamed aside first, so
-    an interrupted deletion never leaves a half-deleted run under the run's name.
+    Only a run directory that holds nothing lmforge did not write is deleted: one with
+    lmforge's marker, or a run from before markers existed (``config.yaml`` and
+    ``metrics.jsonl``). Refused with LmforgeError: a run holding other files (the user's
+    notes, notebooks: ``RUN_ENTRIES``), a symbolic link, anything else, the filesystem root,
+    the home or working directory or their parents, a git repository, lmforge's source, and a
+    run that another process is training (its lock is held). The folder is renamed aside
+    first, so an interrupted deletion never leaves a half-deleted run under the run's name.
     """
     path = Path(path)
     if not os.path.lexists(path):
@@ -176,6 +191,13 @@ def remove_run_dir(path: str | Path) -> bool:
             shown = ", ".join(problems[:4]) + (f" and {len(problems) - 4} more" if len(problems) > 4 else "")
             raise LmforgeError(f"{path} is not an lmforge run directory ({shown}); not deleting it — "
                                f"remove it by hand if you mean to (rm -r {path})")
+    else:
+        # A marked run may still hold the user's own files (notes, notebooks): never delete those.
+        foreign = _unexpected_entries(path)
+        if foreign:
+            shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+            raise LmforgeError(f"{path} holds files lmforge did not write ({shown}); not deleting it — move "
+                               f"them out of the run directory, or delete it by hand (rm -r {path})")
     with RunLock(path, purpose="deleting the run directory"):
         doomed = path.parent / f".{path.name}.deleting.{os.getpid()}"
         try:
@@ -208,3 +230,9 @@ def record_resume(run_dir: Path, step: int, checkpoint: Path | None, retired: li
     }
     append_metrics(Path(run_dir) / "metrics.jsonl", record)
     return record
+
+
+def check_run_target(path: Path) -> None:
+    """Raise LmforgeError if ``path`` exists and is not a run directory (before anything, even
+    the lock file, is written into it)."""
+    _check_target(Path(path))

@@ -25,7 +25,6 @@ import torch
 
 from lmforge.core import distributed
 from lmforge.core.device import autocast_context
-from lmforge.core.checkpoint_files import retire_later_checkpoints
 from lmforge.core.errors import CheckpointError
 from lmforge.core.logging import get_logger
 from lmforge.core.run_lock import RunLock
@@ -38,7 +37,7 @@ from lmforge.train.callbacks import Callback
 from lmforge.train.checkpoint import load_training_checkpoint, save_training_checkpoint, unwrap
 from lmforge.train.config import RunConfig
 from lmforge.train.guard import StabilityGuard
-from lmforge.train.run_dir import record_resume
+from lmforge.train.branches import start_branch
 from lmforge.train.signals import PreemptionHandler, Preempted
 
 if TYPE_CHECKING:
@@ -62,6 +61,9 @@ class Trainer:
         self.step, self.tokens = 0, 0
         self.last_checkpoint: Path | None = None
         self.run_lock: RunLock | None = None  # set by the assembly on rank 0: released when fit() ends
+        # Settings the resolved config changed since the run last wrote its config (set by the
+        # assembly when resuming), recorded with the optimizer's own in the resume record.
+        self.config_changes: list[tuple[str, Any, Any]] = []
 
     # ---- evaluation target -------------------------------------------------------------
     @property
@@ -88,10 +90,10 @@ class Trainer:
         self.last_checkpoint = checkpoint
         log.info("resumed from %s at step %d", checkpoint, self.step)
         if not keep_data_position:  # a resume, not a guard rollback: a new branch starts here
-            def branch() -> None:
-                retired = retire_later_checkpoints(self.run_dir / "checkpoints", checkpoint)
-                record_resume(self.run_dir, self.step, checkpoint, retired, changes)
-            distributed.run_on_main(branch)
+            # one entry per setting: the optimizer's own view (checkpoint vs config) wins
+            merged = list({field: (field, old, new) for field, old, new in [*self.config_changes, *changes]}.values())
+            own = distributed.run_on_main(lambda: start_branch(self.run_dir, checkpoint, self.step, merged))
+            self.last_checkpoint = distributed.broadcast_object(own)  # type: ignore[assignment]
 
     def _load_callback_states(self, saved: dict[str, Any] | list[dict[str, Any]]) -> None:
         if isinstance(saved, list):
@@ -201,33 +203,44 @@ class Trainer:
 
     # ---- the loop ----------------------------------------------------------------------
     def fit(self) -> Path:
-        preemption = PreemptionHandler().install()
-        for callback in self.callbacks.values():
-            callback.on_train_start(self)
-        self.model.train()
+        """Train to ``train.steps``; returns the run directory. However it ends, signal handlers are
+        restored, every callback is closed and the run directory's lock is released."""
         try:
-            while self.step < self.total_steps:
-                metrics = self.train_step()
-                for callback in self.callbacks.values():
-                    callback.on_step_end(self, metrics)
-                faults.maybe_crash(self.step)
-                if "skipped" in metrics and self.cfg.train.guard.rollback:
-                    self._rollback()
-                (signum,) = distributed.all_reduce([float(preemption.signum or 0)], "max", self._collective_device)
-                if signum:
-                    self._stop_for_preemption(int(signum))
-            for callback in self.callbacks.values():
-                callback.on_train_end(self)
-            distributed.barrier()  # rank 0 may still be evaluating; leave together
+            preemption = PreemptionHandler().install()
+            try:
+                self._loop(preemption)
+            finally:
+                preemption.restore()
+                for name, callback in self.callbacks.items():
+                    try:
+                        callback.close()
+                    except Exception:  # one failing close must not keep the others (or the lock) open
+                        log.exception("callback %r failed to close", name)
         finally:
-            preemption.restore()
-            for callback in self.callbacks.values():
-                callback.close()
             if self.run_lock is not None:
                 self.run_lock.release()
         return self.run_dir
 
+    def _loop(self, preemption: PreemptionHandler) -> None:
+        for callback in self.callbacks.values():
+            callback.on_train_start(self)
+        self.model.train()
+        while self.step < self.total_steps:
+            metrics = self.train_step()
+            for callback in self.callbacks.values():
+                callback.on_step_end(self, metrics)
+            faults.maybe_crash(self.step)
+            if "skipped" in metrics and self.cfg.train.guard.rollback:
+                self._rollback()
+            (signum,) = distributed.all_reduce([float(preemption.signum or 0)], "max", self._collective_device)
+            if signum:
+                self._stop_for_preemption(int(signum))
+        for callback in self.callbacks.values():
+            callback.on_train_end(self)
+        distributed.barrier()  # rank 0 may still be evaluating; leave together
+
     def _stop_for_preemption(self, signum: int) -> None:
-        saved = self.last_checkpoint is not None and self.last_checkpoint.name.endswith(f"{self.step:07d}")
+        saved = (self.last_checkpoint is not None and self.last_checkpoint.name.endswith(f"{self.step:07d}")
+                 and self.last_checkpoint.parent.resolve() == (self.run_dir / "checkpoints").resolve())
         path = self.last_checkpoint if saved else self.save_checkpoint()
         raise Preempted(signum, self.step, str(path))
