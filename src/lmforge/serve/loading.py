@@ -8,9 +8,7 @@ from typing import Any
 import torch
 
 from lmforge.data.tokenizer import Tokenizer
-from lmforge.nn.loading import load_model, resolve_checkpoint
-
-__all__ = ["load_for_inference", "resolve_checkpoint"]
+from lmforge.nn.loading import load_model
 
 
 def load_for_inference(path: str | Path, device: torch.device) -> tuple[torch.nn.Module, Tokenizer, dict[str, Any], Path]:
