@@ -100,3 +100,16 @@ def test_global_batch_must_split_evenly(setup):
     result = torchrun("train", str(config), "--set", "name=odd", "--set", "train.batch_size=3", "--no-report")
     assert result.returncode != 0
     assert "train.batch_size (3) is the global batch" in result.stderr
+
+
+def test_a_continued_run_with_replay_on_two_fsdp_processes_matches_one(setup):
+    """--init-from (weights and optimizer) and replay under FSDP2: rank 0 reads the parent and every
+    rank takes its shard; the replay rows of each global batch are split over ranks like the rest."""
+    tmp, config = setup
+    cont = ["--init-from", str(tmp / "runs" / "single"), "--init-optimizer", "--set", "replay.share=0.25",
+            "--set", "replay.sources={prose: 1}", "--no-report"]
+    one = run_cli("train", str(config), "--set", "name=cont_one", *cont)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = torchrun("train", str(config), "--set", "name=cont_two", "--set", "train.data_parallel=fsdp", *cont)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert_close(losses(tmp / "runs" / "cont_one"), losses(tmp / "runs" / "cont_two"), rtol=RTOL)

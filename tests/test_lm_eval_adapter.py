@@ -67,7 +67,7 @@ def test_lm_eval_runs_a_local_task_end_to_end(tmp_path, tiny_corpus):
     correct = 0
     for doc in docs:
         # lm-eval asks for (context, target_delimiter + choice), the delimiter being " "
-        pairs = [lm._split(doc["context"], " " + choice) for choice in doc["choices"]]
+        pairs = [lm._encode_pair(doc["context"], " " + choice) for choice in doc["choices"]]
         scores = [s for s, _ in score_continuations(lm.model, pairs)]
         correct += int(max(range(3), key=scores.__getitem__) == doc["answer"])
     assert accuracy == pytest.approx(correct / len(docs))

@@ -37,7 +37,8 @@ def tokenizer() -> Tokenizer:
 # ---- unknown names: the config key and the known names ---------------------------------------
 @pytest.mark.parametrize("section, message", [
     ({"name": "adamw2"}, r"^optim\.name: unknown optimizer 'adamw2' \(known: adamw, muon\)$"),
-    ({"schedule": "linear"}, r"^optim\.schedule: unknown schedule 'linear' \(known: constant, cosine, wsd\)$"),
+    ({"schedule": "step"}, r"^optim\.schedule: unknown schedule 'step' \(known: constant, cosine, infinite, linear, wsd, "
+                           r"wsd_cyclic\)$"),
 ])
 def test_unknown_optimizer_or_schedule_names_the_key(section, message):
     with pytest.raises(ConfigError, match=message):
@@ -92,8 +93,8 @@ def test_a_name_registered_twice_is_refused(scratch_registries):
 
 # ---- a new entry is one registered function or class ----------------------------------------
 def test_a_registered_schedule_and_optimizer_are_usable_by_name(scratch_registries):
-    @SCHEDULES.register("linear")
-    def linear(step: int, total_steps: int, cfg: OptimConfig) -> float:
+    @SCHEDULES.register("step_down")
+    def step_down(step: int, total_steps: int, cfg: OptimConfig) -> float:
         return 1.0 - step / total_steps
 
     @OPTIMIZERS.register("sgd")
@@ -101,7 +102,7 @@ def test_a_registered_schedule_and_optimizer_are_usable_by_name(scratch_registri
         params = [p for p in model.parameters() if p.requires_grad]
         return OptimizerGroup([torch.optim.SGD([{"params": params, "base_lr": cfg.lr}], lr=cfg.lr)], [[DECAY]])
 
-    cfg = OptimConfig.from_dict({"name": "sgd", "schedule": "linear", "warmup_steps": 2}, path="optim")
+    cfg = OptimConfig.from_dict({"name": "sgd", "schedule": "step_down", "warmup_steps": 2}, path="optim")
     assert [lr_multiplier(step, 10, cfg) for step in (0, 1, 5)] == [0.5, 1.0, 0.5]
     optimizer = build_optimizer(torch.nn.Linear(3, 2), cfg)
     assert isinstance(optimizer.optimizers[0], torch.optim.SGD)

@@ -110,3 +110,38 @@ def test_report_says_when_there_is_no_heldout_bpb(tmp_path):
     html = write_report(run).read_text()
     section = html[html.index("<h2>Held-out bits-per-byte</h2>"):html.index("<h2>Curves</h2>")]
     assert "no held-out bits-per-byte" in section and "heldout_fraction" in section
+
+
+def test_report_draws_the_planned_lr_curve_of_the_config(tmp_path):
+    from lmforge.optim.config import OptimConfig
+    from lmforge.optim.schedules import lr_curve
+    from lmforge.report.run_data import load_run
+
+    run = _run_dir(tmp_path)
+    optim = {"lr": 0.002, "schedule": "wsd", "warmup_steps": 2, "decay_steps": 5, "cooldown": "1-sqrt"}
+    (run / "config.yaml").write_text(f"name: demo-run\noptim: {json.dumps(optim)}\ntrain: {{steps: 20}}\n")
+    data = load_run(run)
+    expected = [0.002 * m for m in lr_curve(20, OptimConfig.from_dict(optim))]  # type: ignore[arg-type]
+    assert data.planned_lr == expected and data.planned_lr[-1] == pytest.approx(0.0002)
+    html = write_report(run).read_text()
+    assert 'alt="learning rate"' in html
+    assert ("learning-rate schedule</td><td>wsd, 1-sqrt cooldown over the last 5 steps to 0.1 x peak; "
+            "warmup 2 steps; peak lr 0.002</td>") in html
+
+
+def test_report_plans_the_lr_curve_without_logged_lr_and_notes_a_bad_schedule(tmp_path):
+    from lmforge.report import plots
+    from lmforge.report.run_data import load_run
+
+    run = tmp_path / "no-lr"
+    run.mkdir()
+    (run / "config.yaml").write_text("optim: {schedule: cosine, warmup_steps: 3}\ntrain: {steps: 30}\n")
+    append_metrics(run / "metrics.jsonl", {"kind": "train", "step": 10, "loss": 5.0})
+    data = load_run(run)
+    assert data.planned_lr is not None and len(data.planned_lr) == 30 and plots.lr_plot(data) is not None
+    # A schedule the config cannot lay out in train.steps: the report still renders, and says why.
+    (run / "config.yaml").write_text("optim: {schedule: wsd, warmup_steps: 3, decay_steps: 40}\ntrain: {steps: 30}\n")
+    data = load_run(run)
+    assert data.planned_lr is None and plots.lr_plot(data) is None
+    html = write_report(run).read_text()
+    assert "planned learning-rate curve not drawn: optim.warmup_steps (3) + optim.decay_steps (40) exceed" in html

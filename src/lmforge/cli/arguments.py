@@ -96,9 +96,33 @@ def add_train_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", default=None, metavar="auto|PATH",
                         help="continue a run: 'auto' picks the newest valid checkpoint of runs/<name>, "
                              "or give a checkpoint directory")
+    parser.add_argument("--init-from", default=None, metavar="RUN_OR_CHECKPOINT",
+                        help="start this new run from another run's weights (its newest valid checkpoint, or "
+                             "the checkpoint given): = --set init.path=...; see docs/continual.md")
+    parser.add_argument("--init-optimizer", action="store_true",
+                        help="with --init-from: also take the parent's optimizer state")
+    parser.add_argument("--init-trainer-state", action="store_true",
+                        help="with --init-from: also take its step, data position and RNG (a branch of the "
+                             "parent, e.g. a WSD cooldown from a stable-phase checkpoint)")
     parser.add_argument("--no-report", action="store_true", help="skip writing report.html at the end")
     parser.add_argument("--max-restarts", type=non_negative_int, default=0, metavar="N",
                         help="supervise the run: after a crash, restart it from its newest valid checkpoint, "
                              "at most N times (default 0: no supervisor). Multi-process runs: use torchrun's "
                              "--max-restarts instead")
 
+
+
+def train_overrides(args: argparse.Namespace) -> list[str]:
+    """``--set`` overrides of a parsed train command, with --init-* flags as the ``init.*`` keys they set."""
+    overrides = list(args.overrides)
+    if args.init_from is not None:
+        overrides.append(f"init.path={args.init_from}")
+    elif args.init_optimizer or args.init_trainer_state:
+        from lmforge.core.errors import ConfigError
+
+        raise ConfigError("--init-optimizer and --init-trainer-state need --init-from")
+    if args.init_optimizer:
+        overrides.append("init.optimizer=true")
+    if args.init_trainer_state:
+        overrides.append("init.trainer_state=true")
+    return overrides

@@ -87,7 +87,9 @@ def _train(cfg, resume: str | None, write_html: bool) -> Path:
 
 
 def train(args: argparse.Namespace) -> int:
-    cfg = load_run_config(args.config, args.overrides)
+    from lmforge.cli.arguments import train_overrides
+
+    cfg = load_run_config(args.config, train_overrides(args))
     _train(cfg, args.resume, not args.no_report)
     return 0
 
@@ -123,14 +125,21 @@ def evaluate(args: argparse.Namespace) -> int:
     if args.lm_eval_include and not Path(args.lm_eval_include).is_dir():
         # checked before the held-out evaluation is computed and written
         raise ConfigError(f"--lm-eval-include {args.lm_eval_include}: not a folder of task YAML files")
+    if args.lm_eval_tasks and args.weights != "raw":
+        raise ConfigError(f"--lm-eval-tasks runs on the raw weights; export the {args.weights} weights "
+                          f"(lmforge export --weights {args.weights}) and give the harness that folder")
     device = resolve_device(args.device)
-    model, tokenizer, raw, checkpoint = load_for_inference(args.target, device)
+    model, tokenizer, raw, checkpoint = load_for_inference(args.target, device, args.weights)
     cfg = RunConfig.from_dict(raw)
     data_dir = resolve_data_dir(checkpoint, cfg.data.out_dir)  # relative to where the run trained
     result = heldout_record(model, data_dir, cfg.train.seq_len, cfg.eval, device, max_tokens=args.max_tokens)
     complete_evaluation(result, model, tokenizer, data_dir, cfg.eval)
     result["checkpoint"] = str(checkpoint)
-    out = checkpoint.parent.parent / "eval" / f"{checkpoint.name}.json"
+    eval_dir = checkpoint.parent.parent / "eval"
+    if args.weights != "raw":  # eval/ema/step_N.json beside eval/step_N.json
+        result["weights"] = args.weights
+        eval_dir = eval_dir / args.weights
+    out = eval_dir / f"{checkpoint.name}.json"
     atomic_write_json(out, result)
     print("\n".join(describe(result)))
     print(f"written: {out}")
@@ -154,7 +163,7 @@ def generate(args: argparse.Namespace) -> int:
     from lmforge.serve.loading import load_for_inference
 
     device = resolve_device(args.device)
-    model, tokenizer, _, _ = load_for_inference(args.target, device)
+    model, tokenizer, _, _ = load_for_inference(args.target, device, args.weights)
     prompt = tokenizer.encode(args.prompt)
     if not prompt:
         raise ConfigError("--prompt is empty: give some text to continue")
@@ -180,10 +189,11 @@ def export(args: argparse.Namespace) -> int:
     from lmforge.nn.families import model_config_from_dict
     from lmforge.serve.loading import load_for_inference
 
-    model, _, config, checkpoint = load_for_inference(args.target, torch.device("cpu"))
+    model, _, config, checkpoint = load_for_inference(args.target, torch.device("cpu"), args.weights)
     cfg = model_config_from_dict(config["model"])
     summary = export_hf(model, cfg, checkpoint / "tokenizer.json", Path(args.out), overwrite=args.overwrite)
-    print(f"exported {checkpoint} as {summary['architecture']} ({summary['parameters']:,} parameters) "
+    shown = checkpoint if args.weights == "raw" else f"the {args.weights} weights of {checkpoint}"
+    print(f"exported {shown} as {summary['architecture']} ({summary['parameters']:,} parameters) "
           f"to {summary['out_dir']}; reloaded logits match lmforge's within {summary['max_logit_difference']:.2g}")
     return 0
 
@@ -199,4 +209,22 @@ def mixture_sweep(args: argparse.Namespace) -> int:
         print(f"{row['mixture']:<28}" + "".join(f"{float(row[c]):>20.4f}" if row[c] else f"{'':>20}"
                                                for c in columns))
     print(f"written: {out / 'sweep.csv'}, {out / 'sweep.png'}")
+    return 0
+
+
+def continual(args: argparse.Namespace) -> int:
+    from lmforge.continual.experiment import run_continual
+
+    out = run_continual(str(find_config(args.config)), args.overrides, args.out)
+    print((out / "continual.md").read_text(), end="")
+    print(f"written: {out / 'continual.csv'}, {out / 'continual.md'}, {out / 'continual.png'}")
+    return 0
+
+
+def continual_knowledge(args: argparse.Namespace) -> int:
+    from lmforge.continual.knowledge import run_knowledge
+
+    out = run_knowledge(str(find_config(args.config)), args.overrides, args.out)
+    print((out / "knowledge.md").read_text(), end="")
+    print(f"written: {out / 'knowledge.json'}, {out / 'knowledge.md'}")
     return 0

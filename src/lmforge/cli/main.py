@@ -3,11 +3,13 @@
     lmforge quickstart [--fresh]
     lmforge data prepare CONFIG [--set key=value ...] [--overwrite]
     lmforge train CONFIG [--set key=value ...] [--resume auto|PATH] [--max-restarts N]
-    lmforge eval RUN_OR_CHECKPOINT
-    lmforge generate RUN_OR_CHECKPOINT --prompt TEXT
+    lmforge eval RUN_OR_CHECKPOINT [--weights raw|ema|window]
+    lmforge generate RUN_OR_CHECKPOINT --prompt TEXT [--weights raw|ema|window]
     lmforge report RUN
-    lmforge export RUN_OR_CHECKPOINT --out DIR
+    lmforge export RUN_OR_CHECKPOINT --out DIR [--weights raw|ema|window]
     lmforge ladder CONFIG [--workers K] [--holdout-largest]
+    lmforge continual CONFIG
+    lmforge continual-knowledge CONFIG
     lmforge scaling fit CSV | lmforge scaling plan --compute C
     lmforge retrieval build|add|remove|neighbours|info|train|eval|facts|train-query-encoder ...
 
@@ -22,7 +24,7 @@ import argparse
 import sys
 import typing
 
-from lmforge.cli.arguments import (SET_HELP, add_config_args, add_train_args, name_list,
+from lmforge.cli.arguments import (SET_HELP, add_config_args, add_train_args, name_list, train_overrides,
                                    non_negative_float, non_negative_int, positive_int)
 from lmforge.core.errors import LmforgeError
 
@@ -33,6 +35,14 @@ class OneLineErrorParser(argparse.ArgumentParser):
 
     def error(self, message: str) -> typing.NoReturn:
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _add_weights_arg(parser: argparse.ArgumentParser) -> None:
+    """``--weights``: which weights of a checkpoint to load (train/averaging.py keeps the averages)."""
+    parser.add_argument("--weights", choices=("raw", "ema", "window"), default="raw",
+                        help="the trained weights (raw, default), their exponential moving average (ema) or "
+                             "their mean over the last steps (window); the averages exist when the run set "
+                             "train.weight_averaging")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -69,6 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev = verbs.add_parser("eval", help="held-out bits-per-byte per domain, isolation check, samples",
                           description="Evaluate a run (its newest valid checkpoint) or a checkpoint directory.")
     ev.add_argument("target", metavar="RUN_OR_CHECKPOINT", help="run directory or checkpoint directory")
+    _add_weights_arg(ev)
     ev.add_argument("--max-tokens", type=positive_int, default=None,
                     help="held-out tokens per domain (default: the run's eval config)")
     ev.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
@@ -82,6 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
                            description="Generate a continuation of --prompt with a KV cache.")
     gen.add_argument("target", metavar="RUN_OR_CHECKPOINT", help="run directory or checkpoint directory")
     gen.add_argument("--prompt", required=True, help="text to continue")
+    _add_weights_arg(gen)
     gen.add_argument("--max-new-tokens", type=positive_int, default=100, help="tokens to generate (default 100)")
     gen.add_argument("--temperature", type=non_negative_float, default=0.8,
                      help="sampling temperature; 0 is greedy (default 0.8)")
@@ -102,6 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("target", metavar="RUN_OR_CHECKPOINT", help="run directory or checkpoint directory")
     exp.add_argument("--out", required=True, help="folder to create (loadable with AutoModelForCausalLM.from_pretrained)")
     exp.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    _add_weights_arg(exp)
 
     mix = verbs.add_parser("mixture-sweep", help="short runs over several data mixtures, bpb per domain",
                            description="Train one short run per --mixture (source weights replaced in CONFIG) "
@@ -111,6 +124,23 @@ def build_parser() -> argparse.ArgumentParser:
     mix.add_argument("--mixture", action="append", required=True, metavar="SRC=W,SRC=W",
                      help="source weights of one run, e.g. literature=3,code=1 (repeat for each run)")
     mix.add_argument("--out", default=None, help="output folder (default runs/<name>_mixture_sweep)")
+
+    cont = verbs.add_parser("continual", help="continual pretraining: parent, continuations with replay, union",
+                            description="Train a parent on one domain, continue it on another with each replay "
+                                        "share, and a union baseline from scratch (the config's continual: "
+                                        "section); write continual.csv/.md/.png with forgetting and adaptation. "
+                                        "Finished runs are reused. See docs/continual.md.")
+    add_config_args(cont)
+    cont.add_argument("--out", default=None, help="output folder (default runs/<name>_continual)")
+
+    know = verbs.add_parser("continual-knowledge", help="facts into the weights (continued training) vs the database",
+                            description="Continue a dense model on invented fact documents (each replay share), "
+                                        "add and remove them in a RETRO database, continue the facts model on its "
+                                        "old data; fact accuracy, held-out forgetting and seconds of each route "
+                                        "(the config's knowledge: section). Writes knowledge.json/.md. "
+                                        "See docs/continual_knowledge.md.")
+    add_config_args(know)
+    know.add_argument("--out", default=None, help="output folder (default runs/<name>_knowledge)")
 
     from lmforge.cli.retrieval import add_retrieval_parser
     from lmforge.cli.scaling import add_ladder_parser, add_scaling_parser
@@ -141,7 +171,7 @@ def _trains(args: argparse.Namespace) -> bool:
 def _train_argv(args: argparse.Namespace) -> list[str]:
     """The ``lmforge train`` arguments of a parsed train command, without --resume and --max-restarts."""
     argv = [args.config]
-    for override in args.overrides:
+    for override in train_overrides(args):
         argv += ["--set", override]
     return argv + (["--no-report"] if args.no_report else [])
 
@@ -165,6 +195,8 @@ def main(argv: list[str] | None = None) -> int:
         "scaling": _run_scaling,
         "ladder": _run_scaling,
         "mixture-sweep": commands.mixture_sweep,
+        "continual": commands.continual,
+        "continual-knowledge": commands.continual_knowledge,
         "export": commands.export,
         "retrieval": _run_retrieval,
     }[args.verb]

@@ -354,9 +354,14 @@ def read_weights(path: Path, aliases: list[list[str]]) -> dict[str, torch.Tensor
     return tensors
 
 
-def load_safetensors_weights(model: torch.nn.Module, checkpoint: Path) -> None:
-    """Load ``checkpoint/model.safetensors`` into a plain model; any mismatch is a CheckpointError."""
-    tensors = read_weights(checkpoint / "model.safetensors", alias_groups(model))
+# The weights a checkpoint may hold, by the name ``--weights`` gives them: the trained weights,
+# and the averages of train/averaging.py (written only by runs that keep them).
+WEIGHT_FILES = {"raw": "model.safetensors", "ema": "ema.safetensors", "window": "window.safetensors"}
+
+
+def load_safetensors_weights(model: torch.nn.Module, checkpoint: Path, file_name: str = "model.safetensors") -> None:
+    """Load ``checkpoint/file_name`` into a plain model; any mismatch is a CheckpointError."""
+    tensors = read_weights(checkpoint / file_name, alias_groups(model))
     check_weight_names(model.state_dict().keys(), tensors.keys(), checkpoint)
     try:
         model.load_state_dict(tensors, strict=True)

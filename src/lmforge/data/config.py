@@ -234,7 +234,11 @@ class SourceConfig(Config):
 class DataConfig(Config):
     sources: list[SourceConfig]
     out_dir: str = "data/demo"     # where prepared data goes (relative to cwd)
-    vocab_size: int = 4096
+    vocab_size: int = 4096         # of the tokenizer trained here; ignored with tokenizer_from
+    # Tokenize with an existing tokenizer instead of training one: a tokenizer.json, or a
+    # prepared data directory (its tokenizer.json), e.g. the parent's data of a continued run,
+    # so that the new data has the parent's vocabulary and token ids. Relative to cwd.
+    tokenizer_from: str | None = None
     heldout_fraction: float = 0.05
     num_workers: int = 2           # parallel shard-writing processes
     shard_tokens: int = 4_000_000  # max tokens per shard file
@@ -277,6 +281,9 @@ class DataConfig(Config):
             raise ValueError(f"mixture_temperature must be > 0, got {self.mixture_temperature}")
         if self.chunk_bytes < 1:
             raise ValueError(f"chunk_bytes must be >= 1, got {self.chunk_bytes}")
+        if self.tokenizer_from is not None and not self.tokenizer_from.strip():
+            raise FieldValueError("tokenizer_from", "must be the path of a tokenizer.json or of a prepared "
+                                                    "data directory, or null to train a tokenizer; got an empty string")
         for source in self.sources:
             self.quality_for(source)  # per-source overrides fail here, naming the key
         from lmforge.data.stages import check_steps  # the step registry sits above this module
@@ -314,6 +321,10 @@ class DataConfig(Config):
             source.pop("weight")
             if source.get("heldout_fraction") is None:  # unset: data prepared before the option stays valid
                 source.pop("heldout_fraction", None)
+        if data["tokenizer_from"] is None:  # likewise for data whose tokenizer was trained here
+            data.pop("tokenizer_from")
+        else:  # the tokenizer comes from there, so the vocabulary size asked for decides nothing
+            data.pop("vocab_size")
         if data["steps"] == list(DEFAULT_STEPS):  # likewise for the default steps
             data.pop("steps")
         return data

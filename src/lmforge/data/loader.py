@@ -79,21 +79,31 @@ class MixtureLoader:
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(inputs, targets), LongTensors [batch_size, seq_len]; targets are inputs shifted by one."""
         rng = np.random.default_rng([self.seed, self.batch_index])
-        global_rows = self.batch_size * self.world_size
         # Every rank draws the whole global batch (cheap) and keeps its own slice.
-        choices = rng.choice(len(self._names), size=global_rows, p=self._probs)
-        positions = rng.random(global_rows)
-        for k, count in zip(*np.unique(choices, return_counts=True)):
-            self._tokens_drawn[self._names[k]] += int(count) * self.seq_len
-        windows = []
-        for row in range(self.rank * self.batch_size, (self.rank + 1) * self.batch_size):
-            tokens = self._sets[self._names[choices[row]]]
-            start = int(positions[row] * (len(tokens) - self.seq_len))
-            windows.append(tokens.get(start, self.seq_len + 1))
+        choices, positions = self.draw_rows(rng, self.batch_size * self.world_size)
+        rows = range(self.rank * self.batch_size, (self.rank + 1) * self.batch_size)
+        windows = [self.window(choices[row], positions[row]) for row in rows]
         self.batch_index += 1
         self._warn_repeats()
-        batch = torch.from_numpy(np.stack(windows).astype(np.int64))
-        return batch[:, :-1].contiguous(), batch[:, 1:].contiguous()
+        return windows_to_batch(windows)
+
+    def draw_rows(self, rng: np.random.Generator, count: int) -> tuple[np.ndarray, np.ndarray]:
+        """``count`` rows of a global batch: the source of each (an index into :meth:`domains`) and
+        where its window starts (a fraction of the source); counted as drawn."""
+        choices = rng.choice(len(self._names), size=count, p=self._probs)
+        positions = rng.random(count)
+        for k, n in zip(*np.unique(choices, return_counts=True)):
+            self._tokens_drawn[self._names[k]] += int(n) * self.seq_len
+        return choices, positions
+
+    def window(self, source: int, position: float) -> np.ndarray:
+        """``seq_len + 1`` tokens of source ``source`` starting at ``position`` (a fraction)."""
+        tokens = self._sets[self._names[source]]
+        return tokens.get(int(position * (len(tokens) - self.seq_len)), self.seq_len + 1)
+
+    def tokens_drawn(self) -> dict[str, int]:
+        """Training tokens drawn so far per source, by all ranks."""
+        return dict(self._tokens_drawn)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         while True:
@@ -130,6 +140,12 @@ class MixtureLoader:
         drawn = state.get("tokens_drawn", {})
         self._tokens_drawn = {n: int(drawn.get(n, 0)) for n in self._names}
         self._warned = {n for n, e in self.epochs_consumed().items() if e > EPOCH_WARNING}
+
+
+def windows_to_batch(windows: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of ``seq_len + 1`` tokens → (inputs, targets), targets shifted by one."""
+    batch = torch.from_numpy(np.stack(windows).astype(np.int64))
+    return batch[:, :-1].contiguous(), batch[:, 1:].contiguous()
 
 
 def heldout_windows(data_dir: str | Path, source: str, seq_len: int, max_tokens: int | None = None,

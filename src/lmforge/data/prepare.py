@@ -27,6 +27,7 @@ from lmforge.data.document_steps import CONTAMINATION_REPORT, DEDUP_REPORT
 from lmforge.data.eval_registry import collect_eval_sets, eval_sets_digest
 from lmforge.data.executors import LocalExecutor, submit_slurm
 from lmforge.data.manifest import log_summary, write_manifest
+from lmforge.data.output_steps import parent_tokenizer
 from lmforge.data.shards import MANIFEST, load_manifest, token_dtype
 from lmforge.data.stages import WORK, Context, Stage, run_unit
 from lmforge.data.tokenizer import Tokenizer
@@ -66,7 +67,12 @@ def _prepare_locked(cfg: DataConfig, out: Path, overwrite: bool) -> dict:
     started = time.perf_counter()
     fp = fingerprint(cfg)
     eval_sets = collect_eval_sets(cfg) if cfg.decontamination.enabled else []
+    parent = parent_tokenizer(cfg)  # data.tokenizer_from: an unusable one fails here, before any work
     finished = _finished_manifest(out, fp, eval_sets_digest(eval_sets))
+    if finished is not None and parent is not None and finished["tokenizer"]["sha256"] != parent[1].sha256:
+        log.info("the tokenizer at data.tokenizer_from (%s) changed since %s was prepared: tokenizing again",
+                 parent[0], out)
+        finished = None
     if finished is not None and not overwrite:
         log.info("%s is already prepared with this config (tokenizer %s): nothing to do",
                  out, finished["tokenizer"]["sha256"][:12])

@@ -21,6 +21,7 @@ from lmforge.core.errors import DataError
 from lmforge.core.io import atomic_write_text
 
 EOS = "<|endoftext|>"
+TOKENIZER_FILE = "tokenizer.json"  # in a prepared data directory
 # Where a text can be cut without changing its tokens: after a newline that follows a
 # non-space and before a non-space. The byte-level pre-tokenizer (GPT-2's regex) always
 # ends a pre-token there (the newline is a piece of its own either way), and BPE never
@@ -145,3 +146,36 @@ class Tokenizer:
                 raise DataError(f"token {index} ({token!r}) is not in the byte-level alphabet")
             lengths[index] = len(token)  # one alphabet character per byte
         return lengths
+
+
+def tokenizer_file(path: str | Path) -> Path:
+    """The tokenizer a path names: a prepared data directory's tokenizer.json, or the file itself."""
+    path = Path(path)
+    return path / TOKENIZER_FILE if path.is_dir() else path
+
+
+def require_same_tokenizer(*paths: str | Path) -> str:
+    """The sha256 the tokenizers at ``paths`` (files or prepared data directories) share; a
+    DataError naming the first that differs from the first path's, with both sha256s.
+
+    For training on several data directories at once (replay of a parent's data next to new
+    data): token ids mean the same thing only under one tokenizer. The sha256 is
+    :attr:`Tokenizer.sha256`, the one a manifest records.
+    """
+    if not paths:
+        raise ValueError("require_same_tokenizer needs at least one path")
+    first = tokenizer_file(paths[0])
+    expected = Tokenizer.load(first).sha256
+    for path in paths[1:]:
+        other = tokenizer_file(path)
+        found = Tokenizer.load(other).sha256
+        if found != expected:
+            raise DataError(f"{other} (sha256 {found}) is another tokenizer than {first} (sha256 {expected}); "
+                            "data tokenized with different tokenizers cannot be mixed (prepare the new data "
+                            "with data.tokenizer_from)")
+    return expected
+
+
+def same_tokenizer(a: str | Path, b: str | Path) -> bool:
+    """True when the tokenizers at ``a`` and ``b`` (files or prepared data directories) are the same."""
+    return Tokenizer.load(tokenizer_file(a)).sha256 == Tokenizer.load(tokenizer_file(b)).sha256

@@ -32,6 +32,21 @@ def heldout_record(model: nn.Module, data_dir: Path, seq_len: int, cfg: EvalConf
             "eval_documents": result["documents"], "eval_tokens": result["tokens"], "eval_bytes": result["bytes"]}
 
 
+def heldout_record_over(model: nn.Module, data_dirs: dict[str, Path], seq_len: int, cfg: EvalConfig,
+                        device: torch.device, precision: str = "auto") -> dict[str, Any]:
+    """:func:`heldout_record` over several prepared data directories (all with the model's tokenizer),
+    each one's domains named with its prefix (``{"": own, "parent/": old}``: ``code``, ``parent/code``)."""
+    merged: dict[str, Any] = {}
+    for prefix, data_dir in data_dirs.items():
+        record = heldout_record(model, data_dir, seq_len, cfg, device, precision)
+        for key, value in record.items():
+            if isinstance(value, dict):
+                merged.setdefault(key, {}).update({prefix + domain: v for domain, v in value.items()})
+            else:
+                merged[key] = value
+    return merged
+
+
 def complete_evaluation(record: dict[str, Any], model: nn.Module, tokenizer: Tokenizer, data_dir: Path,
                         cfg: EvalConfig) -> dict[str, Any]:
     """Add samples, task scores and the isolation report to a held-out record (in place)."""

@@ -16,6 +16,22 @@ Shared experts have no equivalent there and are refused. The exported folder hol
 with ``AutoModelForCausalLM.from_pretrained``, and is checked after writing: its logits on a
 probe batch must match lmforge's. It also holds ``lmforge_export.json``, the marker that lets
 a later export with ``overwrite`` replace it (and nothing else).
+
+The export is the model lmforge evaluates and samples from, token for token:
+
+- Its vocabulary is the tokenizer's. lmforge pads its embedding rows for matmul speed but
+  never scores or samples a padded id; the padded rows are left out, so a softmax over the
+  exported logits (what ``transformers``, lm-evaluation-harness and servers compute) equals
+  lmforge's.
+- ``<|endoftext|>`` is the end-of-sequence token in ``config.json``, ``generation_config.json``
+  and the tokenizer, so ``generate`` stops at the end of a document as ``lmforge generate``
+  does. It is also the beginning-of-sequence token (in training every document follows one,
+  and lmforge starts an empty prompt from it) and, in ``generation_config.json`` and the
+  tokenizer only, the padding token: in ``config.json`` a ``pad_token_id`` would become the
+  embedding's ``padding_idx``, whose row never receives a gradient when the export is
+  fine-tuned.
+- The tokenizer encodes ``<|endoftext|>`` written in text as plain characters, as lmforge's
+  does (``split_special_tokens``): text cannot inject a document boundary.
 """
 
 from __future__ import annotations
@@ -28,6 +44,7 @@ from typing import Any
 
 import torch
 
+from lmforge.data.tokenizer import EOS, Tokenizer
 from lmforge.export.folder import ExportError, check_target, finish, install, new_folder_beside
 from lmforge.nn.config import ModelConfig
 
@@ -42,11 +59,13 @@ def _transformers() -> Any:
     return transformers
 
 
-def hf_config(cfg: ModelConfig) -> Any:
-    """The ``transformers`` config object for ``cfg`` (raises ExportError if none fits)."""
+def hf_config(cfg: ModelConfig, eos_id: int | None = None) -> Any:
+    """The ``transformers`` config object for ``cfg`` (raises ExportError if none fits);
+    ``eos_id``, the tokenizer's end-of-text id, is its beginning and end of sequence."""
     tf = _transformers()
     common = dict(
-        vocab_size=cfg.padded_vocab_size, hidden_size=cfg.d_model, num_hidden_layers=cfg.n_layers,
+        vocab_size=cfg.vocab_size, bos_token_id=eos_id, eos_token_id=eos_id,
+        hidden_size=cfg.d_model, num_hidden_layers=cfg.n_layers,
         num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.kv_heads, head_dim=cfg.head_dim,
         max_position_embeddings=cfg.max_seq_len, rms_norm_eps=cfg.norm_eps, rope_theta=cfg.rope_theta,
         tie_word_embeddings=cfg.tie_embeddings, attention_bias=False,
@@ -74,12 +93,13 @@ def hf_config(cfg: ModelConfig) -> Any:
 
 
 def hf_state_dict(model: torch.nn.Module, cfg: ModelConfig, target_keys: set[str]) -> dict[str, torch.Tensor]:
-    """lmforge tensors renamed (and, for fused expert layouts, stacked) to ``target_keys``."""
+    """lmforge tensors renamed (and, for fused expert layouts, stacked) to ``target_keys``;
+    embedding and output rows cut to the real vocabulary (padded ids are never used)."""
     ours = model.state_dict()
-    out: dict[str, torch.Tensor] = {"model.embed_tokens.weight": ours["embed.weight"],
+    out: dict[str, torch.Tensor] = {"model.embed_tokens.weight": ours["embed.weight"][: cfg.vocab_size],
                                     "model.norm.weight": ours["norm.weight"]}
     if "lm_head.weight" in target_keys:
-        out["lm_head.weight"] = ours["lm_head.weight"]
+        out["lm_head.weight"] = ours["lm_head.weight"][: cfg.vocab_size]
     for i in range(cfg.n_layers):
         src, dst = f"blocks.{i}.", f"model.layers.{i}."
         out[dst + "input_layernorm.weight"] = ours[src + "attn_norm.weight"]
@@ -115,8 +135,8 @@ def hf_state_dict(model: torch.nn.Module, cfg: ModelConfig, target_keys: set[str
 
 def _wrap_tokenizer(tokenizer_json: Path, max_len: int) -> Any:
     tf = _transformers()
-    return tf.PreTrainedTokenizerFast(tokenizer_file=str(tokenizer_json), eos_token="<|endoftext|>",
-                                      model_max_length=max_len)
+    return tf.PreTrainedTokenizerFast(tokenizer_file=str(tokenizer_json), eos_token=EOS, bos_token=EOS,
+                                      pad_token=EOS, split_special_tokens=True, model_max_length=max_len)
 
 
 @torch.no_grad()
@@ -134,8 +154,10 @@ def export_hf(model: torch.nn.Module, cfg: ModelConfig, tokenizer_json: Path, ou
     tf = _transformers()
     out_dir = Path(out_dir)
     check_target(out_dir, overwrite)  # before minutes of work, and again before the swap
-    config = hf_config(cfg)
+    eos_id = Tokenizer.load(tokenizer_json).eos_id  # a missing or broken file is a DataError naming it
+    config = hf_config(cfg, eos_id)
     hf = tf.AutoModelForCausalLM.from_config(config)
+    hf.generation_config = tf.GenerationConfig(bos_token_id=eos_id, eos_token_id=eos_id, pad_token_id=eos_id)
     target = hf.state_dict()
     tensors = hf_state_dict(model, cfg, set(target))
     missing, unexpected = set(target) - set(tensors), set(tensors) - set(target)
@@ -154,7 +176,7 @@ def export_hf(model: torch.nn.Module, cfg: ModelConfig, tokenizer_json: Path, ou
             _wrap_tokenizer(tokenizer_json, cfg.max_seq_len).save_pretrained(tmp)
             reloaded = tf.AutoModelForCausalLM.from_pretrained(tmp).eval()
         probe = torch.randint(0, cfg.vocab_size, (2, min(16, cfg.max_seq_len)), generator=torch.Generator().manual_seed(0))
-        ours = model.eval()(probe).logits.float()
+        ours = model.eval()(probe).logits[..., : cfg.vocab_size].float()
         theirs = reloaded(probe).logits.float()
         max_diff = float((ours - theirs).abs().max())
         if not max_diff <= atol:

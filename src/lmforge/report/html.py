@@ -49,6 +49,8 @@ def _summary(run: RunData) -> str:
             rows.append(["mean tokens/s", sum(rates) / len(rates)])
             mfus = [r.get("mfu", 0.0) for r in run.train]
             rows.append(["mean MFU", f"{100 * sum(mfus) / len(mfus):.2f}%"])
+    if run.lr_schedule:
+        rows.append(["learning-rate schedule", run.lr_schedule])
     final = run.final or (run.evals[-1] if run.evals else None)
     if final:
         for domain, value in final.get("bpb", {}).items():
@@ -169,6 +171,22 @@ def _tasks(final: dict[str, Any] | None) -> str:
               '13-gram of normalized words with the training data.</p>')
 
 
+def _lineage(lineage: dict[str, Any] | None) -> str:
+    """Where a continued run's weights came from (lineage.json), parent first."""
+    if not lineage:
+        return ""
+    rows = []
+    while lineage:
+        rows.append([lineage.get("parent_name") or "?", lineage.get("checkpoint", "?"), lineage.get("parent_step", "?"),
+                     ", ".join(lineage.get("took", [])), str(lineage.get("checkpoint_manifest_sha256", ""))[:16],
+                     str(lineage.get("parent_data_fingerprint") or "-")[:16]])
+        lineage = lineage.get("parent_lineage")
+    return ("<h2>Lineage</h2>" + _table(["ancestor", "checkpoint", "step", "taken", "checkpoint sha256",
+                                         "its data fingerprint"], rows)
+            + '<p class="note">This run started from the checkpoint above (--init-from); earlier rows are '
+              "its parent's ancestors.</p>")
+
+
 def _samples(final: dict[str, Any] | None) -> str:
     samples = (final or {}).get("samples") or []
     if not samples:
@@ -181,7 +199,7 @@ def render(run: RunData) -> str:
     figures = [
         _img(plots.loss_plot(run), "loss"), _img(plots.bpb_plot(run), "bits per byte"),
         _img(plots.throughput_plot(run), "throughput"), _img(plots.expert_load_plot(run), "expert load"),
-        _img(plots.lr_plot(run), "learning rate"),
+        _img(plots.lr_plot(run), "learning rate"), _img(plots.forgetting_plot(run), "change from the parent"),
     ]
     version = run.code_version or {}
     dirty = " (with uncommitted changes, see code.diff)" if version.get("dirty") else ""
@@ -193,6 +211,7 @@ def render(run: RunData) -> str:
 <h2>Summary</h2>{_summary(run)}
 <h2>Held-out bits-per-byte</h2>{_heldout(run)}
 <h2>Curves</h2><div class="grid">{"".join(f"<div>{f}</div>" for f in figures if f)}</div>
+{_lineage(run.lineage)}
 <h2>Model card</h2>{_model_card(run.model_card)}
 <h2>Reliability</h2>{_reliability(run)}
 <h2>Data</h2>{_data(run.manifest, run.final)}

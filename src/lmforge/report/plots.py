@@ -103,13 +103,41 @@ def expert_load_plot(run: RunData) -> str | None:
 
 
 def lr_plot(run: RunData) -> str | None:
+    """The LR each logged step used, over the whole curve the config plans (drawn even where the
+    run logged sparsely, stopped early, or logged no LR)."""
     rows = [r for r in run.train if "lr" in r]
-    if not rows:
+    if not rows and not run.planned_lr:
         return None
     fig, ax = plt.subplots(figsize=(6.4, 2.6))
-    ax.plot([r["step"] for r in rows], [r["lr"] for r in rows])
+    if run.planned_lr:
+        ax.plot(range(1, len(run.planned_lr) + 1), run.planned_lr, color="tab:gray", linewidth=1,
+                label="planned (optim.lr x schedule)")
+    if rows:
+        ax.plot([r["step"] for r in rows], [r["lr"] for r in rows], ".", markersize=3, label="logged")
     ax.set_xlabel("step")
     ax.set_ylabel("learning rate")
-    ax.set_title("Learning-rate schedule")
+    name = run.lr_schedule.split(";")[0].split(",")[0] if run.lr_schedule else None  # the summary has the rest
+    ax.set_title("Learning-rate schedule" + (f": {name}" if name else ""))
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    return _encode(fig)
+
+
+def forgetting_plot(run: RunData) -> str | None:
+    """A continued run: each domain's held-out bits-per-byte minus its value at the parent's
+    checkpoint (above zero: forgotten; below: learned)."""
+    records = [r for r in run.evals if "change_from_parent" in r]
+    domains = sorted({d for r in records for d in r["change_from_parent"]})
+    if not domains:
+        return None
+    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    for domain in domains:
+        points = [(r["step"], r["change_from_parent"][domain]) for r in records if domain in r["change_from_parent"]]
+        ax.plot(*zip(*points), "o-", label=domain)
+    ax.axhline(0.0, color="grey", linewidth=0.8)
+    ax.set_xlabel("step")
+    ax.set_ylabel("bits per byte minus the parent's")
+    ax.set_title("Change from the parent (up: forgetting, down: adaptation)")
+    ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     return _encode(fig)

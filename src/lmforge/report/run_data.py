@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import yaml
 
 from lmforge.core.errors import LmforgeError
 from lmforge.core.metrics_file import read_metrics
+from lmforge.optim.config import OptimConfig
+from lmforge.optim.schedules import describe, lr_curve
 
 
 @dataclass
@@ -25,6 +27,24 @@ class RunData:
     code_version: dict[str, Any] | None
     checkpoints: list[dict[str, Any]] = field(default_factory=list)  # one record per save (or failed save)
     notes: list[str] = field(default_factory=list)
+    planned_lr: list[float] | None = None  # the config's LR (optim.lr x schedule) at steps 1..train.steps
+    lr_schedule: str | None = None         # the schedule in words
+    lineage: dict[str, Any] | None = None  # lineage.json of a run started from another (--init-from)
+
+
+def _planned_lr(config: Any, notes: list[str]) -> tuple[list[float] | None, str | None]:
+    """The LR the config plans for every step, as its train records log it (record ``k`` holds
+    the LR of 0-based step ``k - 1``), from the ``optim`` section and ``train.steps``."""
+    train = config.get("train") if isinstance(config, dict) else None
+    if not isinstance(train, dict) or "steps" not in train:
+        return None, None
+    try:
+        optim = cast(OptimConfig, OptimConfig.from_dict(config.get("optim"), path="optim"))
+        curve = lr_curve(int(train["steps"]), optim)
+    except (LmforgeError, TypeError, ValueError) as exc:
+        notes.append(f"planned learning-rate curve not drawn: {exc}")
+        return None, None
+    return [optim.lr * multiplier for multiplier in curve], f"{describe(optim)}; peak lr {optim.lr:g}"
 
 
 def _last_per_step(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -55,8 +75,10 @@ def load_run(path: Path) -> RunData:
     notes: list[str] = []
     config = path / "config.yaml"
     config_yaml = config.read_text() if config.is_file() else None
+    planned_lr, lr_schedule = None, None
     if config_yaml is not None:
-        yaml.safe_load(config_yaml)  # fail early on a corrupt config
+        # (safe_load fails early on a corrupt config)
+        planned_lr, lr_schedule = _planned_lr(yaml.safe_load(config_yaml), notes)
     return RunData(
         path=path,
         config_yaml=config_yaml,
@@ -68,4 +90,7 @@ def load_run(path: Path) -> RunData:
         code_version=_json(path / "code_version.json", notes),
         checkpoints=[r for r in records if r.get("kind") == "checkpoint"],
         notes=notes,
+        planned_lr=planned_lr,
+        lr_schedule=lr_schedule,
+        lineage=_json(path / "lineage.json", notes) if (path / "lineage.json").is_file() else None,
     )

@@ -11,12 +11,15 @@ Order, and why:
 3. the run directory locked (one writer at a time), the checkpoint to resume from
    (``--resume auto|PATH``), then the run directory written (marker, resolved config, code
    version, data manifest) — refused if it holds another run — and checked writable;
+   A continued run (``init.path``, ``--init-from``) checks its parent checkpoint first, before
+   anything is written, and records its lineage;
 4. seed, then the model of the config's family (``model.family``, :mod:`lmforge.nn.families`),
    parameter and FLOP counts, parallelism applied (DDP/FSDP2/compile/checkpointing), and the
    optimizer built after wrapping (FSDP2 replaces parameters with sharded DTensors);
 5. the family's batch stream and callbacks (:mod:`lmforge.train.families`) over the defaults,
    keyed by name;
-6. the trainer, restored from the checkpoint if resuming, and the model card.
+6. the trainer, restored from the checkpoint if resuming (else initialised from the parent, if
+   any), and the model card.
 """
 
 from __future__ import annotations
@@ -45,6 +48,8 @@ from lmforge.parallel.apply import apply_parallelism
 from lmforge.train.callbacks import Callback, default_callbacks
 from lmforge.train.config import RunConfig
 from lmforge.train.families import RunSetup, training_family
+from lmforge.train.init_from import Parent, check_parent, initialise_from_parent, write_lineage
+from lmforge.train.continuation import evaluation_data_dirs, replay_data_dir, with_parent_replay_sources
 from lmforge.train.model_card import write_model_card
 from lmforge.train.branches import config_differences
 from lmforge.train.run_dir import check_run_target, init_run_dir, record_resume, run_path
@@ -107,6 +112,9 @@ def build_trainer(cfg: RunConfig, resume: str | None = None,
         raise ConfigError(f"train.batch_size ({cfg.train.batch_size}) is the global batch and must be "
                           f"divisible by the number of processes ({world_size})")
     cfg, data_dir, tokenizer = _prepared_data(cfg)
+    # A continued run's parent is checked before its own run directory is touched.
+    parent = check_parent(cfg, tokenizer) if resume is None else None
+    cfg = with_parent_replay_sources(cfg)
 
     run_dir = run_path(cfg)
     # One writer per run directory: held from before the checkpoint is chosen until fit() ends
@@ -115,7 +123,11 @@ def build_trainer(cfg: RunConfig, resume: str | None = None,
     lock = distributed.run_on_main(lambda: RunLock(run_dir).acquire())
     try:
         checkpoint, changes = _open_run_directory(cfg, data_dir, resume)
-        trainer = _assemble(cfg, data_dir, tokenizer, device, checkpoint, changes, extra_callbacks)
+        if checkpoint is None and parent is None:  # --resume auto before the run's first checkpoint
+            parent = check_parent(cfg, tokenizer)
+        if checkpoint is None and parent is not None:
+            distributed.run_on_main(lambda: write_lineage(run_dir, cfg, parent))
+        trainer = _assemble(cfg, data_dir, tokenizer, device, checkpoint, parent, changes, extra_callbacks)
     except BaseException:
         if lock is not None:
             lock.release()
@@ -143,7 +155,7 @@ def _open_run_directory(cfg: RunConfig, data_dir: Path,
 
 
 def _assemble(cfg: RunConfig, data_dir: Path, tokenizer: Tokenizer, device: torch.device,
-              checkpoint: Path | None, config_changes: list[tuple[str, Any, Any]],
+              checkpoint: Path | None, parent: Parent | None, config_changes: list[tuple[str, Any, Any]],
               extra_callbacks: dict[str, Callback] | None) -> Trainer:
     """Model, parallelism, optimizer, the family's batches and callbacks, the trainer (restored)."""
     rank, world_size = distributed.rank(), distributed.world_size()
@@ -158,7 +170,8 @@ def _assemble(cfg: RunConfig, data_dir: Path, tokenizer: Tokenizer, device: torc
     # Built after wrapping: FSDP2 replaces parameters with sharded DTensors.
     optimizer = build_optimizer(model, cfg.optim)
 
-    parts = training_family(cfg.model.family).build(RunSetup(cfg, data_dir, tokenizer, rank, world_size), model)
+    setup = RunSetup(cfg, data_dir, tokenizer, rank, world_size, replay_data_dir(cfg, tokenizer))
+    parts = training_family(cfg.model.family).build(setup, model)
     if rank == 0:
         total = cfg.train.tokens_per_step * cfg.train.steps
         warn_repeats(planned_epochs(parts.batches.source_tokens(), parts.batches.weights(), total))
@@ -169,8 +182,11 @@ def _assemble(cfg: RunConfig, data_dir: Path, tokenizer: Tokenizer, device: torc
                       run_dir=run_dir, data_dir=data_dir, tokenizer=tokenizer, device=device,
                       flops_per_token=flops, peak_flops=peak)
     trainer.config_changes = config_changes
+    trainer.eval_data_dirs = evaluation_data_dirs(cfg, data_dir, setup.replay_data_dir)
     if checkpoint is not None:
         trainer.restore(checkpoint)
+    elif parent is not None:
+        initialise_from_parent(trainer, parent)
     if rank == 0:
         write_model_card(run_dir, cfg, counts, flops, device, peak, peak_source, trainer.tokens)
     log.info(

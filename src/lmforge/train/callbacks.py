@@ -16,12 +16,14 @@ from lmforge.core.errors import CheckpointError
 from lmforge.core.io import atomic_write_json
 from lmforge.core.logging import RateProgress, get_logger
 from lmforge.core.metrics_file import append_metrics
-from lmforge.eval.suite import complete_evaluation, describe, format_interval, heldout_record
+from lmforge.eval.suite import complete_evaluation, describe, format_interval, heldout_record_over
 
 if TYPE_CHECKING:
     from lmforge.train.trainer import Trainer
 
 log = get_logger(__name__)
+# What an ``eval`` record keeps of each averaged weights' evaluation (eval/<kind>/final.json has all).
+_AVERAGED_FIELDS = ("loss", "bpb", "bpb_interval", "first_step", "steps", "ema_decay")
 
 
 class Callback:
@@ -73,6 +75,9 @@ class MetricsLogger(Callback):
         if not trainer.is_main or not _due(trainer.step, trainer.cfg.train.log_every, trainer.total_steps):
             return
         record = {"kind": "train", **metrics, "epochs": trainer.batches.epochs_consumed()}
+        drawn = trainer.batches.tokens_drawn()
+        if drawn:  # the mixture as drawn, beside the requested one (data/replay.py)
+            record["tokens_drawn"] = drawn
         append_metrics(trainer.run_dir / "metrics.jsonl", record)
         if self.writer is not None:
             for key, value in metrics.items():
@@ -112,7 +117,17 @@ class HeldoutEvaluator(Callback):
     """Held-out loss and bits-per-byte per domain every ``eval_every`` steps and at the end.
 
     At the end it also samples text and writes ``eval/final.json`` with the isolation check.
+    A run continued from a parent (``init.path``) is also evaluated before its first step, and
+    every later record carries ``change_from_parent`` per domain (forgetting: a rise on the old
+    domains; adaptation: a fall on the new); the parent's own data, if elsewhere, is evaluated
+    too, as ``parent/<domain>``. Averaged weights (``train.weight_averaging``) are evaluated beside
+    the raw ones: the record gains ``averaged: {ema: {...}, window: {...}}`` (its other fields stay
+    those of the raw weights) and the end writes ``eval/<ema|window>/final.json`` too.
     """
+
+    def __init__(self) -> None:
+        self.initial_bpb: dict[str, float] | None = None  # bits-per-byte at the start of a continued run
+        self.averaged: dict[str, dict[str, Any]] = {}  # the averaged weights' held-out records, last evaluation
 
     @staticmethod
     def _takes_part(trainer: "Trainer") -> bool:
@@ -120,14 +135,47 @@ class HeldoutEvaluator(Callback):
 
     def _evaluate(self, trainer: "Trainer") -> dict[str, Any]:
         record = {"kind": "eval", "step": trainer.step, "tokens": trainer.tokens,
-                  **heldout_record(trainer.eval_model, trainer.data_dir, trainer.cfg.train.seq_len,
-                                   trainer.cfg.eval, trainer.device, trainer.cfg.train.precision)}
+                  **heldout_record_over(trainer.eval_model, trainer.eval_data_dirs, trainer.cfg.train.seq_len,
+                                        trainer.cfg.eval, trainer.device, trainer.cfg.train.precision)}
+        if self.initial_bpb is not None:
+            record["change_from_parent"] = {d: v - self.initial_bpb[d] for d, v in record["bpb"].items()
+                                            if d in self.initial_bpb}
+        self.averaged = self._evaluate_averages(trainer)
+        if self.averaged:
+            record["averaged"] = {kind: {k: v for k, v in result.items() if k in _AVERAGED_FIELDS}
+                                  for kind, result in self.averaged.items()}
         if not trainer.is_main:
             return record
         append_metrics(trainer.run_dir / "metrics.jsonl", record)
         bpb = ", ".join(f"{k} {v:.3f} [{format_interval(record, k)}]" for k, v in record["bpb"].items())
         log.info("step %d held-out bits-per-byte: %s", trainer.step, bpb)
+        for kind, result in self.averaged.items():
+            log.info("step %d held-out bits-per-byte, %s weights (steps %d-%d): %s", trainer.step, kind,
+                     result["first_step"], trainer.step, ", ".join(f"{k} {v:.3f}" for k, v in result["bpb"].items()))
+        if "change_from_parent" in record:
+            log.info("step %d change from the parent: %s", trainer.step,
+                     ", ".join(f"{d} {v:+.3f}" for d, v in record["change_from_parent"].items()))
         return record
+
+    @staticmethod
+    def _evaluate_averages(trainer: "Trainer") -> dict[str, dict[str, Any]]:
+        """Held-out records of the averaged weights the run keeps at this step (train/averaging.py)."""
+        averaging = trainer.callbacks.get("weight_averaging")
+        if averaging is None or not hasattr(averaging, "evaluate"):
+            return {}
+        return averaging.evaluate(trainer, lambda: heldout_record_over(
+            trainer.eval_model, trainer.eval_data_dirs, trainer.cfg.train.seq_len, trainer.cfg.eval,
+            trainer.device, trainer.cfg.train.precision))
+
+    def on_train_start(self, trainer: "Trainer") -> None:
+        if trainer.parent is not None and self.initial_bpb is None and self._takes_part(trainer):
+            self.initial_bpb = self._evaluate(trainer)["bpb"]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"initial_bpb": self.initial_bpb} if self.initial_bpb is not None else {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.initial_bpb = state.get("initial_bpb")
 
     def on_step_end(self, trainer: "Trainer", metrics: dict[str, Any]) -> None:
         every = trainer.cfg.train.eval_every
@@ -143,6 +191,14 @@ class HeldoutEvaluator(Callback):
             for line in describe(record)[1 + len(record["bpb"]):]:
                 log.info("%s", line)
             atomic_write_json(trainer.run_dir / "eval" / "final.json", record)
+        averaging = trainer.callbacks.get("weight_averaging")
+        for kind, heldout in self.averaged.items():
+            final = {"kind": "eval", "weights": kind, "step": trainer.step, "tokens": trainer.tokens, **heldout}
+            with averaging.weights_in_model(trainer, kind):  # type: ignore[union-attr]
+                complete_evaluation(final, trainer.eval_model, trainer.tokenizer, trainer.data_dir, trainer.cfg.eval)
+            if trainer.is_main:
+                atomic_write_json(trainer.run_dir / "eval" / kind / "final.json", final)
+                log.info("%s weights: evaluation written to %s", kind, trainer.run_dir / "eval" / kind / "final.json")
 
 
 class Checkpointer(Callback):
@@ -174,5 +230,9 @@ class Checkpointer(Callback):
 
 
 def default_callbacks() -> dict[str, Callback]:
-    return {"throughput": ThroughputMonitor(), "metrics": MetricsLogger(), "progress": ProgressBar(),
-            "checkpoint": Checkpointer(), "heldout_eval": HeldoutEvaluator()}
+    # weight_averaging (a no-op unless train.weight_averaging is set) updates the averages before
+    # the evaluator and the checkpointer see the step, and adds its seconds to the logged metrics.
+    from lmforge.train.averaging import WeightAveraging  # it derives from Callback, defined here
+
+    return {"throughput": ThroughputMonitor(), "weight_averaging": WeightAveraging(), "metrics": MetricsLogger(),
+            "progress": ProgressBar(), "checkpoint": Checkpointer(), "heldout_eval": HeldoutEvaluator()}

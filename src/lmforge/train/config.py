@@ -11,8 +11,12 @@ from lmforge.eval.config import EvalConfig
 from lmforge.nn.config import ModelConfig
 from lmforge.nn.families import model_config_from_dict
 from lmforge.optim.config import OptimConfig
+from lmforge.optim.schedules import check_schedule
+from lmforge.data.replay import ReplayConfig
 from lmforge.retrieval.config import RetrievalConfig
 from lmforge.train.guard import GuardConfig
+from lmforge.train.averaging import WeightAveragingConfig
+from lmforge.train.init_from import InitConfig
 from lmforge.train.run_dir import validate_run_name
 
 
@@ -35,6 +39,7 @@ class TrainConfig(Config):
     keep_checkpoints: int = 3        # keep the newest K checkpoints
     tensorboard: bool = True
     guard: GuardConfig = field(default_factory=GuardConfig)  # skip non-finite / spiking steps
+    weight_averaging: WeightAveragingConfig = field(default_factory=WeightAveragingConfig)  # EMA / window, train/averaging.py
 
     def __post_init__(self) -> None:
         for key in ("steps", "batch_size", "grad_accum_steps", "seq_len", "log_every", "keep_checkpoints"):
@@ -63,6 +68,8 @@ class RunConfig(Config):
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     retrieval: RetrievalConfig | None = None  # the database a retro model reads (model.family: retro)
+    init: InitConfig = field(default_factory=InitConfig)  # start from another run (--init-from), train/init_from.py
+    replay: ReplayConfig | None = None  # a share of old data mixed into the batches, data/replay.py
 
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None, path: str = "") -> "RunConfig":
@@ -77,6 +84,16 @@ class RunConfig(Config):
             raise ValueError(
                 f"train.seq_len ({self.train.seq_len}) exceeds model.max_seq_len ({self.model.max_seq_len})"
             )
+        check_schedule(self.train.steps, self.optim)  # a layout that does not fit fails now, not at step 1
+        if self.replay is not None:
+            if self.model.family != "transformer":
+                raise ValueError(f"replay: the {self.model.family!r} family reads its own batches; replay is "
+                                 "for transformer runs")
+            if self.replay.data_dir is None and self.init.path is None and self.replay.sources is None:
+                raise ValueError("replay: name the old data (replay.data_dir, or replay.sources of this run's "
+                                 "data), or continue from a parent (init.path) whose data is replayed")
+        if self.init.trainer_state and self.replay is not None:
+            raise ValueError("init.trainer_state continues the parent's data stream; it cannot add replay")
         from lmforge.train.families import training_family  # the families module imports this one
 
         training_family(self.model.family).check_run(self)

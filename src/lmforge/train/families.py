@@ -25,6 +25,7 @@ import torch
 from lmforge.core.errors import ConfigError
 from lmforge.core.registry import Registry
 from lmforge.data.loader import MixtureLoader
+from lmforge.data.replay import replay_loader
 from lmforge.data.tokenizer import Tokenizer
 
 if TYPE_CHECKING:
@@ -58,6 +59,9 @@ class ModelBatches:
     def weights(self) -> dict[str, float]:
         return self.loader.weights()
 
+    def tokens_drawn(self) -> dict[str, int]:
+        return self.loader.tokens_drawn() if hasattr(self.loader, "tokens_drawn") else {}
+
 
 @dataclass
 class RunSetup:
@@ -67,6 +71,7 @@ class RunSetup:
     tokenizer: Tokenizer
     rank: int
     world_size: int
+    replay_data_dir: Path | None = None   # the old data a continued run replays (cfg.replay), resolved
 
     @property
     def local_batch_size(self) -> int:
@@ -103,6 +108,8 @@ def _build_transformer(setup: RunSetup, model: torch.nn.Module) -> FamilyParts:
         weights={s.name: s.weight for s in cfg.data.sources},
         rank=setup.rank, world_size=setup.world_size, temperature=cfg.data.mixture_temperature,
     )
+    if cfg.replay is not None and setup.replay_data_dir is not None:
+        loader = replay_loader(loader, cfg.replay, setup.replay_data_dir)
     return FamilyParts(ModelBatches(loader))
 
 

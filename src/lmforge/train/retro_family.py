@@ -41,6 +41,7 @@ class RetroEvaluator(HeldoutEvaluator):
     """Held-out bpb without retrieval (as usual) and with it, as ``bpb_retrieval``."""
 
     def __init__(self, db: ChunkDatabase, retrieval: RetrievalConfig) -> None:
+        super().__init__()
         self.db, self.retrieval = db, retrieval
         self.heldout: HeldoutRetrieval | None = None
 

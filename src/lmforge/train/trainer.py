@@ -64,6 +64,8 @@ class Trainer:
         # Settings the resolved config changed since the run last wrote its config (set by the
         # assembly when resuming), recorded with the optimizer's own in the resume record.
         self.config_changes: list[tuple[str, Any, Any]] = []
+        self.eval_data_dirs: dict[str, Path] = {"": data_dir}  # prefix → data evaluated (train/continuation.py)
+        self.parent: Any = None  # the checked parent checkpoint of a continued run (train/init_from.py)
 
     # ---- evaluation target -------------------------------------------------------------
     @property
@@ -76,7 +78,10 @@ class Trainer:
         return self.model if self.eval_on_all_ranks else unwrap(self.model)
 
     # ---- checkpoints -------------------------------------------------------------------
-    def restore(self, checkpoint: Path, keep_data_position: bool = False) -> None:
+    def restore(self, checkpoint: Path, keep_data_position: bool = False, branch: bool = True) -> None:
+        """Continue from ``checkpoint``: a resume (``branch``: the run's history after it is set aside),
+        a guard rollback (``keep_data_position``), or a new run taking a parent's whole trainer state
+        (``branch=False``: ``init.trainer_state``, the parent's files are only read)."""
         state = load_training_checkpoint(checkpoint, self.model, self.optimizer)
         # Loading brings back the checkpoint's LR, betas, ...: the resolved config wins (also
         # after a guard rollback, whose checkpoint may predate a changed LR).
@@ -88,8 +93,10 @@ class Trainer:
             self._load_callback_states(state.get("callbacks", {}))
         set_rng_state(state["rng"])
         self.last_checkpoint = checkpoint
-        log.info("resumed from %s at step %d", checkpoint, self.step)
-        if not keep_data_position:  # a resume, not a guard rollback: a new branch starts here
+        log.info("%s %s at step %d", "resumed from" if branch else "took the trainer state of", checkpoint, self.step)
+        if not branch:
+            self.last_checkpoint = None  # the parent's checkpoint is not this run's to roll back to
+        elif not keep_data_position:  # a resume, not a guard rollback: a new branch starts here
             # one entry per setting: the optimizer's own view (checkpoint vs config) wins
             merged = list({field: (field, old, new) for field, old, new in [*self.config_changes, *changes]}.values())
             own = distributed.run_on_main(lambda: start_branch(self.run_dir, checkpoint, self.step, merged))
