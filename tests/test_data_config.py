@@ -43,7 +43,8 @@ def test_wrong_type_names_the_key():
         DataConfig.from_dict(_cfg(vocab_size="big"))
     bad = _cfg()
     bad["sources"][1]["kind"] = "csv"
-    known = r"\(known: demo_code, demo_literature, files, hf, jsonl, parquet\)"
+    known = (r"\(known: demo_code, demo_digits, demo_literature, files, hf, image_folder, image_hf, image_parquet, "
+             r"jsonl, kv_recall, parquet\)")
     with pytest.raises(ConfigError, match=r"sources\[1\]\.kind: unknown source kind 'csv' " + known):
         DataConfig.from_dict(bad)
 

@@ -3,6 +3,7 @@ the same logits, and unsupported ones get a clear error."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -50,6 +51,41 @@ def test_export_reloads_with_identical_logits(tmp_path, extra, architecture):
     tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
     assert tok.decode(tok("the king")["input_ids"]) == "the king"
     _assert_end_of_text_is_declared(tmp_path / "hf", tok)
+
+
+@pytest.mark.parametrize("extra, scaling, written", [
+    ({}, {"kind": "linear", "factor": 2.0}, {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}),
+    # static NTK-aware scaling has no transformers type: it is the larger base it amounts to
+    ({}, {"kind": "ntk", "factor": 4.0}, {"rope_type": "default", "rope_theta": 10000.0 * 4.0 ** (8 / 6)}),
+    ({}, {"kind": "yarn", "factor": 2.0, "original_max_seq_len": 32},
+     {"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 32, "beta_fast": 32.0,
+      "beta_slow": 1.0, "attention_factor": 0.1 * math.log(2.0) + 1.0, "rope_theta": 10000.0}),
+    ({"qk_norm": True, "tie_embeddings": False}, {"kind": "yarn", "factor": 2.0, "original_max_seq_len": 32,
+                                                  "beta_fast": 16.0, "beta_slow": 2.0, "attention_factor": 1.2},
+     {"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 32, "beta_fast": 16.0,
+      "beta_slow": 2.0, "attention_factor": 1.2, "rope_theta": 10000.0}),
+])
+def test_rope_scaling_exports_as_rope_parameters_with_identical_logits(tmp_path, extra, scaling, written):
+    import json
+
+    import transformers
+
+    torch.manual_seed(0)
+    cfg = ModelConfig.from_dict({**BASE, **extra, "max_seq_len": 64, "rope_scaling": scaling})
+    model = cfg.build()
+    for p in model.parameters():  # sharper attention than at initialisation, so positions matter
+        p.data.add_(torch.randn_like(p) * 0.1)
+    summary = export_hf(model, cfg, _tokenizer(tmp_path), tmp_path / "hf")
+    assert summary["max_logit_difference"] < 1e-4
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert config["rope_parameters"] == pytest.approx(written) and config["max_position_embeddings"] == 64
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    ids = torch.randint(0, cfg.vocab_size, (1, 64))  # past the original 32 positions
+    ours = model.eval()(ids).logits[..., :cfg.vocab_size]
+    torch.testing.assert_close(reloaded(ids).logits, ours, atol=1e-4, rtol=1e-4)
+    plain = ModelConfig.from_dict({**cfg.to_dict(), "rope_scaling": None}).build()
+    plain.load_state_dict(model.state_dict())
+    assert not torch.allclose(plain.eval()(ids).logits[..., :cfg.vocab_size], ours, atol=1e-3)  # the scaling counts
 
 
 def _assert_end_of_text_is_declared(folder, tok):

@@ -57,7 +57,8 @@ def test_unknown_optimizer_from_the_command_line_is_one_line(tmp_path):
 
 
 def test_unknown_source_and_eval_set_kinds_name_the_key():
-    known = r"\(known: demo_code, demo_literature, files, hf, jsonl, parquet\)"
+    known = (r"\(known: demo_code, demo_digits, demo_literature, files, hf, image_folder, image_hf, image_parquet, "
+             r"jsonl, kv_recall, parquet\)")
     with pytest.raises(ConfigError, match=r"^sources\[0\]\.kind: unknown source kind 'csv' " + known):
         DataConfig.from_dict({"sources": [{"name": "a", "kind": "csv", "path": "x"}]})
     eval_set = {"name": "e", "kind": "xml", "path": "x"}
@@ -65,8 +66,8 @@ def test_unknown_source_and_eval_set_kinds_name_the_key():
         DataConfig.from_dict({"sources": [{"name": "a", "kind": "demo_code"}],
                               "decontamination": {"eval_sets": [eval_set]}})
     # An eval set is read from its path: a demo kind has none.
-    with pytest.raises(ConfigError, match=r"^kind: .*'demo_code' reads none \(kinds with a path: files, hf, jsonl, "
-                                          r"parquet\)"):
+    with pytest.raises(ConfigError, match=r"^kind: .*'demo_code' reads none \(kinds with a path: files, hf, image_folder, "
+                                          r"image_hf, image_parquet, jsonl, parquet\)"):
         EvalSetConfig.from_dict({"name": "e", "kind": "demo_code", "path": "x"})
     with pytest.raises(ConfigError, match="of kind 'files' needs a path"):
         SourceConfig.from_dict({"name": "a", "kind": "files"})

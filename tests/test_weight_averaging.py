@@ -212,6 +212,14 @@ def test_evaluations_report_the_averages_beside_the_raw_weights(runs):
         assert final["weights"] == kind and final["step"] == STEPS
         assert final["bpb"] == averaged[STEPS]["averaged"][kind]["bpb"]
         assert final["samples"] and final["isolation"]["overlap"] == 0
+    from lmforge.report import write_report
+
+    html = write_report(runs[0] / "averaged").read_text()
+    from lmforge.report.plots import bpb_plot
+    from lmforge.report.run_data import load_run
+
+    # the bpb plot gains the averaged weights' curves (a different picture than the raw ones alone)
+    assert bpb_plot(load_run(runs[0] / "averaged")) != bpb_plot(load_run(runs[0] / "plain")) and "bits per byte" in html
 
 
 def test_averaging_leaves_the_training_itself_unchanged(runs):

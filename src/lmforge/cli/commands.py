@@ -129,20 +129,28 @@ def evaluate(args: argparse.Namespace) -> int:
         raise ConfigError(f"--lm-eval-tasks runs on the raw weights; export the {args.weights} weights "
                           f"(lmforge export --weights {args.weights}) and give the harness that folder")
     device = resolve_device(args.device)
-    model, tokenizer, raw, checkpoint = load_for_inference(args.target, device, args.weights)
+    model, tokenizer, raw, checkpoint = load_for_inference(args.target, device, args.weights, args.seq_len)
     cfg = RunConfig.from_dict(raw)
+    _long_context_settings(cfg.eval, args)
+    seq_len = args.seq_len or cfg.train.seq_len
     data_dir = resolve_data_dir(checkpoint, cfg.data.out_dir)  # relative to where the run trained
-    result = heldout_record(model, data_dir, cfg.train.seq_len, cfg.eval, device, max_tokens=args.max_tokens)
+    result = heldout_record(model, data_dir, seq_len, cfg.eval, device, max_tokens=args.max_tokens)
     complete_evaluation(result, model, tokenizer, data_dir, cfg.eval)
     result["checkpoint"] = str(checkpoint)
+    result["train_seq_len"] = cfg.train.seq_len
     eval_dir = checkpoint.parent.parent / "eval"
     if args.weights != "raw":  # eval/ema/step_N.json beside eval/step_N.json
         result["weights"] = args.weights
         eval_dir = eval_dir / args.weights
-    out = eval_dir / f"{checkpoint.name}.json"
+    stem = checkpoint.name if seq_len == cfg.train.seq_len else f"{checkpoint.name}.seq{seq_len}"
+    out = eval_dir / f"{stem}.json"
     atomic_write_json(out, result)
     print("\n".join(describe(result)))
     print(f"written: {out}")
+    if result.get("passkey"):
+        from lmforge.report.plots import write_passkey_png
+
+        print(f"written: {write_passkey_png(result['passkey'], eval_dir / f'{stem}.passkey.png')}")
     if args.lm_eval_tasks:
         from lmforge.serve.lm_eval_adapter import run_lm_eval
 
@@ -156,6 +164,32 @@ def evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _long_context_settings(cfg, args: argparse.Namespace) -> None:
+    """Apply ``lmforge eval``'s long-context options to the run's eval config (in place)."""
+    import dataclasses
+
+    from lmforge.eval.config import PasskeyConfig
+
+    if args.position_bucket:
+        cfg.position_bucket = args.position_bucket
+    elif args.by_position and not cfg.position_bucket:
+        cfg.position_bucket = 64
+    options = {"--passkey-lengths": args.passkey_lengths, "--passkey-items": args.passkey_items,
+               "--passkey-filler": args.passkey_filler}
+    given = [name for name, value in options.items() if value is not None]
+    if given and not args.passkey:
+        raise ConfigError(f"{', '.join(given)}: set only with --passkey")
+    if not args.passkey:
+        return
+    passkey = cfg.passkey or PasskeyConfig()
+    changes = {key: value for key, value in (("lengths", args.passkey_lengths), ("items", args.passkey_items),
+                                             ("filler", args.passkey_filler)) if value is not None}
+    try:
+        cfg.passkey = dataclasses.replace(passkey, **changes)
+    except ValueError as exc:
+        raise ConfigError(f"--passkey options: {exc}") from None
+
+
 def generate(args: argparse.Namespace) -> int:
     import torch
 
@@ -163,7 +197,11 @@ def generate(args: argparse.Namespace) -> int:
     from lmforge.serve.loading import load_for_inference
 
     device = resolve_device(args.device)
-    model, tokenizer, _, _ = load_for_inference(args.target, device, args.weights)
+    model, tokenizer, config, checkpoint = load_for_inference(args.target, device, args.weights)
+    if getattr(args, "image", None) or getattr(args, "image_out", None):
+        return _generate_multimodal(args, model, tokenizer, config, checkpoint, device)
+    if args.prompt is None:
+        raise ConfigError("--prompt is required (or --image / --image-out for a multimodal model)")
     prompt = tokenizer.encode(args.prompt)
     if not prompt:
         raise ConfigError("--prompt is empty: give some text to continue")
@@ -172,6 +210,31 @@ def generate(args: argparse.Namespace) -> int:
     out = sample(model, prompt_ids, args.max_new_tokens, temperature=args.temperature,
                  top_k=args.top_k or None, eos_id=tokenizer.eos_id, generator=generator)
     print(args.prompt + tokenizer.decode(out[0, prompt_ids.shape[1]:].tolist()))
+    return 0
+
+
+def _generate_multimodal(args: argparse.Namespace, model, tokenizer, config, checkpoint, device) -> int:
+    """--image: text after the image (and the prompt); --image-out: an image after the prompt, as PNG."""
+    import torch
+
+    from lmforge.nn.generation import generate as sample
+    from lmforge.serve.multimodal import generate_image, image_prompt_ids, load_image_tokenizer, save_png
+
+    image_tokenizer, layout = load_image_tokenizer(checkpoint, config)
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    if args.image_out:
+        if args.image:
+            raise ConfigError("--image and --image-out: give one (caption an image, or draw one)")
+        image = generate_image(model, tokenizer, image_tokenizer, layout, args.prompt or "", args.temperature,
+                               args.top_k or None, generator)[0]
+        print(f"image: {save_png(image, args.image_out, args.image_scale)}")
+        return 0
+    ids = image_prompt_ids(args.image, config, tokenizer, image_tokenizer, layout)
+    prompt = args.prompt or ""
+    prompt_ids = torch.tensor([ids + tokenizer.encode(prompt)], dtype=torch.long, device=device)
+    out = sample(model, prompt_ids, args.max_new_tokens, temperature=args.temperature,
+                 top_k=args.top_k or None, eos_id=tokenizer.eos_id, generator=generator)
+    print(prompt + tokenizer.decode(out[0, prompt_ids.shape[1]:].tolist()))
     return 0
 
 

@@ -3,7 +3,7 @@
     lmforge quickstart [--fresh]
     lmforge data prepare CONFIG [--set key=value ...] [--overwrite]
     lmforge train CONFIG [--set key=value ...] [--resume auto|PATH] [--max-restarts N]
-    lmforge eval RUN_OR_CHECKPOINT [--weights raw|ema|window]
+    lmforge eval RUN_OR_CHECKPOINT [--weights raw|ema|window] [--seq-len N] [--by-position] [--passkey]
     lmforge generate RUN_OR_CHECKPOINT --prompt TEXT [--weights raw|ema|window]
     lmforge report RUN
     lmforge export RUN_OR_CHECKPOINT --out DIR [--weights raw|ema|window]
@@ -43,6 +43,40 @@ def _add_weights_arg(parser: argparse.ArgumentParser) -> None:
                         help="the trained weights (raw, default), their exponential moving average (ema) or "
                              "their mean over the last steps (window); the averages exist when the run set "
                              "train.weight_averaging")
+
+
+def _length_list(text: str) -> list[int]:
+    """``64,128,256``: token counts of at least 8."""
+    try:
+        values = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 8:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers >= 8, got {text!r}")
+    return values
+
+
+def _add_long_context_args(ev: argparse.ArgumentParser) -> None:
+    """``lmforge eval`` options of the long-context evaluations (docs/long_context.md)."""
+    group = ev.add_argument_group("long context")
+    group.add_argument("--seq-len", type=positive_int, default=None, metavar="N",
+                       help="evaluate with windows of N tokens instead of the run's train.seq_len, e.g. 4x after "
+                            "context extension (the model is built for N positions if it was trained shorter); "
+                            "written to eval/<checkpoint>.seqN.json")
+    group.add_argument("--by-position", action="store_true",
+                       help="held-out loss by position in the window, in buckets (on by default unless the run "
+                            "set eval.position_bucket: 0; this turns it on with buckets of 64)")
+    group.add_argument("--position-bucket", type=positive_int, default=None, metavar="W",
+                       help="positions per bucket of the loss by position (default: eval.position_bucket, 64)")
+    group.add_argument("--passkey", action="store_true",
+                       help="passkey retrieval: accuracy over a length x depth grid, single and multi-key "
+                            "(settings: eval.passkey of the run, else defaults); also writes a heatmap PNG")
+    group.add_argument("--passkey-lengths", type=_length_list, default=None, metavar="L1,L2",
+                       help="passkey item lengths in tokens (default: N/4, N/2 and N for the evaluated length N)")
+    group.add_argument("--passkey-items", type=positive_int, default=None, metavar="K",
+                       help="passkey items per grid cell and variant (default 20)")
+    group.add_argument("--passkey-filler", default=None, metavar="words|DOMAIN",
+                       help="passkey haystack: random word sentences (words, default) or a domain's held-out text")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -88,11 +122,17 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--lm-eval-include", default=None, metavar="DIR",
                     help="folder of local lm-eval task YAML files (offline tasks)")
     ev.add_argument("--limit", type=positive_int, default=None, help="lm-eval: at most this many examples per task")
+    _add_long_context_args(ev)
 
     gen = verbs.add_parser("generate", help="sample text from a trained model",
                            description="Generate a continuation of --prompt with a KV cache.")
     gen.add_argument("target", metavar="RUN_OR_CHECKPOINT", help="run directory or checkpoint directory")
-    gen.add_argument("--prompt", required=True, help="text to continue")
+    gen.add_argument("--prompt", default=None, help="text to continue (may be empty with --image)")
+    gen.add_argument("--image", default=None, metavar="PATH",
+                     help="multimodal models: an image file read before the prompt (e.g. to caption it)")
+    gen.add_argument("--image-out", default=None, metavar="PNG",
+                     help="multimodal models: generate an image after the prompt and save it as PNG")
+    gen.add_argument("--image-scale", type=positive_int, default=1, help="--image-out: upscale factor (default 1)")
     _add_weights_arg(gen)
     gen.add_argument("--max-new-tokens", type=positive_int, default=100, help="tokens to generate (default 100)")
     gen.add_argument("--temperature", type=non_negative_float, default=0.8,
@@ -138,7 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
                                         "add and remove them in a RETRO database, continue the facts model on its "
                                         "old data; fact accuracy, held-out forgetting and seconds of each route "
                                         "(the config's knowledge: section). Writes knowledge.json/.md. "
-                                        "See docs/continual_knowledge.md.")
+                                        "See docs/continual.md.")
     add_config_args(know)
     know.add_argument("--out", default=None, help="output folder (default runs/<name>_knowledge)")
 

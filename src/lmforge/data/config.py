@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from lmforge.core.config import Config, FieldValueError
+from lmforge.data.image_config import IMAGE_SOURCE_KINDS, ImageSourceConfig, ImageTokenizerConfig
 
 # Source names become directory names under shards/, so keep them path-safe.
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -181,6 +182,34 @@ class SlurmConfig(Config):
 
 
 @dataclass
+class KvRecallConfig(Config):
+    """Settings of a ``kind: kv_recall`` source: synthetic key-value recall documents
+    (lmforge/data/kv_recall.py; docs/long_context.md)."""
+
+    documents: int = 2000
+    # [min, max] characters per document, drawn uniformly (tokens = characters / the tokenizer's
+    # characters per token; the manifest has both per source).
+    length_chars: list[int] = field(default_factory=lambda: [200, 800])
+    pairs: int = 4                 # each document states 1 to `pairs` key-value pairs
+    # Questions at the end of each document, each on a different stated pair (at most all of them):
+    # more than one gives more recall targets per document, so a small model learns faster.
+    queries: int = 1
+    value_digits: int = 3          # values are numbers of this many digits
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.documents < 1:
+            raise FieldValueError("documents", f"must be >= 1, got {self.documents}")
+        if len(self.length_chars) != 2 or not 1 <= self.length_chars[0] <= self.length_chars[1]:
+            raise FieldValueError("length_chars", f"must be [min, max] with 1 <= min <= max, got {self.length_chars}")
+        for key in ("pairs", "queries"):
+            if getattr(self, key) < 1:
+                raise FieldValueError(key, f"must be >= 1, got {getattr(self, key)}")
+        if not 2 <= self.value_digits <= 9:  # one digit leaves too few held-out values for candidates
+            raise FieldValueError("value_digits", f"must be in 2..9, got {self.value_digits}")
+
+
+@dataclass
 class SourceConfig(Config):
     name: str                      # domain name, e.g. "literature", "code"
     kind: str                      # a name in sources.SOURCE_KINDS (demo_literature, files, jsonl, hf, ...)
@@ -199,11 +228,21 @@ class SourceConfig(Config):
     # Overrides DataConfig.heldout_fraction: a domain of a few long documents needs a larger
     # fraction than one of many short ones for its held-out bpb to rest on several documents.
     heldout_fraction: float | None = None
+    kv_recall: KvRecallConfig | None = None         # kind kv_recall: its settings (defaults when not given)
+    image: ImageSourceConfig | None = None          # image kinds: decoding and resizing (data/images.py)
 
     def __post_init__(self) -> None:
         from lmforge.data.sources import SOURCE_KINDS  # the readers register there; it imports this module
 
         SOURCE_KINDS.check(self.kind, "kind")
+        if self.kind == "kv_recall" and self.kv_recall is None:
+            self.kv_recall = KvRecallConfig()
+        if self.kind != "kv_recall" and self.kv_recall is not None:
+            raise FieldValueError("kv_recall", f"settings of a kv_recall source, but source {self.name!r} "
+                                               f"is of kind {self.kind!r}")
+        if self.image is not None and self.kind not in IMAGE_SOURCE_KINDS:
+            raise FieldValueError("image", f"settings of an image source ({', '.join(IMAGE_SOURCE_KINDS)}), but "
+                                           f"source {self.name!r} is of kind {self.kind!r}")
         if not _NAME_RE.match(self.name):
             raise ValueError(f"source name {self.name!r} must be letters, digits, '_', '.', '-' "
                              "(it becomes a directory name)")
@@ -256,6 +295,8 @@ class DataConfig(Config):
     # The pipeline, step by step; a filter of your own is a module in lmforge/data/filters/
     # plus its name here (before "tokenizer": the tokenizer and shards see the final documents).
     steps: list[str] = field(default_factory=lambda: list(DEFAULT_STEPS))
+    # The image tokenizer's codebook, for a preparation with the image_tokenizer step (data/image_steps.py).
+    image_tokenizer: ImageTokenizerConfig | None = None
 
     def __post_init__(self) -> None:
         if not self.sources:
@@ -289,11 +330,15 @@ class DataConfig(Config):
         from lmforge.data.stages import check_steps  # the step registry sits above this module
 
         check_steps(self.steps, self)
+        if "image_tokenizer" in self.steps and self.image_tokenizer is None:
+            self.image_tokenizer = ImageTokenizerConfig()
 
     def quality_for(self, source: SourceConfig) -> QualityConfig:
         """The quality rules for one source: the global ones, off for code, then its overrides."""
         merged = dataclasses.asdict(self.quality)
-        if source.resolved_content() == "code":
+        # Synthetic recall documents are judged by their generator, not by prose rules (their
+        # shortest documents have fewer than min_words words).
+        if source.resolved_content() == "code" or source.kind == "kv_recall":
             merged["enabled"] = False
         merged.update(source.quality or {})
         index = self.sources.index(source) if source in self.sources else 0
@@ -321,6 +366,12 @@ class DataConfig(Config):
             source.pop("weight")
             if source.get("heldout_fraction") is None:  # unset: data prepared before the option stays valid
                 source.pop("heldout_fraction", None)
+            if source.get("kv_recall") is None:  # likewise for sources of other kinds
+                source.pop("kv_recall", None)
+            if source.get("image") is None:  # likewise for sources that are not images
+                source.pop("image", None)
+        if data.get("image_tokenizer") is None:  # likewise for preparations without images
+            data.pop("image_tokenizer", None)
         if data["tokenizer_from"] is None:  # likewise for data whose tokenizer was trained here
             data.pop("tokenizer_from")
         else:  # the tokenizer comes from there, so the vocabulary size asked for decides nothing

@@ -22,6 +22,7 @@ from lmforge.core.errors import DataError
 from lmforge.core.io import atomic_write_bytes
 from lmforge.core.logging import RateProgress, get_logger
 from lmforge.data.config import DataConfig
+from lmforge.data.image_records import text_for_tokenizer
 from lmforge.data.shards import ShardTask, check_isolation, finished_record, plan_shards, write_shard
 from lmforge.data.pipeline import SPLITS
 from lmforge.data.stages import Context, Stage, key_of, load_marker, register_step
@@ -112,7 +113,8 @@ class TokenizerStage(Stage):
         if parent is not None:
             return self._copy(ctx, *parent) | {"documents": len(train_hashes), "train_digest": train_digest}
         start = time.perf_counter()
-        texts = (t for s in cfg.sources for t in corpus[(s.name, "train")][0])
+        # An image record's captions only (data/image_records.py); other documents as they are.
+        texts = (text_for_tokenizer(t) for s in cfg.sources for t in corpus[(s.name, "train")][0])
         tokenizer = Tokenizer.train(texts, cfg.vocab_size, length=len(train_hashes))
         tokenizer.save(ctx.out / "tokenizer.json")
         log.info("trained a %d-token byte-level BPE tokenizer on %d training documents in %.1f s",

@@ -39,7 +39,7 @@ FORMAT_VERSION = 3
 FINGERPRINT_FILE = "prepare_config.json"
 # Everything prepare writes; overwrite removes exactly these and nothing else in out_dir.
 OWNED = (MANIFEST, FINGERPRINT_FILE, "tokenizer.json", "tokenizer.done", "shards", "doc_hashes", WORK,
-         CONTAMINATION_REPORT, DEDUP_REPORT)
+         CONTAMINATION_REPORT, DEDUP_REPORT, "image_tokenizer.json", "images")
 # After the configured steps, a Slurm run has one more job: the manifest.
 MANIFEST_JOB = "manifest"
 

@@ -25,6 +25,7 @@ import numpy as np
 
 from lmforge.core.errors import DataError
 from lmforge.core.io import atomic_write, atomic_write_json, read_json, sha256_file
+from lmforge.data.image_records import text_for_tokenizer
 from lmforge.data.tokenizer import Tokenizer
 
 MANIFEST = "manifest.json"
@@ -96,7 +97,7 @@ def write_shard(task: ShardTask, data_dir: str, tokenizer_sha256: str) -> dict:
     if tokenizer.sha256 != tokenizer_sha256:
         raise DataError(f"{tok_path} changed while shards were being written")
     dtype = token_dtype(tokenizer.vocab_size)
-    ids = tokenizer.encode_batch(task.texts)
+    ids = tokenizer.encode_batch([text_for_tokenizer(t) for t in task.texts])  # image records: their captions
     lengths = np.array([len(x) + 1 for x in ids], dtype=np.int64)
     offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
     tokens = np.empty(int(lengths.sum()), dtype=dtype)
@@ -109,7 +110,8 @@ def write_shard(task: ShardTask, data_dir: str, tokenizer_sha256: str) -> dict:
     atomic_write(stem.with_suffix(".idx.npy"), lambda tmp: _save_npy(tmp, offsets))
     record = {
         "sha256": hashlib.sha256(payload).hexdigest(), "tokens": len(tokens), "documents": len(ids),
-        "bytes": sum(len(t.encode("utf-8")) for t in task.texts), "docs_digest": docs_digest(task.hashes),
+        "bytes": sum(len(text_for_tokenizer(t).encode("utf-8")) for t in task.texts),
+        "docs_digest": docs_digest(task.hashes),
         "tokenizer_sha256": tokenizer_sha256, "dtype": dtype.name,
     }
     atomic_write_json(stem.with_suffix(".done"), record)

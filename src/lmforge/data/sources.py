@@ -1,4 +1,5 @@
-"""Read documents from a configured source: demo corpus, text files, JSONL, Parquet, HF datasets.
+"""Read documents from a configured source: demo corpus, text files, JSONL, Parquet, HF datasets,
+synthetic key-value recall documents.
 
 Every reader yields documents in a fixed order (sorted files, file order within a file),
 so ``max_documents`` / ``max_bytes`` cut the same prefix on every run.
@@ -26,6 +27,7 @@ from typing import Any, Callable, Iterable, Iterator
 from lmforge.core.errors import DataError
 from lmforge.core.logging import get_logger
 from lmforge.core.registry import Registry
+from lmforge.data import kv_recall
 from lmforge.data.config import SourceConfig
 from lmforge.data.demo_corpus import SHAKESPEARE_SHA256, iter_literature, iter_stdlib_code, stdlib_files
 from lmforge.data.documents import Document
@@ -142,6 +144,19 @@ def _iter_demo_literature(source: SourceConfig, problems: InputProblems) -> Iter
 @register_source_kind("demo_code", signature=_demo_code_signature, needs_path=False)
 def _iter_demo_code(source: SourceConfig, problems: InputProblems) -> Iterator[Document]:
     return iter_stdlib_code(source.name)
+
+
+def _kv_recall_signature(source: SourceConfig) -> str:
+    # The documents are a function of the settings alone (and of the generator's code).
+    settings = source.kv_recall.to_dict() if source.kv_recall is not None else {}
+    return _hashed(["kv_recall", json.dumps(settings, sort_keys=True), kv_recall.GENERATOR_VERSION])
+
+
+@register_source_kind("kv_recall", signature=_kv_recall_signature, needs_path=False)
+def _iter_kv_recall(source: SourceConfig, problems: InputProblems) -> Iterator[Document]:
+    """Synthetic key-value recall documents (lmforge/data/kv_recall.py), training keys only."""
+    assert source.kv_recall is not None  # SourceConfig fills in the defaults
+    return kv_recall.recall_documents(source.kv_recall, source.name)
 
 
 def _limit(docs: Iterable[Document], max_documents: int | None, max_bytes: int | None) -> Iterator[Document]:
@@ -329,3 +344,7 @@ def _iter_hf(source: SourceConfig, problems: InputProblems) -> Iterator[Document
         else:
             problems.add(f"{source.path}:{source.split}", "missing_text_field",
                          f"record {index}: {source.text_field!r} is not a string")
+
+
+# The image source kinds (image_folder, image_parquet, image_hf, demo_digits) register themselves.
+from lmforge.data import images as _image_kinds  # noqa: E402,F401

@@ -59,7 +59,8 @@ Corpus = dict[tuple[str, str], tuple[list[str], list[str]]]
 
 STEPS: Registry["Stage"] = Registry("data step")
 # Modules whose steps are built in; every module of lmforge.data.filters is loaded too.
-_BUILTIN_MODULES = ("lmforge.data.document_steps", "lmforge.data.quality", "lmforge.data.output_steps")
+_BUILTIN_MODULES = ("lmforge.data.document_steps", "lmforge.data.quality", "lmforge.data.output_steps",
+                    "lmforge.data.image_steps")
 # The steps whose output is the prepared data: the corpus is final when the tokenizer starts.
 REQUIRED = ("read", "tokenizer", "shards")
 

@@ -95,10 +95,14 @@ def _warn_once(data_dir: Path) -> None:
 @torch.no_grad()
 def _score_domain(model: nn.Module, stream: ShardSet, windows: list[tuple[int, int]], byte_lengths: np.ndarray,
                   batch_size: int, device: torch.device, precision: str) -> dict[str, np.ndarray]:
-    """Summed loss (nats) and bytes per scored window and per document of one domain."""
+    """Summed loss (nats) and bytes per scored window, per document and per position in the
+    window (``position_*``: index j is the target read after j + 1 tokens) of one domain."""
     n_docs = len(stream.doc_offsets) + 1  # bin 0: before the first document (never used)
+    width = max((n for _, n in windows), default=0)
     sums = {"window_nll": np.zeros(len(windows)), "window_bytes": np.zeros(len(windows)),
-            "doc_nll": np.zeros(n_docs), "doc_bytes": np.zeros(n_docs), "doc_scored": np.zeros(n_docs, dtype=bool)}
+            "doc_nll": np.zeros(n_docs), "doc_bytes": np.zeros(n_docs), "doc_scored": np.zeros(n_docs, dtype=bool),
+            "position_nll": np.zeros(width), "position_bytes": np.zeros(width),
+            "position_tokens": np.zeros(width, dtype=np.int64)}
     done = 0
     for starts, rows in _batches(stream, windows, batch_size):
         inputs, targets = torch.from_numpy(rows[:, :-1]), torch.from_numpy(rows[:, 1:])
@@ -111,6 +115,10 @@ def _score_domain(model: nn.Module, stream: ShardSet, windows: list[tuple[int, i
         nbytes = byte_lengths[rows[:, 1:]]
         sums["window_nll"][done:done + len(starts)] = nll.sum(1)
         sums["window_bytes"][done:done + len(starts)] = nbytes.sum(1)
+        length = targets.shape[1]
+        sums["position_nll"][:length] += nll.sum(0)
+        sums["position_bytes"][:length] += nbytes.sum(0)
+        sums["position_tokens"][:length] += len(starts)
         done += len(starts)
         # Each target token belongs to the document its stream position falls in.
         positions = starts[:, None] + 1 + np.arange(targets.shape[1])
@@ -136,7 +144,11 @@ def evaluate_heldout(
     """Return ``{"loss": {domain: nats/token}, "bpb": {...}, "bpb_interval": {domain: [low, high]},
     "interval_unit": {domain: "document" | "window"}, "documents": {...}, "tokens": {...}, "bytes": {...}}``.
 
-    ``documents`` counts the held-out documents with at least one scored token.
+    ``documents`` counts the held-out documents with at least one scored token. ``positions``
+    holds, per domain, the summed loss, bytes and token count of the targets at each position of
+    the windows (``{"nll": [...], "bytes": [...], "tokens": [...]}``, index j: the target read after
+    j + 1 tokens of its window), from the same forward passes; :mod:`lmforge.eval.positions`
+    groups them into buckets.
     """
     device = device or next(model.parameters()).device
     data_dir = Path(data_dir)
@@ -145,7 +157,7 @@ def evaluate_heldout(
     manifest = load_manifest(data_dir)
     was_training = model.training
     model.eval()
-    keys = ("loss", "bpb", "bpb_interval", "interval_unit", "documents", "tokens", "bytes")
+    keys = ("loss", "bpb", "bpb_interval", "interval_unit", "documents", "tokens", "bytes", "positions")
     result: dict[str, dict] = {key: {} for key in keys}
     for domain in heldout_domains(data_dir):
         stream = ShardSet(data_dir, "heldout", domain, manifest)
@@ -165,6 +177,8 @@ def evaluate_heldout(
         result["documents"][domain] = int(scored.sum())
         result["tokens"][domain] = token_count
         result["bytes"][domain] = byte_count
+        result["positions"][domain] = {"nll": sums["position_nll"].tolist(), "bytes": sums["position_bytes"].tolist(),
+                                       "tokens": sums["position_tokens"].tolist()}
     model.train(was_training)
     if not result["bpb"]:
         log.warning("%s: no held-out tokens in any domain, so no held-out bits-per-byte was measured "

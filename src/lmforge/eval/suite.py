@@ -1,6 +1,6 @@
 """The end-of-run evaluation, shared by the trainer's final evaluation and ``lmforge eval``:
-held-out loss and bits-per-byte per domain, samples, held-out multiple-choice tasks, and
-the isolation check."""
+held-out loss and bits-per-byte per domain (and by position in the window), samples, held-out
+multiple-choice tasks, the passkey grid when configured, and the isolation check."""
 
 from __future__ import annotations
 
@@ -16,6 +16,8 @@ from lmforge.data.tokenizer import Tokenizer
 from lmforge.eval.config import EvalConfig
 from lmforge.eval.heldout import evaluate_heldout
 from lmforge.eval.isolation import isolation_report
+from lmforge.eval.passkey import describe_passkey, evaluate_passkey
+from lmforge.eval.positions import buckets_by_domain, describe_buckets
 from lmforge.eval.samples import sample_texts
 from lmforge.eval.tasks import build_tasks, evaluate_tasks, training_ngrams
 
@@ -27,9 +29,13 @@ def heldout_record(model: nn.Module, data_dir: Path, seq_len: int, cfg: EvalConf
     result = evaluate_heldout(model, data_dir, seq_len, max_tokens or cfg.max_tokens_per_domain,
                               batch_size=cfg.batch_size, device=device, precision=precision,
                               interval_level=cfg.interval_level, bootstrap_samples=cfg.bootstrap_samples)
-    return {"loss": result["loss"], "bpb": result["bpb"], "bpb_interval": result["bpb_interval"],
-            "interval_level": cfg.interval_level, "interval_unit": result["interval_unit"],
-            "eval_documents": result["documents"], "eval_tokens": result["tokens"], "eval_bytes": result["bytes"]}
+    record = {"loss": result["loss"], "bpb": result["bpb"], "bpb_interval": result["bpb_interval"],
+              "interval_level": cfg.interval_level, "interval_unit": result["interval_unit"],
+              "eval_documents": result["documents"], "eval_tokens": result["tokens"], "eval_bytes": result["bytes"],
+              "eval_seq_len": seq_len}
+    if cfg.position_bucket:
+        record["loss_by_position"] = buckets_by_domain(result["positions"], cfg.position_bucket)
+    return record
 
 
 def heldout_record_over(model: nn.Module, data_dirs: dict[str, Path], seq_len: int, cfg: EvalConfig,
@@ -56,6 +62,10 @@ def complete_evaluation(record: dict[str, Any], model: nn.Module, tokenizer: Tok
         tasks = build_tasks(data_dir, tokenizer, cfg.task_items, cfg.task_seed)
         record["tasks"] = evaluate_tasks(model, tokenizer, tasks, cfg.batch_size,
                                          train_ngrams=training_ngrams(data_dir, tokenizer))
+    if cfg.passkey is not None:
+        record["passkey"] = evaluate_passkey(model, tokenizer, cfg.passkey,
+                                             record.get("eval_seq_len") or model.cfg.max_seq_len, data_dir,
+                                             cfg.batch_size)
     record["isolation"] = isolation_report(data_dir)
     return record
 
@@ -83,6 +93,11 @@ def describe(record: dict[str, Any]) -> list[str]:
         if unit == "window":
             lines.append(f"  {domain}: interval over scored windows, as fewer than {MIN_HELDOUT_DOCUMENTS} held-out "
                          "documents were scored: it leaves out the spread between documents")
+    if record.get("loss_by_position"):
+        lines.append(f"held-out loss (nats/token) by position in the {record.get('eval_seq_len', '?')}-token window:")
+        lines += describe_buckets(record["loss_by_position"])
+    if record.get("passkey"):
+        lines += describe_passkey(record["passkey"])
     for name, score in record.get("tasks", {}).items():
         lines.append(f"task {name}: acc {score['acc']:.3f}, acc_norm {score['acc_norm']:.3f} "
                      f"(chance {score['chance']:.2f}, {score['items']} items, hash {score['hash']})")

@@ -10,8 +10,18 @@ an existing ``transformers`` class with no custom code:
 | dense, QK-norm                     | ``Qwen3ForCausalLM``    |
 | MoE in every layer                 | ``MixtralForCausalLM``  |
 | MoE with QK-norm (any MoE spacing) | ``Qwen3MoeForCausalLM`` |
+| dense, sliding windows             | ``MinistralForCausalLM`` (``Qwen3ForCausalLM`` with QK-norm) |
 
-Shared experts have no equivalent there and are refused. The exported folder holds
+Shared experts have no equivalent there and are refused. Sliding windows
+(``model.attention``) are written as transformers' ``sliding_window`` and per-layer
+``layer_types`` (``sliding_attention`` / ``full_attention``), which mask as lmforge does (a
+query sees the ``sliding_window`` most recent tokens, itself included); Mixtral and Qwen3-MoE
+take one window for every layer, so an MoE model exports with windows only when every layer is
+local. A separate RoPE base for local layers (``rope_theta_local``) has no equivalent in these
+classes and is refused. Document masking does not change inference on one document (a prompt
+with no end-of-text token after its first token), which is what transformers computes; on
+packed inputs transformers attends across documents, so the probe that checks the export
+holds no end-of-text token. The exported folder holds
 ``config.json``, safetensors weights and the tokenizer (``PreTrainedTokenizerFast``), loads
 with ``AutoModelForCausalLM.from_pretrained``, and is checked after writing: its logits on a
 probe batch must match lmforge's. It also holds ``lmforge_export.json``, the marker that lets
@@ -32,6 +42,12 @@ The export is the model lmforge evaluates and samples from, token for token:
   fine-tuned.
 - The tokenizer encodes ``<|endoftext|>`` written in text as plain characters, as lmforge's
   does (``split_special_tokens``): text cannot inject a document boundary.
+- RoPE scaling (``model.rope_scaling``) is written as transformers' ``rope_parameters``
+  (``rope_scaling`` in transformers 4): ``linear`` and ``yarn`` as those RoPE types (YaRN with
+  its attention factor written out), and static NTK-aware scaling, which transformers has no
+  type for (its ``dynamic`` type changes with the sequence length), as the larger
+  ``rope_theta`` it amounts to. The probe then covers up to 64 positions, past the original
+  context, so the check sees the scaled frequencies where they matter.
 """
 
 from __future__ import annotations
@@ -46,9 +62,11 @@ import torch
 
 from lmforge.data.tokenizer import EOS, Tokenizer
 from lmforge.export.folder import ExportError, check_target, finish, install, new_folder_beside
+from lmforge.nn.attention import END_OF_TEXT_ID
 from lmforge.nn.config import ModelConfig
+from lmforge.nn.rope import ntk_theta, yarn_attention_factor
 
-__all__ = ["ExportError", "export_hf", "hf_config", "hf_state_dict"]
+__all__ = ["ExportError", "export_hf", "hf_config", "hf_rope", "hf_sliding_window", "hf_state_dict"]
 
 
 def _transformers() -> Any:
@@ -67,14 +85,23 @@ def hf_config(cfg: ModelConfig, eos_id: int | None = None) -> Any:
         vocab_size=cfg.vocab_size, bos_token_id=eos_id, eos_token_id=eos_id,
         hidden_size=cfg.d_model, num_hidden_layers=cfg.n_layers,
         num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.kv_heads, head_dim=cfg.head_dim,
-        max_position_embeddings=cfg.max_seq_len, rms_norm_eps=cfg.norm_eps, rope_theta=cfg.rope_theta,
+        max_position_embeddings=cfg.max_seq_len, rms_norm_eps=cfg.norm_eps, **hf_rope(cfg),
         tie_word_embeddings=cfg.tie_embeddings, attention_bias=False,
     )
     moe = cfg.moe
+    window, layer_types = hf_sliding_window(cfg)
+    qwen_window = dict(use_sliding_window=window is not None, sliding_window=window)
     if moe is None:
         if cfg.qk_norm:
-            return tf.Qwen3Config(intermediate_size=cfg.resolved_d_ff, use_sliding_window=False, **common)
+            return tf.Qwen3Config(intermediate_size=cfg.resolved_d_ff, layer_types=layer_types, **qwen_window,
+                                  **common)
+        if window is not None:
+            return tf.MinistralConfig(intermediate_size=cfg.resolved_d_ff, sliding_window=window,
+                                      layer_types=layer_types, **common)
         return tf.LlamaConfig(intermediate_size=cfg.resolved_d_ff, mlp_bias=False, **common)
+    if window is not None and "full_attention" in layer_types:
+        raise ExportError("model.attention.global_every: Mixtral and Qwen3-MoE take one sliding window for "
+                          "every layer; an MoE model with global and local layers has no transformers equivalent")
     if moe.n_shared_experts:
         raise ExportError("MoE with shared experts has no transformers equivalent; export supports "
                           "Mixtral-style and Qwen3-MoE-style layers only")
@@ -83,13 +110,45 @@ def hf_config(cfg: ModelConfig, eos_id: int | None = None) -> Any:
         return tf.Qwen3MoeConfig(
             num_experts=moe.n_experts, moe_intermediate_size=cfg.d_expert, intermediate_size=cfg.resolved_d_ff,
             decoder_sparse_step=moe.every_n_layers, mlp_only_layers=[], norm_topk_prob=True,
-            use_sliding_window=False, router_aux_loss_coef=moe.load_balance_weight, **routing, **common,
+            router_aux_loss_coef=moe.load_balance_weight, **qwen_window, **routing, **common,
         )
     if moe.every_n_layers != 1:
         raise ExportError("Mixtral has MoE in every layer; models with dense layers in between export "
                           "only with qk_norm (as Qwen3-MoE)")
-    return tf.MixtralConfig(num_local_experts=moe.n_experts, intermediate_size=cfg.d_expert,
+    return tf.MixtralConfig(num_local_experts=moe.n_experts, intermediate_size=cfg.d_expert, sliding_window=window,
                             router_aux_loss_coef=moe.load_balance_weight, **routing, **common)
+
+
+def hf_sliding_window(cfg: ModelConfig) -> tuple[int | None, list[str] | None]:
+    """``(sliding_window, layer_types)`` for transformers, or ``(None, None)`` without windows."""
+    attention = cfg.attention
+    if attention.sliding_window is None:
+        return None, None
+    if attention.rope_theta_local is not None:
+        raise ExportError("model.attention.rope_theta_local: transformers' Llama-family classes have one RoPE base "
+                          "for every layer; a model with a separate local base has no equivalent there")
+    types = ["full_attention" if attention.window(i) is None else "sliding_attention" for i in range(cfg.n_layers)]
+    return attention.sliding_window, types
+
+
+def hf_rope(cfg: ModelConfig) -> dict[str, Any]:
+    """The RoPE arguments of a transformers config: ``rope_theta`` and, for linear and YaRN
+    scaling, ``rope_scaling`` (stored as ``rope_parameters`` by transformers 5)."""
+    scaling = cfg.rope_scaling
+    if scaling is None:
+        return {"rope_theta": cfg.rope_theta}
+    if scaling.kind == "ntk":  # static NTK-aware scaling is exactly a larger base
+        return {"rope_theta": ntk_theta(cfg.rope_theta, scaling.factor, cfg.head_dim)}
+    if scaling.kind == "linear":
+        return {"rope_theta": cfg.rope_theta, "rope_scaling": {"rope_type": "linear", "factor": scaling.factor}}
+    if scaling.kind == "yarn":
+        return {"rope_theta": cfg.rope_theta, "rope_scaling": {
+            "rope_type": "yarn", "factor": scaling.factor,
+            "original_max_position_embeddings": scaling.original_max_seq_len,
+            "beta_fast": scaling.beta_fast, "beta_slow": scaling.beta_slow,
+            "attention_factor": float(yarn_attention_factor(scaling)),
+        }}
+    raise ExportError(f"model.rope_scaling.kind {scaling.kind!r} has no transformers equivalent")
 
 
 def hf_state_dict(model: torch.nn.Module, cfg: ModelConfig, target_keys: set[str]) -> dict[str, torch.Tensor]:
@@ -175,7 +234,12 @@ def export_hf(model: torch.nn.Module, cfg: ModelConfig, tokenizer_json: Path, ou
             hf.save_pretrained(tmp, safe_serialization=True)
             _wrap_tokenizer(tokenizer_json, cfg.max_seq_len).save_pretrained(tmp)
             reloaded = tf.AutoModelForCausalLM.from_pretrained(tmp).eval()
-        probe = torch.randint(0, cfg.vocab_size, (2, min(16, cfg.max_seq_len)), generator=torch.Generator().manual_seed(0))
+        probe_len = min(16 if cfg.rope_scaling is None else 64, cfg.max_seq_len)
+        if cfg.attention.sliding_window is not None:  # long enough to slide the window
+            probe_len = min(max(probe_len, 2 * cfg.attention.sliding_window + 1), cfg.max_seq_len)
+        probe = torch.randint(0, cfg.vocab_size, (2, probe_len), generator=torch.Generator().manual_seed(0))
+        if cfg.attention.document_mask:  # one document: transformers attends across end-of-text tokens
+            probe[probe == END_OF_TEXT_ID] = (END_OF_TEXT_ID + 1) % cfg.vocab_size
         ours = model.eval()(probe).logits[..., : cfg.vocab_size].float()
         theirs = reloaded(probe).logits.float()
         max_diff = float((ours - theirs).abs().max())
@@ -184,6 +248,11 @@ def export_hf(model: torch.nn.Module, cfg: ModelConfig, tokenizer_json: Path, ou
                               f"(max difference {max_diff:.3g} > {atol})")
         summary = {"architecture": type(hf).__name__, "max_logit_difference": max_diff,
                    "parameters": sum(p.numel() for p in reloaded.parameters())}
+        if cfg.rope_scaling is not None:
+            summary["rope"] = hf_rope(cfg)  # what model.rope_scaling became in config.json
+        if cfg.attention.document_mask:
+            summary["document_mask"] = ("not in config.json: transformers attends across end-of-text tokens; "
+                                        "the same logits on one document")
         finish(tmp, summary)
         install(tmp, out_dir, overwrite)
     except BaseException:

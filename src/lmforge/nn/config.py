@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Literal
 
-from lmforge.core.config import Config
+from lmforge.core.config import Config, FieldValueError
 
 if TYPE_CHECKING:
     from lmforge.nn.transformer import Transformer
@@ -34,6 +34,91 @@ class MoEConfig(Config):
 
 
 @dataclass
+class RopeScalingConfig(Config):
+    """RoPE scaling, to run (and continue training) a model at a longer context than it was
+    trained at; the frequencies are computed in nn/rope.py, as transformers computes them.
+
+    - ``linear``: position interpolation (Chen et al. 2023): position p is read as p / factor.
+    - ``ntk``: NTK-aware scaling: the base becomes rope_theta * factor^(d / (d - 2)).
+    - ``yarn``: YaRN (Peng et al. 2023): high frequencies kept, low ones interpolated, a linear
+      ramp between (set by beta_fast / beta_slow rotations over original_max_seq_len), and cos/sin
+      scaled by ``attention_factor`` (attention logits by its square; default 0.1 ln(factor) + 1).
+    """
+    kind: Literal["linear", "ntk", "yarn"]
+    factor: float                          # how many times longer the context is than original_max_seq_len
+    original_max_seq_len: int | None = None  # context the model was trained at; required for yarn
+    beta_fast: float = 32.0                # yarn: frequencies turning more often than this over the original context are kept
+    beta_slow: float = 1.0                 # yarn: frequencies turning less often than this are fully interpolated
+    attention_factor: float | None = None  # yarn: cos/sin multiplier; None -> 0.1 ln(factor) + 1
+
+    def __post_init__(self) -> None:
+        if not self.factor >= 1.0:
+            raise FieldValueError("factor", f"must be >= 1 (1 leaves RoPE unchanged), got {self.factor}")
+        if self.original_max_seq_len is not None and self.original_max_seq_len < 1:
+            raise FieldValueError("original_max_seq_len", f"must be >= 1, got {self.original_max_seq_len}")
+        if self.kind != "yarn":
+            if self.attention_factor is not None:
+                raise FieldValueError("attention_factor", f"is a YaRN setting; kind is {self.kind!r}")
+            return
+        if self.original_max_seq_len is None:
+            raise FieldValueError("original_max_seq_len", "is required for kind 'yarn' (the context length "
+                                  "the model was trained at)")
+        if not 0 < self.beta_slow < self.beta_fast:
+            raise FieldValueError("beta_fast", f"must be greater than beta_slow, and beta_slow > 0 (got beta_fast "
+                                  f"{self.beta_fast}, beta_slow {self.beta_slow})")
+        if self.attention_factor is not None and not self.attention_factor > 0:
+            raise FieldValueError("attention_factor", f"must be > 0, got {self.attention_factor}")
+
+
+@dataclass
+class AttentionConfig(Config):
+    """Which keys each query may attend to (``model.attention``); no field shapes a weight.
+
+    - ``document_mask``: packed sequences hold several documents, each starting at an
+      end-of-text token (id 0, the first special token of lmforge's tokenizers; the shards put
+      one after every document); a token attends only within its own document.
+    - ``restart_positions``: RoPE positions restart at 0 at each document's end-of-text token
+      (as pipelines that reset position ids do). RoPE scores depend only on the distance between
+      query and key, so under ``document_mask`` this changes results only by rounding; it needs
+      ``document_mask``.
+    - ``sliding_window``: local layers attend to the last ``sliding_window`` tokens (the query
+      included), as transformers' ``sliding_window``. ``global_every`` k makes layers
+      k-1, 2k-1, ... global (full causal attention; Gemma 3 uses k = 6); unset, every layer is local.
+    - ``rope_theta_local``: the RoPE base of local layers (Gemma 3: 10k local, 1M global in
+      ``model.rope_theta``); unset, local layers share the global layers' RoPE, scaling included.
+      With it set, local layers get plain RoPE: they only see distances below the window.
+    """
+    document_mask: bool = False
+    restart_positions: bool = False
+    sliding_window: int | None = None      # tokens a local layer sees; None: every layer global
+    global_every: int | None = None        # one global layer every k (the last of each k); None: all local
+    rope_theta_local: float | None = None  # RoPE base of local layers; None: model.rope_theta
+
+    def __post_init__(self) -> None:
+        if self.restart_positions and not self.document_mask:
+            raise FieldValueError("restart_positions", "needs document_mask: true (positions restart at "
+                                  "the documents the mask separates)")
+        if self.sliding_window is not None and self.sliding_window < 1:
+            raise FieldValueError("sliding_window", f"must be >= 1 (tokens a local layer sees), got "
+                                  f"{self.sliding_window}")
+        if self.global_every is not None and self.global_every < 1:
+            raise FieldValueError("global_every", f"must be >= 1, got {self.global_every}")
+        if self.rope_theta_local is not None and not self.rope_theta_local > 0:
+            raise FieldValueError("rope_theta_local", f"must be > 0, got {self.rope_theta_local}")
+        if self.sliding_window is None:
+            for key in ("global_every", "rope_theta_local"):
+                if getattr(self, key) is not None:
+                    raise FieldValueError(key, "applies to local layers; set sliding_window too")
+
+    def window(self, index: int) -> int | None:
+        """The window of layer ``index``: ``sliding_window`` for a local layer, None for a global one."""
+        if self.sliding_window is None:
+            return None
+        k = self.global_every
+        return None if k is not None and index % k == k - 1 else self.sliding_window
+
+
+@dataclass
 class ModelConfig(Config):
     family: str = "transformer"        # the model family (nn/families.py): transformer (dense/MoE), retro, ...
     vocab_size: int = 4096
@@ -50,6 +135,8 @@ class ModelConfig(Config):
     norm_eps: float = 1e-5
     init_std: float = 0.02
     moe: MoEConfig | None = None
+    rope_scaling: RopeScalingConfig | None = None  # None: plain RoPE; see RopeScalingConfig
+    attention: AttentionConfig = field(default_factory=AttentionConfig)  # masks, windows; see AttentionConfig
 
     def __post_init__(self) -> None:
         built_here = type(self).__dataclass_fields__["family"].default  # type: ignore[attr-defined]
@@ -65,6 +152,9 @@ class ModelConfig(Config):
             raise ValueError(f"head_dim (d_model / n_heads = {self.head_dim}) must be even for RoPE")
         if self.n_heads % self.kv_heads:
             raise ValueError(f"n_heads ({self.n_heads}) must be divisible by n_kv_heads ({self.kv_heads})")
+        if self.rope_scaling is not None and self.rope_scaling.kind == "ntk" and self.head_dim <= 2:
+            raise FieldValueError("rope_scaling.kind", f"'ntk' scales the base by factor^(d/(d-2)) and needs "
+                                  f"head_dim > 2, got {self.head_dim}")
 
     @property
     def head_dim(self) -> int:

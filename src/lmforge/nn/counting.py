@@ -66,7 +66,10 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> int:
     the embedding lookup is not). The router counts in N. The second term is attention's
     QK^T and AV matmuls (2 matmuls * 2 FLOPs per multiply-add * 3 for forward+backward),
     without discounting the causal mask, as in PaLM (Chowdhery et al. 2022, appendix B).
+    A local layer (``model.attention.sliding_window`` W) counts min(W, seq_len) keys instead of
+    seq_len, the same convention for a query that sees at most W keys.
     """
     counts = count_parameters(cfg)
     n = counts.active - counts.embedding - counts.lm_head + cfg.d_model * cfg.padded_vocab_size
-    return 6 * n + 12 * cfg.n_layers * cfg.n_heads * cfg.head_dim * seq_len
+    keys = sum(min(cfg.attention.window(i) or seq_len, seq_len) for i in range(cfg.n_layers))
+    return 6 * n + 12 * cfg.n_heads * cfg.head_dim * keys

@@ -24,6 +24,7 @@ from lmforge.core.errors import ConfigError
 from lmforge.core.registry import Registry
 from lmforge.nn.config import ModelConfig
 from lmforge.nn.counting import ParameterCounts, count_parameters, flops_per_token
+from lmforge.nn.multimodal import MultimodalModelConfig
 from lmforge.nn.retro import RetroModelConfig
 
 
@@ -50,6 +51,8 @@ MODEL_FAMILIES.register("transformer")(ModelFamily("transformer", ModelConfig))
 # RETRO's counts are its decoder's (the encoder and cross-attention are logged by the trainer):
 # scaling fits and MFU compare decoders.
 MODEL_FAMILIES.register("retro")(ModelFamily("retro", RetroModelConfig, inference_config=_retro_for_inference))
+# Text and image codes in one vocabulary (nn/multimodal.py): the counts are the Transformer's over it.
+MODEL_FAMILIES.register("multimodal")(ModelFamily("multimodal", MultimodalModelConfig))
 
 
 def family_name(model: dict[str, Any]) -> str:

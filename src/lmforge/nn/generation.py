@@ -3,7 +3,9 @@
 The model sees at most ``max_seq_len`` tokens. When the cache is full, the window slides:
 the cache is rebuilt from the most recent tokens (positions restart at 0, as in training,
 where every sequence starts at 0) and generation goes on, so every requested token is
-produced, however long the prompt or the continuation.
+produced, however long the prompt or the continuation. A model with sliding-window layers
+(``model.attention``) keeps only each local layer's window in its cache (a ring), but its
+context is still ``max_seq_len``: the global layers and the RoPE tables end there.
 """
 
 from __future__ import annotations

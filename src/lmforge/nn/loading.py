@@ -9,6 +9,7 @@ with ``train.weight_averaging`` keeps beside them, ``ema`` or ``window`` (``trai
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -73,11 +74,13 @@ def resolve_checkpoint(path: str | Path, weights: str = "raw") -> Path:
     raise CheckpointError(f"{path}: neither a run directory nor a checkpoint")
 
 
-def load_model(path: str | Path, device: torch.device | str = "cpu",
-               weights: str = "raw") -> tuple[torch.nn.Module, dict[str, Any], Path]:
+def load_model(path: str | Path, device: torch.device | str = "cpu", weights: str = "raw",
+               max_seq_len: int | None = None) -> tuple[torch.nn.Module, dict[str, Any], Path]:
     """(model in eval mode on ``device``, the run config as a dict, the checkpoint directory).
 
-    ``weights``: ``raw``, ``ema`` or ``window`` (see the module docstring)."""
+    ``weights``: ``raw``, ``ema`` or ``window`` (see the module docstring). ``max_seq_len`` longer
+    than the checkpoint's builds the model for that many positions (to evaluate beyond the trained
+    length: positions are rotary, so no weight depends on it); the returned config is unchanged."""
     checkpoint = resolve_checkpoint(path, weights)
     manifest = verify_checkpoint_dir(checkpoint)
     file_name = weights_file(weights)
@@ -88,6 +91,8 @@ def load_model(path: str | Path, device: torch.device | str = "cpu",
     if not isinstance(config, dict) or not isinstance(config.get("model"), dict):
         raise CheckpointError(f"{checkpoint}/config.yaml: no model section")
     model_cfg = model_config_from_dict(config["model"])
+    if max_seq_len is not None and max_seq_len > model_cfg.max_seq_len:
+        model_cfg = dataclasses.replace(model_cfg, max_seq_len=max_seq_len)
     model = family_of(model_cfg).inference_config(model_cfg).build()
     load_safetensors_weights(model, checkpoint, file_name)
     return model.to(device).eval(), config, checkpoint

@@ -34,9 +34,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmforge.core.config import Config
+from lmforge.core.config import Config, FieldValueError
 from lmforge.nn.attention import add_projections
-from lmforge.nn.config import ModelConfig
+from lmforge.nn.config import AttentionConfig, ModelConfig
 from lmforge.nn.mlp import SwiGLU
 from lmforge.nn.norm import RMSNorm
 from lmforge.nn.rope import RotaryEmbedding
@@ -87,6 +87,9 @@ class RetroModelConfig(ModelConfig):
                              f"{self.retro.cca_layers}")
         if self.retro.chunk_len > self.max_seq_len:
             raise ValueError(f"retro.chunk_len ({self.retro.chunk_len}) exceeds max_seq_len ({self.max_seq_len})")
+        if self.attention != AttentionConfig():  # its forward with neighbours runs full causal attention
+            raise FieldValueError("attention", "document masks and sliding windows are options of the transformer "
+                                  "family; RETRO's decoder attends over the whole sequence")
 
     def base_config(self) -> ModelConfig:
         """The decoder alone, as a plain ModelConfig (what a retrofitted checkpoint holds)."""

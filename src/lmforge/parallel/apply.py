@@ -4,6 +4,10 @@ The model definition knows nothing of parallelism. Order: activation checkpointi
 (wraps blocks) → data parallelism (DDP, or FSDP2 ``fully_shard`` per block then the root)
 → ``torch.compile`` (sees the wrapped model). Everything here is torch.distributed's own
 machinery; lmforge only decides what to wrap.
+
+Context parallelism (``train.context_parallel``, :mod:`lmforge.parallel.context`) wraps no
+module: the trainer hands each training forward its share of the sequence, and DDP / FSDP2 over
+all ranks (data-parallel groups × context-parallel ranks) average the gradients as usual.
 """
 
 from __future__ import annotations

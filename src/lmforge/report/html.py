@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from lmforge.core.io import atomic_write_text
+from lmforge.report.multimodal import multimodal_section
 from lmforge.report import plots
 from lmforge.report.run_data import RunData, load_run
 
@@ -187,6 +188,33 @@ def _lineage(lineage: dict[str, Any] | None) -> str:
               "its parent's ancestors.</p>")
 
 
+def _long_context(run: RunData) -> str:
+    """Loss by position and the newest passkey grid (eval/final.json and `lmforge eval` files)."""
+    if not run.long_context:
+        return ""
+    out = "<h2>Long context: is the context used?</h2>"
+    curve = plots.position_loss_plot(run)
+    if curve:
+        out += (_img(curve, "held-out loss by position")
+                + '<p class="note">Mean held-out loss of the targets in each bucket of positions of the evaluation '
+                  'windows (lmforge/eval/positions.py), from the same forward passes as the bits-per-byte above. '
+                  'A model that uses its context has a falling curve; one that ignores it, a flat one.</p>')
+    named = [(name, r["passkey"]) for name, r in run.long_context if r.get("passkey")]
+    if named:
+        name, grid = named[-1]
+        rows = [[variant, length, sum(acc) / len(acc), sum(exact) / len(exact)] if None not in acc
+                else [variant, length, "too short", "-"]
+                for variant, v in grid["variants"].items()
+                for length, acc, exact in zip(grid["lengths"], v["accuracy"], v["exact_match"])]
+        out += (f"<p>Passkey retrieval ({escape(name)}): accuracy by likelihood among {grid['candidates']} "
+                f"candidates (chance {grid['chance']:.2f}), {grid['items_per_cell']} items per cell, held-out keys "
+                f"and values, {escape(str(grid['filler']))} filler.</p>"
+                + _img(plots.passkey_heatmap(grid), "passkey accuracy by length and depth")
+                + _table(["variant", "length (tokens)", "accuracy (mean over depths)", "exact match (greedy)"], rows)
+                + '<p class="note">lmforge/eval/passkey.py; docs/long_context.md.</p>')
+    return out
+
+
 def _samples(final: dict[str, Any] | None) -> str:
     samples = (final or {}).get("samples") or []
     if not samples:
@@ -216,6 +244,8 @@ def render(run: RunData) -> str:
 <h2>Reliability</h2>{_reliability(run)}
 <h2>Data</h2>{_data(run.manifest, run.final)}
 <h2>Downstream tasks</h2>{_tasks(run.final)}
+{_long_context(run)}
+{multimodal_section(run.path)}
 <h2>Samples</h2>{_samples(run.final)}
 <h2>Code version</h2><p>lmforge {escape(str(version.get("version", "?")))}, commit
 <code>{escape(str(version.get("commit")))}</code>{dirty}</p>

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import base64
 import io
+from pathlib import Path
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from lmforge.core.io import atomic_write_bytes  # noqa: E402
 from lmforge.report.run_data import RunData  # noqa: E402
 
 
@@ -57,6 +59,12 @@ def bpb_plot(run: RunData) -> str | None:
             below = [max(value - low, 0.0) for value, (_, low, _) in zip(centre, bands)]
             above = [max(high - value, 0.0) for value, (_, _, high) in zip(centre, bands)]
             ax.errorbar(steps, centre, yerr=[below, above], fmt="none", ecolor=line.get_color(), capsize=3, alpha=0.6)
+    for kind in sorted({k for r in run.evals for k in r.get("averaged", {})}):
+        for domain in domains:  # averaged weights (train.weight_averaging), dashed beside the raw ones
+            points = [(r["step"], r["averaged"][kind]["bpb"][domain]) for r in run.evals
+                      if domain in r.get("averaged", {}).get(kind, {}).get("bpb", {})]
+            if points:
+                ax.plot(*zip(*points), "--", alpha=0.8, label=f"{domain} ({kind} weights)")
     ax.set_xlabel("step")
     ax.set_ylabel("bits per byte")
     level = next((r["interval_level"] for r in reversed(run.evals) if "interval_level" in r), None)
@@ -141,3 +149,60 @@ def forgetting_plot(run: RunData) -> str | None:
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     return _encode(fig)
+
+
+def position_loss_plot(run: RunData) -> str | None:
+    """Held-out loss by position bucket, one line per domain and evaluation (final, ``lmforge eval
+    --seq-len N``): a falling line means later tokens gain from the context before them."""
+    records = [(name, r) for name, r in run.long_context if r.get("loss_by_position")]
+    if not records:
+        return None
+    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    for name, record in records:
+        for domain, buckets in sorted(record["loss_by_position"].items()):
+            middle = [(s + e - 1) / 2 for s, e in zip(buckets["start"], buckets["end"])]
+            ax.plot(middle, buckets["loss"], "o-", markersize=3,
+                    label=f"{domain} ({name}, {record.get('eval_seq_len', '?')} tokens)")
+    ax.set_xlabel("position in the window (bucket centre)")
+    ax.set_ylabel("held-out loss (nats/token)")
+    ax.set_title("Held-out loss by position: is the context used?")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    return _encode(fig)
+
+
+def _passkey_figure(record: dict) -> plt.Figure:
+    variants = record["variants"]
+    fig, axes = plt.subplots(1, len(variants), figsize=(3.6 * len(variants) + 1.0, 0.45 * len(record["lengths"]) + 1.8),
+                             squeeze=False, constrained_layout=True)
+    for index, (ax, (name, variant)) in enumerate(zip(axes[0], variants.items())):
+        grid = [[float("nan") if v is None else v for v in row] for row in variant["accuracy"]]  # None: too short
+        image = ax.imshow(grid, vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto", origin="lower")
+        for row, values in enumerate(variant["accuracy"]):
+            for col, value in enumerate(values):
+                ax.text(col, row, "-" if value is None else f"{value:.2f}", ha="center", va="center", fontsize=7,
+                        color="black" if value is not None and value > 0.6 else "white")
+        ax.set_xticks(range(len(record["depths"])), [f"{d:g}" for d in record["depths"]])
+        ax.set_yticks(range(len(record["lengths"])), [str(n) for n in record["lengths"]])
+        ax.set_xlabel("depth of the key in the filler")
+        if index == 0:
+            ax.set_ylabel("length (tokens)")
+        ax.set_title(f"{name} ({variant['pairs']} pair{'s' if variant['pairs'] > 1 else ''})", fontsize=9)
+    fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8, label=f"accuracy (chance {record['chance']:.2f})")
+    return fig
+
+
+def passkey_heatmap(record: dict | None) -> str | None:
+    """Passkey accuracy (likelihood among candidates) as a length x depth heatmap per variant."""
+    if not record or not record.get("variants"):
+        return None
+    buffer = io.BytesIO()
+    fig = _passkey_figure(record)
+    fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def write_passkey_png(record: dict, path: Path) -> Path:
+    """The heatmap of :func:`passkey_heatmap` as a PNG file (written atomically)."""
+    return atomic_write_bytes(Path(path), base64.b64decode(passkey_heatmap(record) or ""))

@@ -30,6 +30,9 @@ class RunData:
     planned_lr: list[float] | None = None  # the config's LR (optim.lr x schedule) at steps 1..train.steps
     lr_schedule: str | None = None         # the schedule in words
     lineage: dict[str, Any] | None = None  # lineage.json of a run started from another (--init-from)
+    # (file name, record) of the evaluations with loss by position or a passkey grid: eval/final.json
+    # and those of `lmforge eval` (eval/step_N.json, eval/step_N.seqM.json), oldest first.
+    long_context: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
 
 
 def _planned_lr(config: Any, notes: list[str]) -> tuple[list[float] | None, str | None]:
@@ -64,6 +67,24 @@ def _json(path: Path, notes: list[str]) -> dict[str, Any] | None:
         return None
 
 
+def _long_context_records(eval_dir: Path) -> list[tuple[str, dict[str, Any]]]:
+    """The evaluation files of the run (not of averaged weights) with ``loss_by_position`` or ``passkey``."""
+    if not eval_dir.is_dir():
+        return []
+    found = []
+    files = sorted(eval_dir.glob("*.json"), key=lambda p: (p.stat().st_mtime_ns, p.name))
+    for file in files:
+        if file.name.endswith(".lm_eval.json"):
+            continue
+        try:
+            record = json.loads(file.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        if isinstance(record, dict) and (record.get("loss_by_position") or record.get("passkey")):
+            found.append((file.stem, record))
+    return found
+
+
 def load_run(path: Path) -> RunData:
     path = Path(path)
     if not path.is_dir():
@@ -93,4 +114,5 @@ def load_run(path: Path) -> RunData:
         planned_lr=planned_lr,
         lr_schedule=lr_schedule,
         lineage=_json(path / "lineage.json", notes) if (path / "lineage.json").is_file() else None,
+        long_context=_long_context_records(path / "eval"),
     )

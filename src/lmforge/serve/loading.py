@@ -11,9 +11,9 @@ from lmforge.data.tokenizer import Tokenizer
 from lmforge.nn.loading import load_model
 
 
-def load_for_inference(path: str | Path, device: torch.device,
-                       weights: str = "raw") -> tuple[torch.nn.Module, Tokenizer, dict[str, Any], Path]:
+def load_for_inference(path: str | Path, device: torch.device, weights: str = "raw",
+                       max_seq_len: int | None = None) -> tuple[torch.nn.Module, Tokenizer, dict[str, Any], Path]:
     """Return (model in eval mode, tokenizer, run config as a dict, checkpoint path); any model family.
-    ``weights``: raw, ema or window (see :func:`lmforge.nn.loading.load_model`)."""
-    model, config, checkpoint = load_model(path, device, weights)
+    ``weights``: raw, ema or window; ``max_seq_len``: see :func:`lmforge.nn.loading.load_model`."""
+    model, config, checkpoint = load_model(path, device, weights, max_seq_len)
     return model, Tokenizer.load(checkpoint / "tokenizer.json"), config, checkpoint

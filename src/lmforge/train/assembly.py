@@ -34,7 +34,7 @@ from lmforge.core import distributed
 from lmforge.core.checkpoint_files import check_writable, latest_valid_checkpoint
 from lmforge.core.config import read_yaml
 from lmforge.core.device import resolve_device
-from lmforge.core.errors import CheckpointError, ConfigError
+from lmforge.core.errors import CheckpointError, ConfigError, LmforgeError
 from lmforge.core.logging import get_logger
 from lmforge.core.run_lock import RunLock
 from lmforge.core.seeding import seed_everything
@@ -42,9 +42,11 @@ from lmforge.data.mixture import planned_epochs, warn_repeats
 from lmforge.data.prepare import prepare_data
 from lmforge.data.tokenizer import Tokenizer
 from lmforge.eval.isolation import require_isolation
+from lmforge.nn.attention import END_OF_TEXT_ID
 from lmforge.nn.families import family_of
 from lmforge.optim.optimizers import build_optimizer
 from lmforge.parallel.apply import apply_parallelism
+from lmforge.parallel.context import build_context_parallel, check_process_layout
 from lmforge.train.callbacks import Callback, default_callbacks
 from lmforge.train.config import RunConfig
 from lmforge.train.families import RunSetup, training_family
@@ -95,6 +97,9 @@ def _prepared_data(cfg: RunConfig) -> tuple[RunConfig, Path, Tokenizer]:
         # The tokenizer, trained on this data, decides the vocabulary; the resolved
         # config written to the run directory records the value actually used.
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=tokenizer.vocab_size))
+    if cfg.model.attention.document_mask and tokenizer.eos_id != END_OF_TEXT_ID:
+        raise ConfigError(f"model.attention.document_mask: documents are told apart by end-of-text id "
+                          f"{END_OF_TEXT_ID}, but {data_dir / 'tokenizer.json'} has it at id {tokenizer.eos_id}")
     return cfg, data_dir, tokenizer
 
 
@@ -107,10 +112,7 @@ def build_trainer(cfg: RunConfig, resume: str | None = None,
     """
     device = device_for_rank(cfg.train.device)
     distributed.init_distributed(device)
-    world_size = distributed.world_size()
-    if cfg.train.batch_size % world_size:
-        raise ConfigError(f"train.batch_size ({cfg.train.batch_size}) is the global batch and must be "
-                          f"divisible by the number of processes ({world_size})")
+    check_process_layout(cfg.train, distributed.world_size())  # batch and context-parallel groups fit
     cfg, data_dir, tokenizer = _prepared_data(cfg)
     # A continued run's parent is checked before its own run directory is touched.
     parent = check_parent(cfg, tokenizer) if resume is None else None
@@ -136,6 +138,15 @@ def build_trainer(cfg: RunConfig, resume: str | None = None,
     return trainer
 
 
+def _as_parsed(config: dict[str, Any]) -> dict[str, Any]:
+    """A saved run config as this lmforge resolves it, so keys added since (at their defaults) are
+    not reported as changed on resume; as saved if it no longer parses."""
+    try:
+        return RunConfig.from_dict(config).to_dict()
+    except (LmforgeError, ValueError, TypeError):  # an old or hand-edited config: compared as written
+        return config
+
+
 def _open_run_directory(cfg: RunConfig, data_dir: Path,
                         resume: str | None) -> tuple[Path | None, list[tuple[str, Any, Any]]]:
     """The checkpoint to resume from and the settings changed since the run last wrote its config;
@@ -145,7 +156,7 @@ def _open_run_directory(cfg: RunConfig, data_dir: Path,
     checkpoint = find_checkpoint(cfg, resume)
     changes: list[tuple[str, Any, Any]] = []
     if resume is not None and distributed.is_main_process() and (run_dir / "config.yaml").is_file():
-        changes = config_differences(read_yaml(run_dir / "config.yaml"), cfg.to_dict())
+        changes = config_differences(_as_parsed(read_yaml(run_dir / "config.yaml")), cfg.to_dict())
     distributed.run_on_main(lambda: init_run_dir(cfg, data_dir, resuming=resume is not None))
     distributed.run_on_main(lambda: check_writable(run_dir / "checkpoints"))
     if resume is not None and checkpoint is None and (run_dir / "metrics.jsonl").exists():
@@ -180,7 +191,8 @@ def _assemble(cfg: RunConfig, data_dir: Path, tokenizer: Tokenizer, device: torc
     callbacks["checkpoint"] = callbacks.pop("checkpoint")
     trainer = Trainer(cfg, model=model, optimizer=optimizer, batches=parts.batches, callbacks=callbacks,
                       run_dir=run_dir, data_dir=data_dir, tokenizer=tokenizer, device=device,
-                      flops_per_token=flops, peak_flops=peak)
+                      flops_per_token=flops, peak_flops=peak,
+                      context_parallel=build_context_parallel(cfg.train, cfg.model, device))
     trainer.config_changes = config_changes
     trainer.eval_data_dirs = evaluation_data_dirs(cfg, data_dir, setup.replay_data_dir)
     if checkpoint is not None:

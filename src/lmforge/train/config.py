@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from lmforge.core.config import Config
+from lmforge.core.config import Config, FieldValueError
 from lmforge.data.config import DataConfig
 from lmforge.eval.config import EvalConfig
 from lmforge.nn.config import ModelConfig
@@ -33,6 +33,9 @@ class TrainConfig(Config):
     compile: bool = False            # torch.compile the model
     activation_checkpointing: bool = False
     data_parallel: Literal["ddp", "fsdp"] = "ddp"  # used under torchrun with more than one process
+    # Ranks that split each sequence (parallel/context.py): world = data-parallel groups x this
+    context_parallel: int = 1
+    context_parallel_impl: Literal["lmforge", "torch"] = "lmforge"  # torch: its ring attention, CUDA only
     log_every: int = 10              # steps between metrics.jsonl / TensorBoard records
     eval_every: int = 100            # steps between held-out evaluations (0: only at the end)
     checkpoint_every: int = 100      # steps between checkpoints (0: only at the end)
@@ -50,6 +53,12 @@ class TrainConfig(Config):
                 raise ValueError(f"{key} must be >= 0, got {getattr(self, key)}")
         if self.grad_clip < 0:
             raise ValueError("grad_clip must be >= 0")
+        if self.context_parallel < 1:
+            raise FieldValueError("context_parallel", f"must be >= 1 (ranks per sequence), got {self.context_parallel}")
+        if self.context_parallel > 1 and self.seq_len % (2 * self.context_parallel):
+            raise FieldValueError("context_parallel", f"splits each sequence into 2 x {self.context_parallel} equal "
+                                  f"chunks (zigzag load balancing): seq_len {self.seq_len} is not divisible by "
+                                  f"{2 * self.context_parallel}")
 
     @property
     def tokens_per_step(self) -> int:
@@ -92,6 +101,9 @@ class RunConfig(Config):
             if self.replay.data_dir is None and self.init.path is None and self.replay.sources is None:
                 raise ValueError("replay: name the old data (replay.data_dir, or replay.sources of this run's "
                                  "data), or continue from a parent (init.path) whose data is replayed")
+        if self.train.context_parallel > 1 and self.model.family != "transformer":
+            raise ValueError(f"train.context_parallel: the {self.model.family!r} family runs whole sequences; "
+                             "context parallelism is for the 'transformer' family")
         if self.init.trainer_state and self.replay is not None:
             raise ValueError("init.trainer_state continues the parent's data stream; it cannot add replay")
         from lmforge.train.families import training_family  # the families module imports this one

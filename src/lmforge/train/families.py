@@ -74,8 +74,17 @@ class RunSetup:
     replay_data_dir: Path | None = None   # the old data a continued run replays (cfg.replay), resolved
 
     @property
+    def data_parallel_rank(self) -> int:
+        """This rank's data-parallel group: the ranks of one context-parallel group read the same rows."""
+        return self.rank // self.cfg.train.context_parallel
+
+    @property
+    def data_parallel_size(self) -> int:
+        return self.world_size // self.cfg.train.context_parallel
+
+    @property
     def local_batch_size(self) -> int:
-        return self.cfg.train.batch_size // self.world_size
+        return self.cfg.train.batch_size // self.data_parallel_size
 
 
 @dataclass
@@ -106,7 +115,7 @@ def _build_transformer(setup: RunSetup, model: torch.nn.Module) -> FamilyParts:
     loader = MixtureLoader(
         setup.data_dir, cfg.train.seq_len, setup.local_batch_size, cfg.train.seed,
         weights={s.name: s.weight for s in cfg.data.sources},
-        rank=setup.rank, world_size=setup.world_size, temperature=cfg.data.mixture_temperature,
+        rank=setup.data_parallel_rank, world_size=setup.data_parallel_size, temperature=cfg.data.mixture_temperature,
     )
     if cfg.replay is not None and setup.replay_data_dir is not None:
         loader = replay_loader(loader, cfg.replay, setup.replay_data_dir)
@@ -119,6 +128,7 @@ TRAINING_FAMILIES.register("transformer")(
 
 def training_family(name: str) -> TrainingFamily:
     import lmforge.train.retro_family  # noqa: F401  (registers "retro")
+    import lmforge.train.multimodal_family  # noqa: F401  (registers "multimodal")
 
     try:
         return TRAINING_FAMILIES.get(name)

@@ -42,11 +42,16 @@ from lmforge.nn.loading import resolve_checkpoint
 
 log = get_logger(__name__)
 LINEAGE_FILE = "lineage.json"
-# Model settings a continued run may change: none of them shapes a weight. max_seq_len and
-# rope_theta are how a context-extension stage differs from its parent; the loss weights and
-# the initialisation scale do not touch trained weights.
+# Model settings a continued run may change: none of them shapes a weight. max_seq_len,
+# rope_theta and rope_scaling are how a context-extension stage differs from its parent; the
+# loss weights and the initialisation scale do not touch trained weights.
 CHANGEABLE_MODEL_FIELDS = frozenset({
     "max_seq_len", "rope_theta", "norm_eps", "init_std", "moe.load_balance_weight", "moe.z_loss_weight",
+    "rope_scaling", "rope_scaling.kind", "rope_scaling.factor", "rope_scaling.original_max_seq_len",
+    "rope_scaling.beta_fast", "rope_scaling.beta_slow", "rope_scaling.attention_factor",
+    # which keys a query sees (masks, windows, local RoPE base): no weight depends on them
+    "attention.document_mask", "attention.restart_positions", "attention.sliding_window",
+    "attention.global_every", "attention.rope_theta_local",
 })
 
 

@@ -12,11 +12,14 @@ resumed run therefore reproduces the losses of an uninterrupted one bit for bit.
 Multi-process: under ``torchrun`` each rank takes its slice of the same global batch
 (``train.batch_size`` rows per micro-step across all ranks), the model is wrapped with DDP
 or FSDP2, logged losses are averaged over ranks, and only rank 0 writes files. A run
-saved at one world size resumes at another with the same global batch stream.
+saved at one world size resumes at another with the same global batch stream. With
+``train.context_parallel`` the ranks of a group share rows and each runs its share of every
+sequence in training steps (:mod:`lmforge.parallel.context`); evaluation runs whole sequences.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -32,6 +35,7 @@ from lmforge.core.seeding import rng_state, set_rng_state
 from lmforge.data.tokenizer import Tokenizer
 from lmforge.optim.optimizers import reapply_config_hyperparameters, set_learning_rate
 from lmforge.optim.schedules import lr_multiplier
+from lmforge.parallel.context import ContextParallel, TorchContextParallel
 from lmforge.train import faults
 from lmforge.train.callbacks import Callback
 from lmforge.train.checkpoint import load_training_checkpoint, save_training_checkpoint, unwrap
@@ -49,11 +53,14 @@ log = get_logger(__name__)
 class Trainer:
     def __init__(self, cfg: RunConfig, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                  batches: "ModelBatches", callbacks: dict[str, Callback], run_dir: Path, data_dir: Path,
-                 tokenizer: Tokenizer, device: torch.device, flops_per_token: int, peak_flops: float | None):
+                 tokenizer: Tokenizer, device: torch.device, flops_per_token: int, peak_flops: float | None,
+                 context_parallel: ContextParallel | TorchContextParallel | None = None):
         self.cfg, self.model, self.optimizer, self.batches = cfg, model, optimizer, batches
         self.callbacks = callbacks
         self.run_dir, self.data_dir, self.tokenizer, self.device = run_dir, data_dir, tokenizer, device
         self.flops_per_token, self.peak_flops = flops_per_token, peak_flops
+        # Each sequence split over a group of ranks (train.context_parallel); only training steps use it.
+        self.context_parallel = context_parallel
         self.rank, self.world_size = distributed.rank(), distributed.world_size()
         self.is_main = self.rank == 0
         self.total_steps = cfg.train.steps
@@ -152,11 +159,12 @@ class Trainer:
         factor = faults.loss_factor(self.step + 1)
         for _ in range(cfg.grad_accum_steps):
             inputs, targets, extra = self.next_batch()
-            with autocast_context(self.device, cfg.precision):
-                out = self.model(inputs, targets, **extra)
-            loss = out.loss * factor if factor != 1.0 else out.loss
-            # Average over micro-batches so accumulation matches one large batch.
-            ((loss + out.aux_loss) / cfg.grad_accum_steps).backward()
+            with self._sequence_split(inputs, targets) as shard:  # forward and backward inside
+                with autocast_context(self.device, cfg.precision):
+                    out = self.model(inputs, targets, **extra, **shard)
+                loss = out.loss * factor if factor != 1.0 else out.loss
+                # Average over micro-batches so accumulation matches one large batch.
+                ((loss + out.aux_loss) / cfg.grad_accum_steps).backward()
             loss_sum += loss.item()
             aux_sum += out.aux_loss.item()
             moe_metrics = out.moe_metrics
@@ -189,6 +197,12 @@ class Trainer:
             metrics["skipped"] = skipped
             log.warning("step %d skipped: %s loss %.4g, grad norm %.4g", self.step, skipped, loss_mean, float(grad_norm))
         return metrics
+
+    def _sequence_split(self, inputs: torch.Tensor, targets: torch.Tensor) -> contextlib.AbstractContextManager:
+        """Context parallelism's micro-step (yields the model's ``sequence_shard`` argument), else nothing."""
+        if self.context_parallel is None:
+            return contextlib.nullcontext({})
+        return self.context_parallel.micro_step(inputs, targets)
 
     @property
     def _collective_device(self) -> torch.device:

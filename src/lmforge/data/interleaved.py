@@ -1,0 +1,109 @@
+"""Training batches of interleaved image-text sequences for the multimodal family.
+
+Each example is one image and one of its captions, in either order::
+
+    caption  <begin-image> code code ... code <end-image> <eos>     (text -> image)
+    <begin-image> code ... code <end-image>  caption  <eos>         (image -> text)
+
+Rows of ``seq_len + 1`` tokens start with end-of-text and pack examples drawn at random (image,
+caption and order), the last one cut at the row's end. Batch ``i`` is a pure function of
+``(seed, i)``, so a resumed run continues the exact stream, and each rank keeps its slice of the
+global batch.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from lmforge.core.errors import DataError
+from lmforge.data.image_steps import load_split
+from lmforge.data.image_tokenizer import ImageTokenLayout
+from lmforge.data.loader import windows_to_batch
+from lmforge.data.tokenizer import Tokenizer
+
+
+class ImageTextExamples:
+    """One split's images (as codes) and tokenized captions."""
+
+    def __init__(self, data_dir: str | Path, split: str, tokenizer: Tokenizer, layout: ImageTokenLayout):
+        data = load_split(data_dir, split)
+        self.codes: np.ndarray = data["codes"].astype(np.int64)
+        self.pixels: np.ndarray = data["pixels"]
+        self.labels: list[str | None] = data["labels"]
+        self.caption_texts: list[list[str]] = data["captions"]
+        self.captions = [[tokenizer.encode(c) for c in caps] for caps in self.caption_texts]
+        self.layout, self.eos = layout, tokenizer.eos_id
+        if len(self.codes) and int(self.codes.max()) >= layout.codebook_size:
+            raise DataError(f"{data_dir}: image codes up to {int(self.codes.max())} exceed the codebook "
+                            f"({layout.codebook_size} entries)")
+
+    def __len__(self) -> int:
+        return len(self.codes)
+
+    def image_ids(self, index: int) -> list[int]:
+        """begin-image, the image's codes as vocabulary ids, end-image."""
+        return [self.layout.begin_image, *self.layout.image_ids(self.codes[index]).tolist(), self.layout.end_image]
+
+    def example(self, index: int, caption: int, text_first: bool) -> list[int]:
+        text = self.captions[index][caption] if self.captions[index] else []
+        image = self.image_ids(index)
+        return (text + image if text_first else image + text) + [self.eos]
+
+
+class InterleavedLoader:
+    """``next_batch() -> (inputs, targets)``, LongTensors [batch_size, seq_len] (see the module doc)."""
+
+    def __init__(self, examples: ImageTextExamples, seq_len: int, batch_size: int, seed: int,
+                 text_first_fraction: float = 0.5, rank: int = 0, world_size: int = 1, name: str = "images"):
+        if len(examples) == 0:
+            raise DataError("no training images to draw from")
+        self.examples, self.seq_len, self.batch_size, self.seed = examples, seq_len, batch_size, seed
+        self.text_first_fraction, self.rank, self.world_size, self.name = text_first_fraction, rank, world_size, name
+        self.batch_index = 0
+        self.examples_drawn = 0
+        lengths = [len(examples.example(i, 0, True)) for i in range(len(examples))]
+        self.tokens_available = int(sum(lengths))
+
+    def _row(self, rng: np.random.Generator) -> tuple[np.ndarray, int]:
+        row, drawn = [self.examples.eos], 0
+        while len(row) < self.seq_len + 1:
+            index = int(rng.integers(len(self.examples)))
+            caption = int(rng.integers(max(1, len(self.examples.captions[index]))))
+            row += self.examples.example(index, caption, bool(rng.random() < self.text_first_fraction))
+            drawn += 1
+        return np.asarray(row[: self.seq_len + 1], dtype=np.int64), drawn
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        rng = np.random.default_rng([self.seed, self.batch_index])
+        rows = []
+        for row_index in range(self.batch_size * self.world_size):  # every rank draws the global batch
+            row, drawn = self._row(rng)
+            self.examples_drawn += drawn
+            if self.rank * self.batch_size <= row_index < (self.rank + 1) * self.batch_size:
+                rows.append(row)
+        self.batch_index += 1
+        return windows_to_batch(rows)
+
+    # ---- what the trainer and the run's warnings read ------------------------------------
+    def source_tokens(self) -> dict[str, int]:
+        return {self.name: self.tokens_available}
+
+    def weights(self) -> dict[str, float]:
+        return {self.name: 1.0}
+
+    def epochs_consumed(self) -> dict[str, float]:
+        return {self.name: self.examples_drawn / len(self.examples)}
+
+    def tokens_drawn(self) -> dict[str, int]:
+        return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"batch_index": self.batch_index, "examples_drawn": self.examples_drawn, "seed": self.seed}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.batch_index = int(state["batch_index"])
+        self.examples_drawn = int(state.get("examples_drawn", 0))
