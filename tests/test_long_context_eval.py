@@ -236,6 +236,12 @@ def test_passkey_grid_shape_and_range(data_dir, tokenizer):
             assert np.array(variant[key]).shape == (2, 3)
             assert all(0.0 <= v <= 1.0 for row in variant[key] for v in row)
     assert grid == evaluate_passkey(model, tokenizer, cfg, 128, data_dir)  # fixed by the seed
+    # a cell's items depend on the cell, not on the other lengths of the grid
+    alone = evaluate_passkey(model, tokenizer, PasskeyConfig(lengths=[128], depths=[0.0, 0.5, 1.0], items=3,
+                                                             multi_key_pairs=2, candidates=4), 128, data_dir)
+    for name, variant in alone["variants"].items():
+        assert variant["placed_depth"][0] == grid["variants"][name]["placed_depth"][1]
+        assert variant["accuracy"][0] == grid["variants"][name]["accuracy"][1]
     text = evaluate_passkey(model, tokenizer, PasskeyConfig(lengths=[96], items=1, filler="prose"), 128, data_dir)
     assert "The pass key of" in text["example"]["text"] and text["filler"] == "prose"
     # a length that cannot hold a variant's statements and question: a row of None, noted

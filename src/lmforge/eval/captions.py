@@ -8,7 +8,8 @@
   the caption after the image; accuracy and the confusion matrix.
 - :func:`generate_images` + :func:`score_generated`: text -> image. Images sampled after each
   label's caption, decoded by the codebook, and classified by a logistic regression fitted on the
-  held-out split's pixels (never on training images).
+  held-out split's pixels (never on training images); :func:`training_copies` counts the samples
+  that reproduce a training image exactly (memorization).
 """
 
 from __future__ import annotations
@@ -181,6 +182,16 @@ def score_generated(classifier: Any, generated: dict[str, np.ndarray]) -> dict[s
         per_label[label] = correct / len(images)
         hits, total = hits + correct, total + len(images)
     return {"accuracy": hits / max(total, 1), "per_label": per_label, "images": total}
+
+
+def training_copies(generated: dict[str, np.ndarray], training_images: np.ndarray) -> dict[str, Any]:
+    """The share of generated images identical to a training image as the codebook renders it
+    (its codes decoded): samples that are copies of memorized training images rather than new ones."""
+    seen = {image.tobytes() for image in training_images}
+    copies = {label: float(np.mean([image.tobytes() in seen for image in images])) for label, images in generated.items()}
+    total = sum(len(images) for images in generated.values())
+    overall = sum(copies[label] * len(images) for label, images in generated.items()) / max(total, 1)
+    return {"copied_training_fraction": overall, "copied_training_per_label": copies}
 
 
 def image_grid_png(generated: dict[str, np.ndarray], columns: int = 10, scale: int = 4, gap: int = 1) -> bytes:

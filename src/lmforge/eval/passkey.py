@@ -200,12 +200,14 @@ def evaluate_passkey(model: torch.nn.Module, tokenizer: Tokenizer, cfg: PasskeyC
     result: dict[str, Any] = {"lengths": lengths, "depths": list(cfg.depths), "items_per_cell": cfg.items,
                               "candidates": cfg.candidates, "chance": 1 / cfg.candidates, "filler": cfg.filler,
                               "value_digits": value_digits, "seed": cfg.seed, "variants": {}}
-    for variant_index, (name, pairs) in enumerate(variants.items()):
+    for name, pairs in variants.items():
         accuracy, exact, placed, all_items = [], [], [], []
-        for length_index, length in enumerate(lengths):
+        for length in lengths:
             row_acc, row_exact, row_depth = [], [], []
-            for depth_index, depth in enumerate(cfg.depths):
-                rng = np.random.default_rng([cfg.seed, variant_index, length_index, depth_index])
+            for depth in cfg.depths:
+                # Seeded by the cell itself, not its place in the grid: a length gets the same items
+                # in every grid that has it (the L row of an evaluation at 4L is the L evaluation's).
+                rng = np.random.default_rng([cfg.seed, pairs, length, round(depth * 1000)])
                 try:
                     items = [build_item(tokenizer, rng, length, depth, pairs, cfg.candidates, value_digits, lines)
                              for _ in range(cfg.items)]
@@ -234,7 +236,7 @@ def evaluate_passkey(model: torch.nn.Module, tokenizer: Tokenizer, cfg: PasskeyC
 def describe_passkey(record: dict[str, Any]) -> list[str]:
     """The grids as text: one row per length, one column per depth (accuracy, exact match)."""
     lines = []
-    for name, variant in record["variants"].items():
+    for name, variant in sorted(record["variants"].items(), key=lambda item: item[1]["pairs"]):
         lines.append(f"{name} ({variant['pairs']} pair{'s' if variant['pairs'] > 1 else ''}; accuracy by likelihood "
                      f"among {record['candidates']} candidates, chance {record['chance']:.2f}; exact match under "
                      f"greedy decoding in brackets)")

@@ -46,11 +46,11 @@ def buckets_by_domain(positions: dict[str, dict[str, list[float]]], width: int) 
     return {domain: position_buckets(sums, width) for domain, sums in positions.items()}
 
 
-def describe_buckets(by_domain: dict[str, dict[str, Any]]) -> list[str]:
-    """One line per domain: the mean loss of each bucket, e.g. ``code  0-63: 2.91  64-127: 2.40``."""
+def describe_buckets(by_domain: dict[str, dict[str, Any]], per_line: int = 8) -> list[str]:
+    """The mean loss of each bucket, ``per_line`` buckets a line: ``code  0-63: 2.910  64-127: 2.400``."""
     lines = []
     for domain, buckets in by_domain.items():
-        cells = "  ".join(f"{s}-{e - 1}: {loss:.3f}" for s, e, loss in zip(buckets["start"], buckets["end"],
-                                                                         buckets["loss"]))
-        lines.append(f"  {domain:<12} {cells}")
+        cells = [f"{s}-{e - 1}: {loss:.3f}" for s, e, loss in zip(buckets["start"], buckets["end"], buckets["loss"])]
+        for first in range(0, len(cells), per_line):
+            lines.append(f"  {domain if first == 0 else '':<12} {'  '.join(cells[first:first + per_line])}")
     return lines

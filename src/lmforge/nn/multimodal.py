@@ -32,6 +32,11 @@ class MultimodalSettings(Config):
     codebook_size: int = 0                    # image codes; set by the run from data.image_tokenizer
     # Training sequences: the share with the caption first (text -> image); the rest image first.
     text_first_fraction: float = 0.5
+    # Training options (data/interleaved.py): shift each drawn training image by up to this many
+    # pixels in each direction before tokenization (0: off); score each image-token target with
+    # this probability, so image tokens weigh this much against text tokens in the expected loss.
+    augment_shift: int = 0
+    image_loss_weight: float = 1.0
     # Evaluation of the family (train/multimodal_family.py, eval/captions.py). Held-out images with a
     # label are captioned by likelihood among the labels' captions, and images are generated from them.
     caption_template: str = "a handwritten digit {label}"   # the prompt / candidate caption of a label
@@ -45,6 +50,10 @@ class MultimodalSettings(Config):
             raise FieldValueError("codebook_size", f"must be >= 0, got {self.codebook_size}")
         if not 0.0 <= self.text_first_fraction <= 1.0:
             raise FieldValueError("text_first_fraction", f"must be in [0, 1], got {self.text_first_fraction}")
+        if self.augment_shift < 0:
+            raise FieldValueError("augment_shift", f"must be >= 0 pixels, got {self.augment_shift}")
+        if not 0.0 < self.image_loss_weight <= 1.0:
+            raise FieldValueError("image_loss_weight", f"must be in (0, 1], got {self.image_loss_weight}")
         if "{label}" not in self.caption_template:
             raise FieldValueError("caption_template", f"must contain '{{label}}', got {self.caption_template!r}")
         for key in ("eval_max_images", "images_per_label"):

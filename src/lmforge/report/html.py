@@ -204,7 +204,7 @@ def _long_context(run: RunData) -> str:
         name, grid = named[-1]
         rows = [[variant, length, sum(acc) / len(acc), sum(exact) / len(exact)] if None not in acc
                 else [variant, length, "too short", "-"]
-                for variant, v in grid["variants"].items()
+                for variant, v in sorted(grid["variants"].items(), key=lambda item: item[1]["pairs"])
                 for length, acc, exact in zip(grid["lengths"], v["accuracy"], v["exact_match"])]
         out += (f"<p>Passkey retrieval ({escape(name)}): accuracy by likelihood among {grid['candidates']} "
                 f"candidates (chance {grid['chance']:.2f}), {grid['items_per_cell']} items per cell, held-out keys "

@@ -172,7 +172,7 @@ def position_loss_plot(run: RunData) -> str | None:
 
 
 def _passkey_figure(record: dict) -> plt.Figure:
-    variants = record["variants"]
+    variants = dict(sorted(record["variants"].items(), key=lambda item: item[1]["pairs"]))  # single key first
     fig, axes = plt.subplots(1, len(variants), figsize=(3.6 * len(variants) + 1.0, 0.45 * len(record["lengths"]) + 1.8),
                              squeeze=False, constrained_layout=True)
     for index, (ax, (name, variant)) in enumerate(zip(axes[0], variants.items())):

@@ -27,7 +27,7 @@ from lmforge.data.image_tokenizer import IMAGE_TOKENIZER_FILE, ImageTokenizer, I
 from lmforge.data.interleaved import ImageTextExamples, InterleavedLoader
 from lmforge.data.tokenizer import Tokenizer
 from lmforge.eval.captions import (caption_accuracy, confusion_lines, generate_images, image_grid_png,
-                                   modality_losses, pixel_classifier, score_generated)
+                                   modality_losses, pixel_classifier, score_generated, training_copies)
 from lmforge.nn.multimodal import MultimodalModelConfig, MultimodalSettings
 from lmforge.train.callbacks import HeldoutEvaluator
 from lmforge.train.checkpoint import unwrap
@@ -53,14 +53,18 @@ def multimodal_evaluation(model: torch.nn.Module, heldout: ImageTextExamples, to
 
 def generation_evaluation(model: torch.nn.Module, heldout: ImageTextExamples, tokenizer: Tokenizer,
                           image_tokenizer: ImageTokenizer, settings: MultimodalSettings, labels: list[str],
-                          device: torch.device, seed: int) -> tuple[dict[str, Any], bytes]:
-    """Images generated from each label's caption, scored by a classifier fitted on held-out pixels."""
+                          device: torch.device, seed: int,
+                          training_codes: Any = None) -> tuple[dict[str, Any], bytes]:
+    """Images generated from each label's caption, scored by a classifier fitted on held-out pixels;
+    with ``training_codes``, also the share of them that copy a training image exactly."""
     labelled = [i for i, label in enumerate(heldout.labels) if label is not None]
     classifier, own_accuracy = pixel_classifier(heldout.pixels[labelled], [heldout.labels[i] for i in labelled])
     generated = generate_images(model, tokenizer, heldout.layout, image_tokenizer, settings.caption_template, labels,
                                 settings.images_per_label, device, settings.generation_temperature,
                                 settings.generation_top_k, seed)
     scored = score_generated(classifier, generated)
+    if training_codes is not None and len(training_codes):
+        scored.update(training_copies(generated, image_tokenizer.decode(training_codes)))
     scored.update(classifier="logistic regression on held-out pixels", classifier_heldout_images=len(labelled),
                   classifier_cross_validated_accuracy=own_accuracy, temperature=settings.generation_temperature,
                   top_k=settings.generation_top_k, prompt_template=settings.caption_template)
@@ -70,9 +74,11 @@ def generation_evaluation(model: torch.nn.Module, heldout: ImageTextExamples, to
 class MultimodalEvaluator(HeldoutEvaluator):
     """The default held-out evaluation (bits-per-byte of the caption text) plus the multimodal one."""
 
-    def __init__(self, heldout: ImageTextExamples, image_tokenizer: ImageTokenizer, settings: MultimodalSettings):
+    def __init__(self, heldout: ImageTextExamples, image_tokenizer: ImageTokenizer, settings: MultimodalSettings,
+                 training_codes: Any = None):
         super().__init__()
         self.heldout, self.image_tokenizer, self.settings = heldout, image_tokenizer, settings
+        self.training_codes = training_codes  # to count generated copies of training images
 
     def _evaluate(self, trainer: "Trainer") -> dict[str, Any]:
         record = super()._evaluate(trainer)
@@ -105,11 +111,15 @@ class MultimodalEvaluator(HeldoutEvaluator):
         if labels and self.settings.images_per_label:
             result["generation"], png = generation_evaluation(model, self.heldout, trainer.tokenizer,
                                                               self.image_tokenizer, self.settings, labels,
-                                                              trainer.device, trainer.cfg.eval.seed)
+                                                              trainer.device, trainer.cfg.eval.seed,
+                                                              self.training_codes)
             atomic_write_bytes(trainer.run_dir / "eval" / "multimodal_samples.png", png)
             log.info("generated images classified as their prompt's label: %.3f (%d images; the held-out "
-                     "classifier's own cross-validated accuracy %.3f)", result["generation"]["accuracy"],
-                     result["generation"]["images"], result["generation"]["classifier_cross_validated_accuracy"])
+                     "classifier's own cross-validated accuracy %.3f); copies of a training image: %s",
+                     result["generation"]["accuracy"], result["generation"]["images"],
+                     result["generation"]["classifier_cross_validated_accuracy"],
+                     f"{result['generation']['copied_training_fraction']:.3f}"
+                     if "copied_training_fraction" in result["generation"] else "n/a")
         if "captions" in result:
             log.info("caption accuracy %.3f on %d held-out images; confusion (rows true, columns predicted):",
                      result["caption_accuracy"], result["captions"]["images"])
@@ -149,13 +159,16 @@ def _build(setup: RunSetup, model: torch.nn.Module) -> FamilyParts:
     layout = ImageTokenLayout(setup.tokenizer.vocab_size, image_tokenizer.codebook_size)
     train = ImageTextExamples(setup.data_dir, "train", setup.tokenizer, layout)
     heldout = ImageTextExamples(setup.data_dir, "heldout", setup.tokenizer, layout)
+    settings = cfg.model.multimodal
     loader = InterleavedLoader(train, cfg.train.seq_len, setup.local_batch_size, cfg.train.seed,
-                               cfg.model.multimodal.text_first_fraction, setup.rank, setup.world_size)
+                               settings.text_first_fraction, setup.rank, setup.world_size,
+                               augment_shift=settings.augment_shift, image_tokenizer=image_tokenizer,
+                               image_loss_weight=settings.image_loss_weight)
     description = (f"multimodal: {len(train)} training / {len(heldout)} held-out images, {image_tokenizer.tokens_per_image} "
                    f"tokens each from a {image_tokenizer.codebook_size}-entry codebook; vocabulary {layout.text_vocab} text "
                    f"+ 2 + {layout.codebook_size} image = {layout.total}")
-    return FamilyParts(ModelBatches(loader), {"heldout_eval": MultimodalEvaluator(heldout, image_tokenizer,
-                                                                                   cfg.model.multimodal)}, description)
+    evaluator = MultimodalEvaluator(heldout, image_tokenizer, settings, training_codes=train.codes)
+    return FamilyParts(ModelBatches(loader), {"heldout_eval": evaluator}, description)
 
 
 TRAINING_FAMILIES.register("multimodal")(TrainingFamily("multimodal", build=_build, check_run=_check_run))
