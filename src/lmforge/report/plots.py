@@ -23,6 +23,16 @@ def _encode(fig: plt.Figure) -> str:
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
+def _finish(fig: plt.Figure, ax: plt.Axes, xlabel: str, ylabel: str, title: str, legend_size: int = 8) -> str:
+    """Labels, title, legend and grid of a one-panel plot, encoded."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=legend_size)
+    ax.grid(alpha=0.3)
+    return _encode(fig)
+
+
 def loss_plot(run: RunData) -> str | None:
     if not run.train:
         return None
@@ -34,12 +44,7 @@ def loss_plot(run: RunData) -> str | None:
     for domain in sorted({d for r in run.evals for d in r.get("loss", {})}):
         points = [(r["step"], r["loss"][domain]) for r in run.evals if domain in r.get("loss", {})]
         ax.plot(*zip(*points), "o--", label=f"held-out loss: {domain}")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.set_title("Loss")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    return _encode(fig)
+    return _finish(fig, ax, "step", "loss", "Loss")
 
 
 def bpb_plot(run: RunData) -> str | None:
@@ -143,12 +148,7 @@ def forgetting_plot(run: RunData) -> str | None:
         points = [(r["step"], r["change_from_parent"][domain]) for r in records if domain in r["change_from_parent"]]
         ax.plot(*zip(*points), "o-", label=domain)
     ax.axhline(0.0, color="grey", linewidth=0.8)
-    ax.set_xlabel("step")
-    ax.set_ylabel("bits per byte minus the parent's")
-    ax.set_title("Change from the parent (up: forgetting, down: adaptation)")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    return _encode(fig)
+    return _finish(fig, ax, "step", "bits per byte minus the parent's", "Change from the parent (up: forgetting, down: adaptation)")
 
 
 def position_loss_plot(run: RunData) -> str | None:
@@ -163,12 +163,7 @@ def position_loss_plot(run: RunData) -> str | None:
             middle = [(s + e - 1) / 2 for s, e in zip(buckets["start"], buckets["end"])]
             ax.plot(middle, buckets["loss"], "o-", markersize=3,
                     label=f"{domain} ({name}, {record.get('eval_seq_len', '?')} tokens)")
-    ax.set_xlabel("position in the window (bucket centre)")
-    ax.set_ylabel("held-out loss (nats/token)")
-    ax.set_title("Held-out loss by position: is the context used?")
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
-    return _encode(fig)
+    return _finish(fig, ax, "position in the window (bucket centre)", "held-out loss (nats/token)", "Held-out loss by position: is the context used?", legend_size=7)
 
 
 def _passkey_figure(record: dict) -> plt.Figure:
