@@ -74,6 +74,14 @@ def resolve_checkpoint(path: str | Path, weights: str = "raw") -> Path:
     raise CheckpointError(f"{path}: neither a run directory nor a checkpoint")
 
 
+def checkpoint_config(checkpoint: Path) -> dict[str, Any]:
+    """The run config a checkpoint was saved with (``config.yaml``), checked to have a model section."""
+    config = yaml.safe_load((checkpoint / "config.yaml").read_text())
+    if not isinstance(config, dict) or not isinstance(config.get("model"), dict):
+        raise CheckpointError(f"{checkpoint}/config.yaml: no model section")
+    return config
+
+
 def load_model(path: str | Path, device: torch.device | str = "cpu", weights: str = "raw",
                max_seq_len: int | None = None) -> tuple[torch.nn.Module, dict[str, Any], Path]:
     """(model in eval mode on ``device``, the run config as a dict, the checkpoint directory).
@@ -87,9 +95,7 @@ def load_model(path: str | Path, device: torch.device | str = "cpu", weights: st
     if not _holds(manifest, file_name):
         raise CheckpointError(f"{checkpoint}: holds no {weights} weights ({file_name}); "
                               f"{_how_to_get(weights)}")
-    config = yaml.safe_load((checkpoint / "config.yaml").read_text())
-    if not isinstance(config, dict) or not isinstance(config.get("model"), dict):
-        raise CheckpointError(f"{checkpoint}/config.yaml: no model section")
+    config = checkpoint_config(checkpoint)
     model_cfg = model_config_from_dict(config["model"])
     if max_seq_len is not None and max_seq_len > model_cfg.max_seq_len:
         model_cfg = dataclasses.replace(model_cfg, max_seq_len=max_seq_len)

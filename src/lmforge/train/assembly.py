@@ -181,7 +181,7 @@ def _assemble(cfg: RunConfig, data_dir: Path, tokenizer: Tokenizer, device: torc
     # Built after wrapping: FSDP2 replaces parameters with sharded DTensors.
     optimizer = build_optimizer(model, cfg.optim)
 
-    setup = RunSetup(cfg, data_dir, tokenizer, rank, world_size, replay_data_dir(cfg, tokenizer))
+    setup = RunSetup(cfg, data_dir, tokenizer, rank, world_size, replay_data_dir(cfg))
     parts = training_family(cfg.model.family).build(setup, model)
     if rank == 0:
         total = cfg.train.tokens_per_step * cfg.train.steps

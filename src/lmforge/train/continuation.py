@@ -13,13 +13,11 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from lmforge.core.errors import DataError, LmforgeError
 from lmforge.core.run_marker import resolve_data_dir
 from lmforge.data.shards import read_doc_hashes
-from lmforge.data.tokenizer import Tokenizer
-from lmforge.nn.loading import resolve_checkpoint
+from lmforge.data.tokenizer import require_same_tokenizer
+from lmforge.nn.loading import checkpoint_config, resolve_checkpoint
 
 PARENT_PREFIX = "parent/"
 
@@ -27,7 +25,7 @@ PARENT_PREFIX = "parent/"
 def parent_data_dir(init_path: str) -> Path:
     """The prepared data directory the parent checkpoint (or run) ``init_path`` was trained on."""
     checkpoint = resolve_checkpoint(init_path)
-    config = yaml.safe_load((checkpoint / "config.yaml").read_text()) or {}
+    config = checkpoint_config(checkpoint)
     out_dir = (config.get("data") or {}).get("out_dir")
     if not out_dir:
         raise DataError(f"init.path {init_path!r}: its config names no data directory (data.out_dir)")
@@ -39,7 +37,7 @@ def with_parent_replay_sources(cfg: Any) -> Any:
     sources: the parent's own mixture weights (the resolved config then records what is replayed)."""
     if cfg.replay is None or cfg.replay.sources is not None or cfg.replay.data_dir is not None or cfg.init.path is None:
         return cfg
-    config = yaml.safe_load((resolve_checkpoint(cfg.init.path) / "config.yaml").read_text()) or {}
+    config = checkpoint_config(resolve_checkpoint(cfg.init.path))
     sources = {s["name"]: float(s.get("weight", 1.0)) for s in (config.get("data") or {}).get("sources", [])
                if isinstance(s, dict) and "name" in s}
     sources = {name: weight for name, weight in sources.items() if weight > 0}
@@ -48,7 +46,7 @@ def with_parent_replay_sources(cfg: Any) -> Any:
     return dataclasses.replace(cfg, replay=dataclasses.replace(cfg.replay, sources=sources))
 
 
-def replay_data_dir(cfg: Any, tokenizer: Tokenizer) -> Path | None:
+def replay_data_dir(cfg: Any) -> Path | None:
     """The data directory ``cfg.replay`` draws from (None without replay): ``replay.data_dir``, else
     the parent's, else the run's own (``replay.sources`` then names which of its sources). Its
     tokenizer must be the run's: the same token ids must mean the same text."""
@@ -63,11 +61,10 @@ def replay_data_dir(cfg: Any, tokenizer: Tokenizer) -> Path | None:
     if not (path / "manifest.json").is_file():
         raise DataError(f"{where}: {path} is not a prepared data directory (no manifest.json); "
                         "prepare it with `lmforge data prepare`")
-    found = Tokenizer.load(path / "tokenizer.json").sha256
-    if found != tokenizer.sha256:
-        raise DataError(f"{where}: {path} is tokenized with another tokenizer ({found[:12]}) than this run's "
-                        f"data {cfg.data.out_dir} ({tokenizer.sha256[:12]}); prepare one of them with "
-                        "data.tokenizer_from pointing at the other")
+    try:
+        require_same_tokenizer(cfg.data.out_dir, path)
+    except DataError as exc:
+        raise DataError(f"{where}: {exc}") from None
     return path
 
 

@@ -28,8 +28,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from lmforge.core import distributed
 from lmforge.core.checkpoint_files import safe_torch_load, verify_checkpoint_dir
 from lmforge.core.config import Config
@@ -38,7 +36,7 @@ from lmforge.core.io import atomic_write_json
 from lmforge.core.logging import get_logger
 from lmforge.data.tokenizer import Tokenizer
 from lmforge.nn.families import model_config_from_dict
-from lmforge.nn.loading import resolve_checkpoint
+from lmforge.nn.loading import checkpoint_config, resolve_checkpoint
 
 log = get_logger(__name__)
 LINEAGE_FILE = "lineage.json"
@@ -127,9 +125,10 @@ def _read_parent(cfg: Any, tokenizer: Tokenizer) -> Parent:
         verify_checkpoint_dir(checkpoint)  # checksums of every file
     except CheckpointError as exc:
         raise CheckpointError(f"{where}: {exc}") from None
-    config = yaml.safe_load((checkpoint / "config.yaml").read_text())
-    if not isinstance(config, dict) or not isinstance(config.get("model"), dict):
-        raise CheckpointError(f"{where}: {checkpoint}/config.yaml has no model section")
+    try:
+        config = checkpoint_config(checkpoint)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{where}: {exc}") from None
     parent_tokenizer = Tokenizer.load(checkpoint / "tokenizer.json")
     if parent_tokenizer.sha256 != tokenizer.sha256:
         raise ConfigError(f"{where}: the parent was trained with another tokenizer (sha256 "
