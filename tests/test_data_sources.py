@@ -121,3 +121,37 @@ def test_unreadable_parquet_is_skipped_and_named(tmp_path):
     assert [d.text for d in docs] == ["alpha"]
     assert dict(problems.counts) == {"unreadable_parquet": 1}
     assert problems.listed()[0]["path"].endswith("b.parquet")
+
+
+def test_installed_packages_reads_code_without_caches_tests_or_huge_files(tmp_path):
+    from lmforge.data import package_source
+    from lmforge.data.sources import InputProblems, source_signature
+
+    (tmp_path / "pkg" / "__pycache__").mkdir(parents=True)
+    (tmp_path / "pkg" / "tests").mkdir()
+    (tmp_path / "pkg" / "__init__.py").write_text("x = 1\n")
+    (tmp_path / "pkg" / "core.py").write_text("def f():\n    return 2\n")
+    (tmp_path / "pkg" / "__pycache__" / "core.py").write_text("cached")
+    (tmp_path / "pkg" / "tests" / "test_core.py").write_text("def test(): pass\n")
+    (tmp_path / "pkg" / "table.py").write_text("#" * (package_source.MAX_FILE_BYTES + 1))
+    (tmp_path / "README.txt").write_text("not code")
+    source = SourceConfig(name="packages", kind="installed_packages", path=str(tmp_path))
+    problems = InputProblems()
+    docs = list(iter_documents(source, problems))
+    assert [d.doc_id for d in docs] == ["pkg/__init__.py", "pkg/core.py"]
+    assert problems.counts["file_too_large"] == 1
+    assert source.resolved_content() == "code"
+    before = source_signature(source)
+    (tmp_path / "pkg" / "new.py").write_text("y = 3\n")
+    assert source_signature(source) != before
+
+
+def test_installed_packages_defaults_to_this_interpreter_and_names_a_bad_path(tmp_path):
+    import sysconfig
+    from pathlib import Path
+
+    from lmforge.data.package_source import packages_root
+
+    assert packages_root(SourceConfig(name="p", kind="installed_packages")) == Path(sysconfig.get_paths()["purelib"])
+    with pytest.raises(DataError, match="'s': path .*missing.* is not a folder"):
+        _read(kind="installed_packages", path=str(tmp_path / "missing"))

@@ -220,7 +220,7 @@ class SourceConfig(Config):
     max_documents: int | None = None
     max_bytes: int | None = None   # stop reading a source after this many bytes (keeps the demo fast)
     weight: float = 1.0            # mixture weight in the loader
-    # "code" skips the prose quality rules; "auto": demo_code and files globbing code
+    # "code" skips the prose quality rules; "auto": demo_code, installed_packages and files globbing code
     # suffixes are code, other sources are judged document by document.
     content: Literal["auto", "prose", "code"] = "auto"
     quality: dict[str, Any] | None = None          # overrides of DataConfig.quality for this source
@@ -264,7 +264,8 @@ class SourceConfig(Config):
         """"code", "prose", or "auto" (decide per document) for this source."""
         if self.content != "auto":
             return self.content
-        if self.kind == "demo_code" or (self.kind == "files" and self.glob and self.glob.endswith(CODE_SUFFIXES)):
+        if self.kind in ("demo_code", "installed_packages") or (
+                self.kind == "files" and self.glob and self.glob.endswith(CODE_SUFFIXES)):
             return "code"
         return "prose" if self.kind == "demo_literature" else "auto"
 

@@ -348,3 +348,5 @@ def _iter_hf(source: SourceConfig, problems: InputProblems) -> Iterator[Document
 
 # The image source kinds (image_folder, image_parquet, image_hf, demo_digits) register themselves.
 from lmforge.data import images as _image_kinds  # noqa: E402,F401
+# The installed-packages code corpus (a large retrieval database) registers itself.
+from lmforge.data import package_source as _package_kind  # noqa: E402,F401
