@@ -97,6 +97,10 @@ def add_scaling_parser(subparsers: argparse._SubParsersAction) -> argparse.Argum
                       help="published law to use when no --fit is given (default hoffmann2022)")
     plan.add_argument("--unique-tokens", type=_positive_float, default=None, metavar="U",
                       help="unique tokens available (a data-constrained fit then accounts for repetition)")
+    plan.add_argument("--r-star-fit", default=None, metavar="FIT_JSON",
+                      help="take R*_D (the half-life of repeated data, with its bootstrap values) from this fit: "
+                           "an epochs sweep's fit/repetition_fit.json, or a `scaling fit --r-star fit` result; "
+                           "needs --unique-tokens")
     plan.add_argument("--level", type=_level, default=None,
                       help="confidence level of the intervals (default: the fit's)")
     plan.add_argument("--aspect-ratio", type=_positive_float, default=DEFAULT_ASPECT_RATIO,
@@ -286,7 +290,8 @@ def _run_plan(args: argparse.Namespace) -> int:
     planned = plan_budget(args.compute, fit=args.fit, law=args.law, inference_tokens=args.inference_tokens,
                           unique_tokens=args.unique_tokens, level=args.level,
                           rule=ShapeRule(aspect_ratio=args.aspect_ratio), vocab_size=args.vocab_size,
-                          seq_len=args.seq_len, n_experts=args.n_experts, top_k=args.top_k, count=args.count)
+                          seq_len=args.seq_len, n_experts=args.n_experts, top_k=args.top_k, count=args.count,
+                          r_star_fit=args.r_star_fit)
     _print_plan(planned.plan, planned.shapes, planned.source)
     if args.json:
         print(f"written: {atomic_write_json(args.json, planned.to_dict())}")

@@ -290,6 +290,9 @@ class DataConfig(Config):
     # Sampling: p_i proportional to weight_i * tokens_i ** (1 / T). null keeps the weights
     # as the probabilities; 1 is the natural mix; large T approaches uniform over sources.
     mixture_temperature: float | None = None
+    # Data-limited runs: train only on the first ~unique_tokens tokens of the training split
+    # (split over sources by mixture probability), visited in epochs (data/loader.py); null: all of it.
+    unique_tokens: int | None = None
     executor: Literal["local", "slurm"] = "local"
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
     chunk_bytes: int = 1_000_000   # documents are processed in work units of about this many bytes
@@ -321,6 +324,8 @@ class DataConfig(Config):
             raise ValueError(f"min_doc_chars must be >= 1, got {self.min_doc_chars}")
         if self.mixture_temperature is not None and self.mixture_temperature <= 0:
             raise ValueError(f"mixture_temperature must be > 0, got {self.mixture_temperature}")
+        if self.unique_tokens is not None and self.unique_tokens < 1:
+            raise FieldValueError("unique_tokens", f"must be a positive token count or null, got {self.unique_tokens}")
         if self.chunk_bytes < 1:
             raise ValueError(f"chunk_bytes must be >= 1, got {self.chunk_bytes}")
         if self.tokenizer_from is not None and not self.tokenizer_from.strip():
@@ -361,7 +366,8 @@ class DataConfig(Config):
         they are left out: changing them must not force (or block) a re-prepare.
         """
         data = self.to_dict()
-        for key in ("out_dir", "num_workers", "executor", "slurm", "chunk_bytes", "mixture_temperature"):
+        for key in ("out_dir", "num_workers", "executor", "slurm", "chunk_bytes", "mixture_temperature",
+                    "unique_tokens"):
             data.pop(key)
         for source in data["sources"]:
             source.pop("weight")

@@ -28,11 +28,14 @@ class MixtureLoader:
     sources given weight 0 or left out of ``weights`` are not sampled. With a
     ``temperature`` T, source i is drawn with probability ∝ weight_i · tokens_i^(1/T)
     (see :mod:`lmforge.data.mixture`); without one the weights are the mix.
+
+    ``unique_tokens``: train on a fixed budget of unique tokens, in epochs (module docstring).
     """
 
     def __init__(self, data_dir: str | Path, seq_len: int, batch_size: int, seed: int,
                  weights: dict[str, float] | None = None, split: str = "train",
-                 rank: int = 0, world_size: int = 1, temperature: float | None = None):
+                 rank: int = 0, world_size: int = 1, temperature: float | None = None,
+                 unique_tokens: int | None = None):
         if seq_len < 1 or batch_size < 1 or seed < 0 or not 0 <= rank < world_size:
             raise ValueError(f"bad loader arguments: seq_len={seq_len}, batch_size={batch_size}, "
                              f"seed={seed}, rank={rank}, world_size={world_size}")
@@ -65,22 +68,88 @@ class MixtureLoader:
         self.batch_index = 0
         self._tokens_drawn = {n: 0 for n in self._names}
         self._warned: set[str] = set()
+        self.unique_tokens = unique_tokens
+        self._epoch_windows: tuple[np.ndarray, np.ndarray] | None = None
+        self._permutation: tuple[int, np.ndarray] | None = None
+        if unique_tokens is not None:
+            self._epoch_windows = self._unique_windows(unique_tokens, split)
+
+    def _unique_windows(self, unique_tokens: int, split: str) -> tuple[np.ndarray, np.ndarray]:
+        """(source index, start token) of every window of the unique-token budget: the first
+        ``floor(U·p_i / seq_len)`` non-overlapping windows of source i (its first U·p_i + 1 tokens:
+        the last window's final target is one token past its inputs)."""
+        if unique_tokens < 1:
+            raise DataError(f"data.unique_tokens must be >= 1, got {unique_tokens}")
+        sources, starts = [], []
+        for index, (name, p) in enumerate(zip(self._names, self._probs)):
+            budget = int(unique_tokens * p)
+            count = budget // self.seq_len
+            available = len(self._sets[name])
+            if count < 1:
+                raise DataError(f"data.unique_tokens = {unique_tokens}: source {name!r} gets {budget} tokens "
+                                f"(probability {p:.3g}), less than one window of seq_len = {self.seq_len}")
+            if count * self.seq_len + 1 > available:
+                raise DataError(f"data.unique_tokens = {unique_tokens}: source {name!r} would need "
+                                f"{count * self.seq_len + 1} {split} tokens but has {available}")
+            sources.append(np.full(count, index, dtype=np.int64))
+            starts.append(np.arange(count, dtype=np.int64) * self.seq_len)
+        return np.concatenate(sources), np.concatenate(starts)
+
+    def pool_tokens(self) -> dict[str, int]:
+        """Tokens each sampled source can give: all of its split, or its share of ``unique_tokens``
+        (whole windows)."""
+        if self._epoch_windows is None:
+            return {n: len(self._sets[n]) for n in self._names}
+        counts = np.bincount(self._epoch_windows[0], minlength=len(self._names))
+        return {n: int(c) * self.seq_len for n, c in zip(self._names, counts)}
+
+    def _epoch_permutation(self, epoch: int) -> np.ndarray:
+        if self._permutation is None or self._permutation[0] != epoch:
+            n_windows = len(self._epoch_windows[0])  # type: ignore[index]
+            self._permutation = (epoch, np.random.default_rng([self.seed, 1 << 20, epoch]).permutation(n_windows))
+        return self._permutation[1]
+
+    def _window_index(self, row: int) -> int:
+        """Index (into the budget's windows) that global row ``row`` reads in epoch order."""
+        n_windows = len(self._epoch_windows[0])  # type: ignore[index]
+        return int(self._epoch_permutation(row // n_windows)[row % n_windows])
+
+    def epoch_rows(self, first_row: int, count: int) -> list[np.ndarray]:
+        """Windows of global rows ``first_row`` … ``first_row + count − 1`` in epoch order."""
+        assert self._epoch_windows is not None
+        sources, starts = self._epoch_windows
+        windows = []
+        for row in range(first_row, first_row + count):
+            k = self._window_index(row)
+            windows.append(self._sets[self._names[int(sources[k])]].get(int(starts[k]), self.seq_len + 1))
+        return windows
 
     def domains(self) -> list[str]:
         return list(self._names)
 
     def source_tokens(self) -> dict[str, int]:
-        """Tokens available per sampled source (this split)."""
-        return {n: len(self._sets[n]) for n in self._names}
+        """Tokens available per sampled source (this split; its unique-token share when restricted)."""
+        return self.pool_tokens()
 
     def weights(self) -> dict[str, float]:
         return {n: float(p) for n, p in zip(self._names, self._probs)}
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(inputs, targets), LongTensors [batch_size, seq_len]; targets are inputs shifted by one."""
+        global_batch = self.batch_size * self.world_size
+        if self._epoch_windows is not None:
+            first = self.batch_index * global_batch
+            windows = self.epoch_rows(first + self.rank * self.batch_size, self.batch_size)
+            # Count every rank's rows, as draw_rows does.
+            sources = self._epoch_windows[0]
+            for row in range(first, first + global_batch):
+                self._tokens_drawn[self._names[int(sources[self._window_index(row)])]] += self.seq_len
+            self.batch_index += 1
+            self._warn_repeats()
+            return windows_to_batch(windows)
         rng = np.random.default_rng([self.seed, self.batch_index])
         # Every rank draws the whole global batch (cheap) and keeps its own slice.
-        choices, positions = self.draw_rows(rng, self.batch_size * self.world_size)
+        choices, positions = self.draw_rows(rng, global_batch)
         rows = range(self.rank * self.batch_size, (self.rank + 1) * self.batch_size)
         windows = [self.window(choices[row], positions[row]) for row in rows]
         self.batch_index += 1
@@ -90,6 +159,9 @@ class MixtureLoader:
     def draw_rows(self, rng: np.random.Generator, count: int) -> tuple[np.ndarray, np.ndarray]:
         """``count`` rows of a global batch: the source of each (an index into :meth:`domains`) and
         where its window starts (a fraction of the source); counted as drawn."""
+        if self._epoch_windows is not None:
+            raise DataError("data.unique_tokens (a fixed unique-token budget visited in epochs) cannot be combined "
+                            "with replay, which draws random windows")
         choices = rng.choice(len(self._names), size=count, p=self._probs)
         positions = rng.random(count)
         for k, n in zip(*np.unique(choices, return_counts=True)):
@@ -110,8 +182,10 @@ class MixtureLoader:
             yield self.next_batch()
 
     def epochs_consumed(self) -> dict[str, float]:
-        """Tokens drawn so far (by all ranks) over tokens available, per source."""
-        return {n: self._tokens_drawn[n] / len(self._sets[n]) for n in self._names}
+        """Tokens drawn so far (by all ranks) over tokens available (the unique-token share when
+        restricted), per source."""
+        pool = self.pool_tokens()
+        return {n: self._tokens_drawn[n] / pool[n] for n in self._names}
 
     def _warn_repeats(self) -> None:
         for name, epochs in self.epochs_consumed().items():
@@ -123,7 +197,7 @@ class MixtureLoader:
     def state_dict(self) -> dict[str, Any]:
         return {"batch_index": self.batch_index, "seed": self.seed, "seq_len": self.seq_len,
                 "batch_size": self.batch_size, "world_size": self.world_size,
-                "tokens_drawn": dict(self._tokens_drawn)}
+                "tokens_drawn": dict(self._tokens_drawn), "unique_tokens": self.unique_tokens}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         # The stream depends on the global batch only, so a different world size with the
@@ -131,7 +205,8 @@ class MixtureLoader:
         saved = dict(state)
         if "batch_size" in saved:
             saved["global_batch"] = saved.pop("batch_size") * saved.pop("world_size", 1)
-        now = {"seed": self.seed, "seq_len": self.seq_len, "global_batch": self.batch_size * self.world_size}
+        now = {"seed": self.seed, "seq_len": self.seq_len, "global_batch": self.batch_size * self.world_size,
+               "unique_tokens": self.unique_tokens}
         for key, value in now.items():
             if key in saved and saved[key] != value:
                 log.warning("loader state was saved with %s=%s, now %s: the batch stream will differ "

@@ -9,13 +9,14 @@ these arguments and prints the results.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Literal, Mapping
 
 from lmforge.core.errors import ConfigError, DataError
-from lmforge.scaling.fit import HUBER_DELTA, PUBLISHED_LAWS, fit_scaling, law_from_fit, load_fit, save_fit
+from lmforge.scaling.fit import HUBER_DELTA, PUBLISHED_LAWS, LossLaw, fit_scaling, law_from_fit, load_fit, save_fit
 from lmforge.scaling.plan import Plan, ShapeProposal, plan, propose_shape
 from lmforge.scaling.shape import ShapeRule
 from lmforge.scaling.table import ScalingTable, read_table
@@ -100,14 +101,32 @@ class BudgetPlan:
         return data
 
 
+def with_r_star(loss_law: LossLaw, samples: list[LossLaw], r_star: float,
+                r_star_samples: list[float]) -> tuple[LossLaw, list[LossLaw]]:
+    """The law with R*_D set to ``r_star``, and bootstrap laws that carry the R*_D bootstrap values:
+    sample i pairs law sample i and R* sample i (cycling the shorter list), so the plan's
+    intervals include the uncertainty of both fits."""
+    law = dataclasses.replace(loss_law, r_star=r_star)
+    if not r_star_samples:
+        return law, [dataclasses.replace(s, r_star=r_star) for s in samples]
+    count = max(len(samples), len(r_star_samples))
+    return law, [dataclasses.replace(samples[i % len(samples)] if samples else loss_law,
+                                     r_star=r_star_samples[i % len(r_star_samples)]) for i in range(count)]
+
+
 def plan_budget(compute: float, fit: str | Path | None = None, law: str = "hoffmann2022",
                 inference_tokens: float | None = None, unique_tokens: float | None = None,
                 level: float | None = None, rule: ShapeRule | None = None, vocab_size: int | None = None,
                 seq_len: int | None = None, n_experts: int | None = None, top_k: int = 2,
-                count: Literal["active", "active_non_embedding"] = "active") -> BudgetPlan:
+                count: Literal["active", "active_non_embedding"] = "active",
+                r_star_fit: str | Path | None = None) -> BudgetPlan:
     """Plan ``compute`` FLOPs with the Approach-3 law of the fit file ``fit`` (intervals from its
     bootstrap laws, at ``level`` or the fit's own) or the published ``law`` (no intervals), and
-    propose a shape under ``rule`` (the ladder's size rule) for each planned size."""
+    propose a shape under ``rule`` (the ladder's size rule) for each planned size.
+
+    ``r_star_fit``: a fit of R*_D (an epochs sweep's ``repetition_fit.json``, or a ``scaling fit``
+    with a fitted R*) whose R*_D, with its bootstrap values, replaces the law's; repetition of the
+    ``unique_tokens`` then costs what that fit measured."""
     if fit is not None:
         fitted = load_fit(fit)
         loss_law, samples = law_from_fit(fitted)
@@ -116,7 +135,18 @@ def plan_budget(compute: float, fit: str | Path | None = None, law: str = "hoffm
     else:
         if law not in PUBLISHED_LAWS:
             raise ConfigError(f"unknown published law {law!r} (choose from {', '.join(PUBLISHED_LAWS)})")
-        loss_law, samples, source = PUBLISHED_LAWS[law], [], f"published law {law} (no intervals)"
+        loss_law, samples, source = PUBLISHED_LAWS[law], [], f"published law {law}"
+    if r_star_fit is not None:
+        from lmforge.scaling.fit_repetition import load_r_star
+
+        if unique_tokens is None:
+            raise ConfigError(f"--r-star-fit {r_star_fit}: R*_D only matters with a limit on unique data; "
+                              "give --unique-tokens")
+        r_star, r_star_samples = load_r_star(r_star_fit)
+        loss_law, samples = with_r_star(loss_law, samples, r_star, r_star_samples)
+        source += f", R*_D = {r_star:.3g} from {r_star_fit}"
+    if not samples:
+        source += " (no intervals)"
     for name, value in (("vocab_size", vocab_size), ("seq_len", seq_len), ("n_experts", n_experts),
                         ("top_k", top_k)):
         if value is not None and value < 1:

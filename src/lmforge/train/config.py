@@ -29,7 +29,7 @@ class TrainConfig(Config):
     grad_clip: float = 1.0           # max global grad norm; 0 disables clipping
     seed: int = 0
     device: str = "auto"             # auto | cpu | cuda | cuda:N
-    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU; bf16: autocast on either
     compile: bool = False            # torch.compile the model
     activation_checkpointing: bool = False
     data_parallel: Literal["ddp", "fsdp"] = "ddp"  # used under torchrun with more than one process
@@ -104,6 +104,13 @@ class RunConfig(Config):
         if self.train.context_parallel > 1 and self.model.family != "transformer":
             raise ValueError(f"train.context_parallel: the {self.model.family!r} family runs whole sequences; "
                              "context parallelism is for the 'transformer' family")
+        if self.data.unique_tokens is not None:
+            if self.model.family != "transformer":
+                raise ValueError(f"data.unique_tokens: the {self.model.family!r} family reads its own batches; a "
+                                 "unique-token budget is for transformer runs")
+            if self.replay is not None:
+                raise ValueError("data.unique_tokens: a unique-token budget cannot be combined with replay "
+                                 "(the replayed rows would come from outside the budget)")
         if self.init.trainer_state and self.replay is not None:
             raise ValueError("init.trainer_state continues the parent's data stream; it cannot add replay")
         from lmforge.train.families import training_family  # the families module imports this one

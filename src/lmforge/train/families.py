@@ -116,6 +116,7 @@ def _build_transformer(setup: RunSetup, model: torch.nn.Module) -> FamilyParts:
         setup.data_dir, cfg.train.seq_len, setup.local_batch_size, cfg.train.seed,
         weights={s.name: s.weight for s in cfg.data.sources},
         rank=setup.data_parallel_rank, world_size=setup.data_parallel_size, temperature=cfg.data.mixture_temperature,
+        unique_tokens=cfg.data.unique_tokens,
     )
     if cfg.replay is not None and setup.replay_data_dir is not None:
         loader = replay_loader(loader, cfg.replay, setup.replay_data_dir)

@@ -103,6 +103,25 @@ class IsoFlopRule(Config):
 
 
 @dataclass
+class EpochsRule(Config):
+    """An epochs sweep (data-limited regime): a fixed budget of ``unique_tokens`` U repeated R times
+    for every R in ``repetitions``, each against a run on R·U tokens of fresh data (the first R·U
+    tokens of the training split, seen once). Both arms train D = R·U tokens; R = 1 is one run.
+    U is rounded down to whole optimizer steps, so R epochs are exactly R·U tokens."""
+
+    unique_tokens: Number = 0
+    repetitions: list[float] = field(default_factory=lambda: [1, 2, 4, 8, 16])
+    fresh: bool = True      # also train the fresh-data arm (without it, only the repeated runs)
+
+    def __post_init__(self) -> None:
+        self.unique_tokens = _number(self.unique_tokens, "unique_tokens")
+        if not self.repetitions or any(not (math.isfinite(r) and r >= 1) for r in self.repetitions):
+            raise ValueError(f"repetitions: give epochs >= 1, e.g. [1, 2, 4, 8, 16], got {self.repetitions}")
+        if len(set(self.repetitions)) != len(self.repetitions):
+            raise ValueError(f"repetitions: repeated values in {self.repetitions}")
+
+
+@dataclass
 class ScheduleRule(Config):
     """LR schedule matched to each rung's length.
 
@@ -221,6 +240,7 @@ class LadderConfig(Config):
     out_dir: str = "runs/ladders"                 # the ladder lives in out_dir/name
     grid: GridRule | None = None
     isoflop: IsoFlopRule | None = None
+    epochs: EpochsRule | None = None              # an epochs sweep: repeated vs fresh data (data-limited regime)
     schedule: ScheduleRule = field(default_factory=ScheduleRule)
     lr: LRRule = field(default_factory=LRRule)
     batch: BatchRule = field(default_factory=BatchRule)
@@ -236,8 +256,12 @@ class LadderConfig(Config):
     def __post_init__(self) -> None:
         if not self.name or "/" in self.name:
             raise ValueError(f"name must be a non-empty directory name, got {self.name!r}")
-        if (self.grid is None) == (self.isoflop is None):
-            raise ValueError("give exactly one of grid (sizes × token budgets) or isoflop (compute budgets)")
+        if sum(rule is not None for rule in (self.grid, self.isoflop, self.epochs)) != 1:
+            raise ValueError("give exactly one of grid (sizes × token budgets), isoflop (compute budgets) or "
+                             "epochs (a unique-token budget repeated vs fresh data)")
+        if self.epochs is not None and self.schedule.kind != "cosine":
+            raise ValueError("epochs: the sweep needs schedule.kind: cosine (a WSD chain would resume one arm's "
+                             "checkpoint, trained on other data, in another)")
         if self.evals_per_run < 1:
             raise ValueError(f"evals_per_run must be >= 1, got {self.evals_per_run}")
         if self.checkpoint_every is not None and self.checkpoint_every < 0:
@@ -250,7 +274,7 @@ class LadderConfig(Config):
         if isinstance(data, dict):
             data = dict(data)
             prefix = f"{path}." if path else ""
-            for key, rule in (("grid", GridRule), ("isoflop", IsoFlopRule)):
+            for key, rule in (("grid", GridRule), ("isoflop", IsoFlopRule), ("epochs", EpochsRule)):
                 if isinstance(data.get(key), dict):
                     data[key] = rule.from_dict(data[key], path=f"{prefix}{key}")
         return super().from_dict(data, path)  # type: ignore[return-value]

@@ -26,7 +26,7 @@ from typing import Any
 
 from lmforge.core.code_version import code_version
 from lmforge.core.config import read_yaml
-from lmforge.core.errors import DataError, LmforgeError
+from lmforge.core.errors import ConfigError, DataError, LmforgeError
 from lmforge.core.io import atomic_write_json, read_json, sha256_file
 from lmforge.scaling.ladder.config import LadderConfig, load_ladder_config
 from lmforge.scaling.ladder.gather import LADDER_CSV, write_results
@@ -76,15 +76,16 @@ def print_plan(plan: LadderPlan, console) -> None:
     from rich.table import Table
 
     cfg = plan.cfg
-    mode = "grid" if cfg.grid is not None else "IsoFLOP"
+    mode = "grid" if cfg.grid is not None else "IsoFLOP" if cfg.isoflop is not None else "epochs sweep"
     table = Table(title=f"Ladder {cfg.name}: {len(plan.rungs)} rungs ({mode}, {cfg.schedule.kind}), "
                         f"N = {cfg.count}, C = 6·N_active·D")
-    for column in ("rung", "N active", "N non-emb", "D", "C", "steps", "batch", "lr", "warmup", "decay from",
+    for column in ("rung", "N active", "N non-emb", "D", "U", "C", "steps", "batch", "lr", "warmup", "decay from",
                    "resumes at", "held out"):
         table.add_column(column, justify="left" if column == "rung" else "right", no_wrap=column == "rung")
     for r in plan.rungs:
         table.add_row(r.name, short_number(r.counts.active), short_number(r.n_active_non_embedding),
-                      short_number(r.tokens), f"{r.compute:.3g}", str(r.steps), str(r.batch_size), f"{r.lr:.3g}",
+                      short_number(r.tokens), "all" if r.unique_tokens is None else short_number(r.unique_tokens),
+                      f"{r.compute:.3g}", str(r.steps), str(r.batch_size), f"{r.lr:.3g}",
                       str(r.warmup_steps), "-" if r.decay_start is None else str(r.decay_start),
                       f"step {r.branch_step}" if r.parent else "-", "yes" if r.holdout else "")
     console.print(table)
@@ -202,6 +203,10 @@ def finish(plan: LadderPlan, console, holdout: bool) -> tuple[list[dict], dict |
         console.print(f"written: {written}", highlight=False)
     if prediction is not None:
         print_prediction(prediction, console)
+    if plan.cfg.epochs is not None:
+        from lmforge.scaling.ladder.epochs import print_epochs
+
+        print_epochs(plan, rows, console)
     return rows, prediction
 
 
@@ -257,6 +262,9 @@ def run_ladder(config: str | Path, overrides: list[str] | None = None, workers: 
 
         show(plan, config, overrides, holdout, console)
         return 0
+    if holdout and plan.cfg.epochs is not None:
+        raise ConfigError("--holdout-largest predicts held-out rungs from a fit of L(N, D); an epochs sweep fits "
+                          "R*_D at each size and has none")
     if holdout and all(r.holdout for r in plan.rungs):
         raise DataError("--holdout-largest: every rung would be held out (one model size or one compute "
                         "budget); the ladder needs more sizes or budgets")

@@ -4,8 +4,9 @@
 names are the ones ``lmforge scaling fit`` finds by default: ``N`` (the ladder's ``count``:
 active parameters, or active without embedding/head), ``D`` (tokens trained), ``C``
 (= 6·N_active·D), ``loss`` (final held-out loss, nats per token, averaged over every
-held-out token of every domain) and ``U`` (unique training tokens of the prepared data,
-for data-constrained fits when D > U). The rung name is in ``rung`` — deliberately not
+held-out token of every domain) and ``U`` (unique training tokens: the run's
+``data.unique_tokens`` budget when set, as in an epochs sweep, else those of the prepared
+data; for data-constrained fits when D > U). The rung name is in ``rung`` — deliberately not
 ``run``: the fitter would read ``run`` as "one training curve per row", while rows with
 equal N are one size's schedule-matched curve (Approach 1's envelope needs that).
 
@@ -106,7 +107,8 @@ def read_rung(run_dir: Path, rung: Rung | None = None, count: str = "active") ->
         "C": 6.0 * counts.active * tokens,
         "loss": loss,
         "bpb": bpb,
-        "U": _unique_tokens(run_dir),
+        # A run restricted to a unique-token budget (an epochs sweep) saw only that many.
+        "U": cfg.data.unique_tokens or _unique_tokens(run_dir),
         "n_total": counts.total,
         "n_active": counts.active,
         "n_active_non_embedding": active_non_embedding,

@@ -67,6 +67,8 @@ class Rung:
     log_every: int = 10
     min_lr_ratio: float = 0.1
     decay_fraction: float | None = None
+    unique_tokens: int | None = None  # epochs sweep: the unique-token budget (data.unique_tokens) it trains on
+    repetitions: float | None = None   # epochs sweep: D / U of its repeated arm (R·U tokens, repeated or fresh)
 
     @property
     def tokens_per_step(self) -> int:
@@ -230,10 +232,43 @@ def steps_with_decay_start(start: int, near: int, optim: OptimConfig) -> int:
 # --------------------------------------------------------------------------- the plan
 
 
-def _targets(cfg: LadderConfig, counts: list[ParameterCounts]) -> list[tuple[int, float, float | None, str]]:
+def epochs_unique_tokens(cfg: LadderConfig, tokens_per_step: int) -> int:
+    """The epochs sweep's unique-token budget U, rounded down to whole optimizer steps."""
+    assert cfg.epochs is not None
+    unique = int(cfg.epochs.unique_tokens) // tokens_per_step * tokens_per_step
+    if unique < tokens_per_step:
+        raise ConfigError(f"epochs.unique_tokens: {cfg.epochs.unique_tokens:g} is less than one optimizer step "
+                          f"({tokens_per_step} tokens)")
+    return unique
+
+
+def epochs_targets(cfg: LadderConfig, tokens_per_step: int) -> list[tuple[int, float, str, int, float]]:
+    """(size index, D, rung name, unique tokens, R) of every run of an epochs sweep: for each R,
+    U repeated R times (``..._R4_repeat``) and R·U fresh tokens seen once (``..._R4_fresh``);
+    R = 1 is the single run ``..._R1``."""
+    assert cfg.epochs is not None
+    unique = epochs_unique_tokens(cfg, tokens_per_step)
+    out = []
+    for size, (d_model, n_layers) in enumerate(cfg.sizes.dims()):
+        for repeats in sorted(cfg.epochs.repetitions):
+            tokens = round(repeats * unique / tokens_per_step) * tokens_per_step
+            prefix = f"d{d_model}L{n_layers}_R{repeats:g}"
+            if tokens == unique:
+                out.append((size, float(tokens), prefix, unique, float(repeats)))
+                continue
+            out.append((size, float(tokens), f"{prefix}_repeat", unique, float(repeats)))
+            if cfg.epochs.fresh:
+                out.append((size, float(tokens), f"{prefix}_fresh", tokens, float(repeats)))
+    return out
+
+
+def _targets(cfg: LadderConfig, counts: list[ParameterCounts],
+             tokens_per_step: int = 0) -> list[tuple[int, float, float | None, str]]:
     """(size index, target D, budget C or None, rung name) for every rung."""
     dims = cfg.sizes.dims()
     out = []
+    if cfg.epochs is not None:
+        return [(size, tokens, None, name) for size, tokens, name, _, _ in epochs_targets(cfg, tokens_per_step)]
     if cfg.grid is not None:
         for size, (d_model, n_layers) in enumerate(dims):
             prefix = f"d{d_model}L{n_layers}"
@@ -288,14 +323,25 @@ def build_plan(cfg: LadderConfig, base: dict[str, Any], vocab_size: int | None =
         except ConfigError as exc:
             raise ConfigError(f"sizes: d_model {d_model}, n_layers {n_layers}: {exc}") from None
     counts = [count_parameters(m) for m in models]
-    targets = _targets(cfg, counts)
+    unique: dict[str, tuple[int, float]] = {}
+    if cfg.epochs is not None:
+        # Every run of the sweep shares one batch, so R epochs of U are exactly R·U tokens.
+        if cfg.batch.compute_exponent != 0.0:
+            raise ConfigError("batch.compute_exponent: an epochs sweep needs one batch size for every run (0)")
+        tokens_per_step = cfg.batch.sequences * seq_len
+        unique = {name: (u, r) for _, _, name, u, r in epochs_targets(cfg, tokens_per_step)}
+        targets = _targets(cfg, counts, tokens_per_step)
+    else:
+        targets = _targets(cfg, counts)
     names = [t[3] for t in targets]
     if len(set(names)) != len(names):
         raise ConfigError(f"two rungs would share a name ({sorted(n for n in names if names.count(n) > 1)[0]}): "
                           "token budgets or compute budgets are too close")
 
     # Held out by --holdout-largest: the largest model (grid) or the largest budget (IsoFLOP).
-    if cfg.grid is not None:
+    if cfg.epochs is not None:  # an epochs sweep has no held-out prediction
+        holdout: set[str] = set()
+    elif cfg.isoflop is None:
         largest = max(range(len(dims)), key=lambda i: counts[i].active)
         holdout = {t[3] for t in targets if t[0] == largest}
     else:
@@ -315,11 +361,12 @@ def build_plan(cfg: LadderConfig, base: dict[str, Any], vocab_size: int | None =
             for _, tokens, budget, name in mine:
                 batch = cfg.batch.sequences_for(6.0 * counts[size].active * tokens)
                 steps = max(1, round(tokens / (batch * seq_len)))
+                u, r = unique.get(name, (None, None))
                 rungs.append(Rung(name=name, target_tokens=tokens, steps=steps, batch_size=batch,
                                   warmup_steps=min(_warmup(cfg, steps), steps - 1), budget=budget,
                                   holdout=name in holdout, eval_every=max(1, steps // cfg.evals_per_run),
                                   checkpoint_every=interval, keep_checkpoints=base_cfg.train.keep_checkpoints,
-                                  **common))
+                                  unique_tokens=u, repetitions=r, **common))
         else:
             rungs += _wsd_chain(cfg, mine, common, holdout, interval, base_cfg.train.keep_checkpoints)
     plan = LadderPlan(cfg=cfg, base=base, vocab_size=vocab_size, rungs=rungs)
@@ -380,6 +427,8 @@ def run_config(plan: LadderPlan, rung: Rung) -> dict[str, Any]:
                  checkpoint_every=rung.checkpoint_every, keep_checkpoints=rung.keep_checkpoints,
                  log_every=max(1, min(rung.log_every, rung.steps)))
     run["train"] = train
+    if rung.unique_tokens is not None:
+        run["data"] = {**(run.get("data") or {}), "unique_tokens": rung.unique_tokens}
     try:
         return RunConfig.from_dict(run).to_dict()
     except ConfigError as exc:

@@ -144,6 +144,11 @@ def fit_and_plot(plan: LadderPlan, rows: list[dict], prediction: dict | None) ->
     written: list[Path] = []
     rule = plan.cfg.fit
     fit = None
+    if plan.cfg.epochs is not None:  # an epochs sweep: R*_D at each size, not L(N, D)
+        from lmforge.scaling.ladder.epochs import fit_and_plot_epochs
+
+        written += fit_and_plot_epochs(plan, rows)
+        rows = []
     if len(rows) >= 2:
         try:
             table = read_table(plan.ladder_dir / LADDER_CSV)
