@@ -72,6 +72,15 @@ def test_train_evaluate_resume_and_generate(tmp_path):
     result = run_cli("generate", str(run), "--image", str(tmp_path / "bad.png"), "--device", "cpu")
     assert result.returncode == 2 and "not an image" in result.stderr
 
+    # lmforge eval adds caption loss and accuracy; the Hugging Face exporter refuses a multimodal model
+    result = run_cli("eval", str(run), "--device", "cpu")
+    assert result.returncode == 0, result.stderr
+    assert "multimodal (discrete route)" in result.stdout
+    record = json.loads((run / "eval" / "step_0000010.json").read_text())
+    assert record["multimodal"]["bits_per_token_image"] > 0 and 0 <= record["multimodal"]["caption_accuracy"] <= 1
+    result = run_cli("export", str(run), "--out", str(tmp_path / "hf"))
+    assert result.returncode == 2 and "supports text-only families" in result.stderr
+
 
 def test_generate_image_options_need_a_multimodal_model(tmp_path):
     from lmforge.core.errors import ConfigError

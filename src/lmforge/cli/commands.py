@@ -136,6 +136,10 @@ def evaluate(args: argparse.Namespace) -> int:
     data_dir = resolve_data_dir(checkpoint, cfg.data.out_dir)  # relative to where the run trained
     result = heldout_record(model, data_dir, seq_len, cfg.eval, device, max_tokens=args.max_tokens)
     complete_evaluation(result, model, tokenizer, data_dir, cfg.eval)
+    if cfg.model.family == "multimodal":  # caption loss and accuracy on the held-out images
+        from lmforge.eval.multimodal import evaluate_run_multimodal
+
+        result["multimodal"] = evaluate_run_multimodal(model, cfg.model, data_dir, tokenizer, device)  # type: ignore[arg-type]
     result["checkpoint"] = str(checkpoint)
     result["train_seq_len"] = cfg.train.seq_len
     eval_dir = checkpoint.parent.parent / "eval"
@@ -218,10 +222,21 @@ def _generate_multimodal(args: argparse.Namespace, model, tokenizer, config, che
     import torch
 
     from lmforge.nn.generation import generate as sample
-    from lmforge.serve.multimodal import generate_image, image_prompt_ids, load_image_tokenizer, save_png
+    from lmforge.serve.multimodal import (continue_after_image, generate_image, image_prompt_ids, load_image_tokenizer,
+                                          model_route, patch_image_prompt, require_image_output, save_png)
 
-    image_tokenizer, layout = load_image_tokenizer(checkpoint, config)
     generator = torch.Generator(device=device).manual_seed(args.seed)
+    if model_route(config) != "discrete":  # continuous / encoder routes: patches in, text out
+        if args.image_out:
+            require_image_output(config)
+        ids, images = patch_image_prompt(args.image, config, tokenizer)
+        prompt = args.prompt or ""
+        prompt_ids = torch.tensor([ids + tokenizer.encode(prompt)], dtype=torch.long, device=device)
+        out = continue_after_image(model, prompt_ids, images.to(device), args.max_new_tokens, args.temperature,
+                                   args.top_k or None, tokenizer.eos_id, generator)
+        print(prompt + tokenizer.decode(out[0].tolist()))
+        return 0
+    image_tokenizer, layout = load_image_tokenizer(checkpoint, config)
     if args.image_out:
         if args.image:
             raise ConfigError("--image and --image-out: give one (caption an image, or draw one)")

@@ -65,8 +65,14 @@ class ImageTextExamples:
             raise DataError(f"{data_dir}: image codes up to {int(self.codes.max())} exceed the codebook "
                             f"({layout.codebook_size} entries)")
 
+    predicts_images = True  # image tokens are targets too (the discrete route writes images)
+
     def __len__(self) -> int:
         return len(self.codes)
+
+    def model_inputs(self, images: list[int]) -> dict[str, Any]:
+        """Extra model arguments for rows holding these images: none, the codes are in the ids."""
+        return {}
 
     def image_ids(self, index: int) -> list[int]:
         """begin-image, the image's codes as vocabulary ids, end-image."""

@@ -1,12 +1,13 @@
-"""Evaluation of image-text models of the discrete route, on the held-out images only.
+"""Evaluation of image-text models, on the held-out images only.
 
 - :func:`modality_losses`: held-out loss and bits per token, separately for text and image tokens
-  (begin/end-image count as image), over sequences in both orders; with MoE, the share of routed
-  token-slots each expert gets from text tokens and from image tokens.
-- :func:`caption_accuracy`: image -> text. Each labelled held-out image is captioned with the
+  (begin/end-image count as image), over sequences in both orders, and of the caption after the
+  image; with MoE, the share of routed token-slots each expert gets from text tokens and from
+  image tokens. (Every route; the continuous routes have no image loss.)
+- :func:`caption_accuracy`: image -> text (every route). Each labelled held-out image is captioned with the
   most likely of the labels' captions (``caption_template``), by the model's log-likelihood of
   the caption after the image; accuracy and the confusion matrix.
-- :func:`generate_images` + :func:`score_generated`: text -> image. Images sampled after each
+- :func:`generate_images` + :func:`score_generated`: text -> image (the discrete route only). Images sampled after each
   label's caption, decoded by the codebook, and classified by a logistic regression fitted on the
   held-out split's pixels (never on training images); :func:`training_copies` counts the samples
   that reproduce a training image exactly (memorization).
@@ -49,14 +50,24 @@ def label_order(labels: list[str | None]) -> list[str]:
     return sorted(found, key=lambda label: (DIGIT_WORDS.index(label) if label in DIGIT_WORDS else 99, label))
 
 
+def _model_inputs(examples: Any, images: list[int], device: torch.device) -> dict[str, torch.Tensor]:
+    """The extra model arguments of rows holding these images (the continuous routes' patches)."""
+    return {k: v.to(device) for k, v in examples.model_inputs(images).items()}
+
+
 @torch.no_grad()
-def modality_losses(model: nn.Module, examples: ImageTextExamples, device: torch.device,
+def modality_losses(model: nn.Module, examples: ImageTextExamples | Any, device: torch.device,
                     max_images: int | None = None, batch_size: int = 64) -> dict[str, Any]:
+    """Held-out loss by modality over sequences in both orders; ``caption`` is the text of the
+    image -> text sequences only (the caption given the image, end-of-text included). On the
+    continuous routes (``examples.predicts_images`` false) image positions are never targets, so
+    there is no image loss (None)."""
     layout, eos = examples.layout, examples.eos
     count = len(examples) if max_images is None else min(max_images, len(examples))
     sequences = [[eos] + examples.example(i, 0, order) for i in range(count) for order in (True, False)]
-    sums = {"text": 0.0, "image": 0.0}
-    tokens = {"text": 0, "image": 0}
+    rows_images = [i for i in range(count) for _ in (True, False)]
+    sums = {"text": 0.0, "image": 0.0, "caption": 0.0}
+    tokens = {"text": 0, "image": 0, "caption": 0}
     moe_layers = [m for m in model.modules() if isinstance(m, MoE)]
     routed: dict[str, np.ndarray] = {}
     captured: list[torch.Tensor] = []
@@ -69,11 +80,14 @@ def modality_losses(model: nn.Module, examples: ImageTextExamples, device: torch
             inputs, targets = _padded(sequences[first:first + batch_size], eos)
             inputs, targets = inputs.to(device), targets.to(device)
             captured.clear()
-            logits = model(inputs).logits.float()
+            logits = model(inputs, **_model_inputs(examples, rows_images[first:first + batch_size], device)).logits.float()
             losses = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="none")
             scored = targets.flatten() != -100
             image = layout.is_image_token(targets.flatten())
-            for name, mask in (("text", scored & ~image), ("image", scored & image)):
+            image_first = torch.tensor([(first + row) % 2 == 1 for row in range(len(inputs))], device=device)
+            image_first = image_first[:, None].expand_as(targets).flatten()
+            for name, mask in (("text", scored & ~image), ("image", scored & image),
+                               ("caption", scored & ~image & image_first)):
                 sums[name] += float(losses[mask].sum())
                 tokens[name] += int(mask.sum())
             valid_inputs = (targets != -100).flatten()
@@ -88,7 +102,10 @@ def modality_losses(model: nn.Module, examples: ImageTextExamples, device: torch
             hook.remove()
         model.train(was_training)
     out: dict[str, Any] = {"images": count}
-    for name in ("text", "image"):
+    for name in ("text", "image", "caption"):
+        if name == "image" and not getattr(examples, "predicts_images", True):
+            out.update(loss_image=None, bits_per_token_image=None, tokens_image=0)
+            continue
         loss = sums[name] / max(tokens[name], 1)
         out[f"loss_{name}"] = loss
         out[f"bits_per_token_{name}"] = loss / math.log(2)
@@ -100,7 +117,7 @@ def modality_losses(model: nn.Module, examples: ImageTextExamples, device: torch
 
 
 @torch.no_grad()
-def caption_accuracy(model: nn.Module, examples: ImageTextExamples, tokenizer: Tokenizer, template: str,
+def caption_accuracy(model: nn.Module, examples: ImageTextExamples | Any, tokenizer: Tokenizer, template: str,
                      device: torch.device, max_images: int | None = None, batch_size: int = 256) -> dict[str, Any] | None:
     """Image -> the most likely label caption; None when fewer than two labels are known."""
     labels = label_order(examples.labels)
@@ -112,6 +129,7 @@ def caption_accuracy(model: nn.Module, examples: ImageTextExamples, tokenizer: T
     if max_images is not None:
         images = images[:max_images]
     requests = [([eos] + examples.image_ids(i), candidate) for i in images for candidate in candidates]
+    request_images = [i for i in images for _ in candidates]
     scores = np.zeros(len(requests))
     was_training = model.training
     model.eval()
@@ -121,7 +139,8 @@ def caption_accuracy(model: nn.Module, examples: ImageTextExamples, tokenizer: T
             inputs, targets = _padded([context + candidate for context, candidate in chunk], eos)
             for row, (context, _) in enumerate(chunk):  # score only the caption
                 targets[row, : len(context) - 1] = -100
-            log_probs = F.log_softmax(model(inputs.to(device)).logits.float(), dim=-1)
+            extra = _model_inputs(examples, request_images[first:first + len(chunk)], device)
+            log_probs = F.log_softmax(model(inputs.to(device), **extra).logits.float(), dim=-1)
             picked = log_probs.gather(-1, targets.clamp(min=0).to(device)[..., None])[..., 0]
             picked = picked.masked_fill(targets.to(device) == -100, 0.0)
             scores[first:first + len(chunk)] = picked.sum(dim=1).cpu().numpy()

@@ -106,6 +106,10 @@ def describe(record: dict[str, Any]) -> list[str]:
             if part and part["items"]:
                 lines.append(f"  {label} items (13-gram overlap with training data: {label == 'dirty'}): "
                              f"{part['items']}, acc {part['acc']:.3f}, acc_norm {part['acc_norm']:.3f}")
+    if record.get("multimodal"):
+        from lmforge.eval.multimodal import describe_multimodal
+
+        lines += describe_multimodal(record["multimodal"])
     iso = record.get("isolation")
     if iso:
         lines.append(f"isolation: {iso['overlap']} of {iso['heldout_docs']} held-out documents found in training data")

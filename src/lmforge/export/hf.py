@@ -207,6 +207,10 @@ def export_hf(model: torch.nn.Module, cfg: ModelConfig, tokenizer_json: Path, ou
     after the reloaded model reproduces lmforge's logits, so a failed export leaves nothing
     behind. ``overwrite`` replaces only an earlier lmforge export (see :mod:`.folder`).
     """
+    if cfg.family == "multimodal":
+        raise ExportError("model family 'multimodal': the Hugging Face exporter supports text-only families (the "
+                          "transformer family); a multimodal model's image vocabulary, patch projection or image "
+                          "encoder has no transformers equivalent here. Use it with lmforge generate / lmforge eval")
     if cfg.family != "transformer":
         raise ExportError(f"model family {cfg.family!r} has no transformers equivalent; export writes the "
                           "transformer family (dense: Llama/Qwen3, MoE: Mixtral/Qwen3-MoE)")

@@ -25,6 +25,7 @@ from lmforge.core.registry import Registry
 from lmforge.nn.config import ModelConfig
 from lmforge.nn.counting import ParameterCounts, count_parameters, flops_per_token
 from lmforge.nn.multimodal import MultimodalModelConfig
+from lmforge.nn.patch_input import count_multimodal_parameters, multimodal_flops_per_token
 from lmforge.nn.retro import RetroModelConfig
 
 
@@ -51,8 +52,11 @@ MODEL_FAMILIES.register("transformer")(ModelFamily("transformer", ModelConfig))
 # RETRO's counts are its decoder's (the encoder and cross-attention are logged by the trainer):
 # scaling fits and MFU compare decoders.
 MODEL_FAMILIES.register("retro")(ModelFamily("retro", RetroModelConfig, inference_config=_retro_for_inference))
-# Text and image codes in one vocabulary (nn/multimodal.py): the counts are the Transformer's over it.
-MODEL_FAMILIES.register("multimodal")(ModelFamily("multimodal", MultimodalModelConfig))
+# Text and images (nn/multimodal.py): the Transformer's counts over the extended vocabulary, plus the
+# patch projection / image encoder of the continuous routes (nn/patch_input.py).
+MODEL_FAMILIES.register("multimodal")(ModelFamily("multimodal", MultimodalModelConfig,
+                                                  count_parameters=count_multimodal_parameters,  # type: ignore[arg-type]
+                                                  flops_per_token=multimodal_flops_per_token))  # type: ignore[arg-type]
 
 
 def family_name(model: dict[str, Any]) -> str:

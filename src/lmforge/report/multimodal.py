@@ -27,6 +27,8 @@ def _records(run_dir: Path) -> list[dict[str, Any]]:
 
 
 def _cell(value: Any) -> str:
+    if value is None:  # image bits/token of the continuous routes: images are never targets there
+        return "n/a"
     return f"{value:.4g}" if isinstance(value, float) else escape(str(value))
 
 
@@ -41,11 +43,16 @@ def multimodal_section(run_dir: Path) -> str:
     if records:
         rows = "".join(
             "<tr>" + "".join(f"<td>{_cell(r.get(k, '-'))}</td>" for k in
-                             ("step", "bits_per_token_text", "bits_per_token_image", "caption_accuracy")) + "</tr>"
+                             ("step", "bits_per_token_text", "bits_per_token_caption", "bits_per_token_image",
+                              "caption_accuracy")) + "</tr>"
             for r in records)
-        out += ("<table><tr><th>step</th><th>text bits/token</th><th>image bits/token</th><th>caption accuracy</th></tr>"
-                f"{rows}</table><p class=\"note\">Held-out images, both orders (caption then image, image then "
-                "caption); begin/end-image count as image tokens.</p>")
+        route = records[-1].get("route", "discrete")
+        out += ("<table><tr><th>step</th><th>text bits/token</th><th>caption after image bits/token</th>"
+                f"<th>image bits/token</th><th>caption accuracy</th></tr>{rows}</table><p class=\"note\">Route "
+                f"{escape(str(route))}. Held-out images, both orders (caption then image, image then caption); "
+                "begin/end-image count as image tokens"
+                + ("; image positions are never predicted on this route (n/a)." if route != "discrete" else ".")
+                + "</p>")
     try:
         final = json.loads(final_path.read_text()) if final_path.is_file() else {}
     except (OSError, json.JSONDecodeError):

@@ -29,6 +29,16 @@ def describe_architecture(cfg: RunConfig) -> str:
     return "; ".join(parts)
 
 
+DECODER_FLOPS_FORMULA = "6*N_active(non-embedding + lm head) + 12*n_layers*n_heads*head_dim*seq_len"
+
+
+def _flops_formula(family: str) -> str:
+    """How flops_per_token was counted: the decoder's formula, plus what a family adds (its own counting)."""
+    if family == "transformer":
+        return DECODER_FLOPS_FORMULA
+    return f"{DECODER_FLOPS_FORMULA}, plus the {family!r} family's own modules (its registered FLOP counting)"
+
+
 def write_model_card(
     run_dir: Path,
     cfg: RunConfig,
@@ -49,7 +59,7 @@ def write_model_card(
             "non_embedding": counts.non_embedding,
         },
         "flops_per_token": flops_per_token,
-        "flops_per_token_formula": "6*N_active(non-embedding + lm head) + 12*n_layers*n_heads*head_dim*seq_len",
+        "flops_per_token_formula": _flops_formula(cfg.model.family),
         "seq_len": cfg.train.seq_len,
         "vocab_size": cfg.model.vocab_size,
         "moe": cfg.model.moe.to_dict() if cfg.model.moe else None,

@@ -26,8 +26,12 @@ from lmforge.core.metrics_file import append_metrics
 from lmforge.data.image_tokenizer import IMAGE_TOKENIZER_FILE, ImageTokenizer, ImageTokenLayout
 from lmforge.data.interleaved import ImageTextExamples, InterleavedLoader
 from lmforge.data.tokenizer import Tokenizer
-from lmforge.eval.captions import (caption_accuracy, confusion_lines, generate_images, image_grid_png,
-                                   modality_losses, pixel_classifier, score_generated, training_copies)
+from lmforge.data.image_config import IMAGE_SOURCE_KINDS, ImageSourceConfig
+from lmforge.data.patch_sequences import PatchExamples, PatchSequenceLoader
+from lmforge.eval.captions import (confusion_lines, generate_images, image_grid_png, pixel_classifier,
+                                   score_generated, training_copies)
+from lmforge.eval.multimodal import multimodal_evaluation, split_examples
+from lmforge.nn.families import family_of
 from lmforge.nn.multimodal import MultimodalModelConfig, MultimodalSettings
 from lmforge.train.callbacks import HeldoutEvaluator
 from lmforge.train.checkpoint import unwrap
@@ -38,17 +42,6 @@ if TYPE_CHECKING:
     from lmforge.train.trainer import Trainer
 
 log = get_logger(__name__)
-
-
-def multimodal_evaluation(model: torch.nn.Module, heldout: ImageTextExamples, tokenizer: Tokenizer,
-                          settings: MultimodalSettings, device: torch.device, max_images: int | None) -> dict[str, Any]:
-    """Held-out loss by modality (and MoE load by modality) and caption accuracy."""
-    result = modality_losses(model, heldout, device, max_images)
-    captions = caption_accuracy(model, heldout, tokenizer, settings.caption_template, device, max_images)
-    if captions is not None:
-        result["caption_accuracy"] = captions["accuracy"]
-        result["captions"] = captions
-    return result
 
 
 def generation_evaluation(model: torch.nn.Module, heldout: ImageTextExamples, tokenizer: Tokenizer,
@@ -74,8 +67,8 @@ def generation_evaluation(model: torch.nn.Module, heldout: ImageTextExamples, to
 class MultimodalEvaluator(HeldoutEvaluator):
     """The default held-out evaluation (bits-per-byte of the caption text) plus the multimodal one."""
 
-    def __init__(self, heldout: ImageTextExamples, image_tokenizer: ImageTokenizer, settings: MultimodalSettings,
-                 training_codes: Any = None):
+    def __init__(self, heldout: ImageTextExamples | PatchExamples, image_tokenizer: ImageTokenizer | None,
+                 settings: MultimodalSettings, training_codes: Any = None):
         super().__init__()
         self.heldout, self.image_tokenizer, self.settings = heldout, image_tokenizer, settings
         self.training_codes = training_codes  # to count generated copies of training images
@@ -92,8 +85,10 @@ class MultimodalEvaluator(HeldoutEvaluator):
             extra["caption_confusion"] = result["captions"]["confusion"]
             extra["caption_labels"] = result["captions"]["labels"]
         append_metrics(trainer.run_dir / "metrics.jsonl", extra)
-        log.info("step %d held-out bits/token: text %.3f, image %.3f%s%s", trainer.step,
-                 result["bits_per_token_text"], result["bits_per_token_image"],
+        image_bits = result["bits_per_token_image"]
+        log.info("step %d held-out bits/token: text %.3f, caption after image %.3f, image %s%s%s", trainer.step,
+                 result["bits_per_token_text"], result["bits_per_token_caption"],
+                 "n/a" if image_bits is None else f"{image_bits:.3f}",
                  f"; caption accuracy {result['caption_accuracy']:.3f} on {result['captions']['images']} images"
                  if "captions" in result else "",
                  f"; expert load text {result['moe_expert_load'].get('text')} image {result['moe_expert_load'].get('image')}"
@@ -108,7 +103,10 @@ class MultimodalEvaluator(HeldoutEvaluator):
         model = unwrap(trainer.model)
         result = multimodal_evaluation(model, self.heldout, trainer.tokenizer, self.settings, trainer.device, None)
         labels = result.get("captions", {}).get("labels", [])
-        if labels and self.settings.images_per_label:
+        if self.image_tokenizer is None:
+            log.info("image generation does not apply to route %r (images are read, never predicted); "
+                     "only the discrete route writes images", self.settings.route)
+        elif labels and self.settings.images_per_label:
             result["generation"], png = generation_evaluation(model, self.heldout, trainer.tokenizer,
                                                               self.image_tokenizer, self.settings, labels,
                                                               trainer.device, trainer.cfg.eval.seed,
@@ -125,11 +123,16 @@ class MultimodalEvaluator(HeldoutEvaluator):
                      result["caption_accuracy"], result["captions"]["images"])
             for line in confusion_lines(result["captions"]):
                 log.info("  %s", line)
-        result.update(step=trainer.step, tokens=trainer.tokens, image_tokenizer={
-            "codebook_size": self.image_tokenizer.codebook_size, "patch_size": self.image_tokenizer.patch_size,
-            "tokens_per_image": self.image_tokenizer.tokens_per_image,
-            "reconstruction_error_heldout": self.image_tokenizer.reconstruction_error(self.heldout.pixels)
-            if len(self.heldout) else None})
+        # Training compute by the family's counting (decoder + patch projection / image encoder).
+        result.update(step=trainer.step, tokens=trainer.tokens, flops_per_token=trainer.flops_per_token,
+                      training_flops=trainer.flops_per_token * trainer.tokens,
+                      parameters=family_of(trainer.cfg.model).count_parameters(trainer.cfg.model).total)
+        if self.image_tokenizer is not None:
+            result["image_tokenizer"] = {
+                "codebook_size": self.image_tokenizer.codebook_size, "patch_size": self.image_tokenizer.patch_size,
+                "tokens_per_image": self.image_tokenizer.tokens_per_image,
+                "reconstruction_error_heldout": self.image_tokenizer.reconstruction_error(self.heldout.pixels)
+                if len(self.heldout) else None}
         atomic_write_json(trainer.run_dir / "eval" / "multimodal.json", result)
 
 
@@ -141,6 +144,9 @@ def _check_run(cfg: "RunConfig") -> None:
                           "(before 'tokenizer') and image sources (kind demo_digits, image_folder, image_parquet, "
                           "image_hf)")
     assert isinstance(cfg.model, MultimodalModelConfig)
+    if cfg.model.multimodal.route != "discrete":
+        _check_patch_route(cfg)
+        return
     # The codebook trained by the data pipeline decides the image vocabulary; recorded in the
     # resolved config so a checkpoint rebuilds the same model.
     size = cfg.data.image_tokenizer.codebook_size
@@ -149,9 +155,29 @@ def _check_run(cfg: "RunConfig") -> None:
                                                                                   codebook_size=size))
 
 
+def _check_patch_route(cfg: "RunConfig") -> None:
+    """Continuous / encoder routes: the image geometry (from the image sources) is recorded in the
+    resolved config, so a checkpoint rebuilds the same patch projection / encoder."""
+    assert isinstance(cfg.model, MultimodalModelConfig)
+    route = cfg.model.multimodal.route
+    if cfg.train.context_parallel > 1:
+        raise ConfigError(f"train.context_parallel: route {route!r} of the multimodal family runs whole sequences "
+                          "(set train.context_parallel: 1)")
+    shapes = {(tuple((s.image or ImageSourceConfig()).size), (s.image or ImageSourceConfig()).mode)
+              for s in cfg.data.sources if s.kind in IMAGE_SOURCE_KINDS}
+    if len(shapes) != 1:
+        raise ConfigError(f"data.sources: route {route!r} needs image sources of one size and mode, got "
+                          f"{sorted(shapes) or 'none'}")
+    (size, mode), = shapes
+    settings = dataclasses.replace(cfg.model.multimodal, image_size=list(size), image_channels=3 if mode == "RGB" else 1)
+    cfg.model = dataclasses.replace(cfg.model, multimodal=settings)
+
+
 def _build(setup: RunSetup, model: torch.nn.Module) -> FamilyParts:
     cfg = setup.cfg
     assert isinstance(cfg.model, MultimodalModelConfig)
+    if cfg.model.multimodal.route != "discrete":
+        return _build_patch_route(setup)
     image_tokenizer = ImageTokenizer.load(setup.data_dir / IMAGE_TOKENIZER_FILE)
     if image_tokenizer.codebook_size != cfg.model.multimodal.codebook_size:
         raise ConfigError(f"model.multimodal.codebook_size ({cfg.model.multimodal.codebook_size}) differs from "
@@ -169,6 +195,30 @@ def _build(setup: RunSetup, model: torch.nn.Module) -> FamilyParts:
                    f"+ 2 + {layout.codebook_size} image = {layout.total}")
     evaluator = MultimodalEvaluator(heldout, image_tokenizer, settings, training_codes=train.codes)
     return FamilyParts(ModelBatches(loader), {"heldout_eval": evaluator}, description)
+
+
+def _build_patch_route(setup: RunSetup) -> FamilyParts:
+    cfg = setup.cfg
+    assert isinstance(cfg.model, MultimodalModelConfig)
+    settings = cfg.model.multimodal
+    train = split_examples(cfg.model, setup.data_dir, "train", setup.tokenizer)
+    heldout = split_examples(cfg.model, setup.data_dir, "heldout", setup.tokenizer)
+    assert isinstance(train, PatchExamples)
+    if list(train.pixels.shape[1:3][::-1]) != settings.image_size:
+        raise ConfigError(f"model.multimodal.image_size {settings.image_size} differs from the prepared images "
+                          f"({train.pixels.shape[2]}x{train.pixels.shape[1]} in {setup.data_dir})")
+    loader = PatchSequenceLoader(train, cfg.train.seq_len, setup.local_batch_size, cfg.train.seed,
+                                 settings.examples_per_row, settings.text_first_fraction, setup.rank,
+                                 setup.world_size, augment_shift=settings.augment_shift)
+    rows, columns = train.grid
+    side = (f"a linear projection of each {cfg.model.patch_dim}-value patch" if settings.route == "continuous" else
+            f"an image encoder ({settings.encoder.n_layers} layers of width {settings.encoder.d_model}) then a "
+            "projection")
+    description = (f"multimodal, route {settings.route}: {len(train)} training / {len(heldout)} held-out images, "
+                   f"{rows}x{columns} patches each (+{rows} row separators, begin/end-image) through {side}; "
+                   f"{settings.examples_per_row} examples per row; loss on text tokens only")
+    evaluator = MultimodalEvaluator(heldout, None, settings)
+    return FamilyParts(ModelBatches(loader, ("images",)), {"heldout_eval": evaluator}, description)
 
 
 TRAINING_FAMILIES.register("multimodal")(TrainingFamily("multimodal", build=_build, check_run=_check_run))
