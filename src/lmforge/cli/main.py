@@ -10,6 +10,7 @@
     lmforge ladder CONFIG [--workers K] [--holdout-largest]
     lmforge continual CONFIG
     lmforge continual-knowledge CONFIG
+    lmforge synth CONFIG [--overwrite] | lmforge synth-collapse CONFIG
     lmforge scaling fit CSV | lmforge scaling plan --compute C
     lmforge retrieval build|add|remove|neighbours|info|train|eval|facts|train-query-encoder ...
 
@@ -188,6 +189,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_scaling_parser(verbs)
     add_ladder_parser(verbs)  # `lmforge ladder CONFIG` = `lmforge scaling ladder CONFIG`
     add_retrieval_parser(verbs)
+    from lmforge.cli.synth import add_synth_parsers
+
+    add_synth_parsers(verbs)
     return parser
 
 
@@ -201,6 +205,12 @@ def _run_retrieval(args: argparse.Namespace) -> int:
     from lmforge.cli.retrieval import run_retrieval
 
     return run_retrieval(args)
+
+
+def _run_synth(args: argparse.Namespace) -> int:
+    from lmforge.cli import synth
+
+    return synth.synth(args) if args.verb == "synth" else synth.synth_collapse(args)
 
 
 def _trains(args: argparse.Namespace) -> bool:
@@ -239,6 +249,8 @@ def main(argv: list[str] | None = None) -> int:
         "continual-knowledge": commands.continual_knowledge,
         "export": commands.export,
         "retrieval": _run_retrieval,
+        "synth": _run_synth,
+        "synth-collapse": _run_synth,
     }[args.verb]
     try:
         code = handler(args) or 0

@@ -13,11 +13,13 @@ from collections import Counter
 
 from lmforge.core.io import atomic_write_json
 from lmforge.core.logging import get_logger
+from lmforge.data.config import DataConfig
 from lmforge.data.eval_registry import EvalSet, eval_sets_digest
 from lmforge.data.heldout_check import heldout_warnings
 from lmforge.data.mixture import manifest_mixture
 from lmforge.data.pipeline import SPLITS
 from lmforge.data.shards import MANIFEST, check_isolation, token_dtype
+from lmforge.data.sources import source_origin
 from lmforge.data.stages import Context
 from lmforge.data.tokenizer import Tokenizer
 
@@ -78,6 +80,7 @@ def write_manifest(ctx: Context, format_version: int, fingerprint: str, timings:
         "steps": summaries,
         "isolation": check_isolation(out),
         "mixture": mixture,
+        "data_origin": data_origin(cfg, sources),
         "totals": {**totals, "documents_read": sum(p.get("read", 0) for p in pipeline.values()), **removed,
                    "tokens": sum(t["tokens"] for t in totals.values()),
                    "bytes": sum(t["bytes"] for t in totals.values())},
@@ -96,6 +99,23 @@ def write_manifest(ctx: Context, format_version: int, fingerprint: str, timings:
     return manifest
 
 
+def data_origin(cfg: DataConfig, sources: dict[str, dict]) -> dict:
+    """Real vs synthetic: per source its origin (and a synthetic one's provenance) and tokens, and
+    the training tokens of each origin."""
+    by_source: dict[str, dict] = {}
+    tokens = {"real": 0, "synthetic": 0}
+    for source in cfg.sources:
+        info = source_origin(source)
+        splits = sources[source.name]
+        info.update(train_tokens=splits["train"]["tokens"], heldout_tokens=splits["heldout"]["tokens"],
+                    train_documents=splits["train"]["documents"])
+        tokens[info["origin"]] += splits["train"]["tokens"]
+        by_source[source.name] = info
+    total = tokens["real"] + tokens["synthetic"]
+    return {"by_source": by_source, "train_tokens": tokens,
+            "synthetic_share_of_train_tokens": tokens["synthetic"] / total if total else 0.0}
+
+
 def log_summary(manifest: dict) -> None:
     for name, splits in manifest["sources"].items():
         p = manifest["pipeline"][name]
@@ -104,6 +124,10 @@ def log_summary(manifest: dict) -> None:
         log.info("%s: %d read; removed: %s; train %d docs / %d tokens, held-out %d docs / %d tokens", name,
                  p["read"], removed or "none", splits["train"]["documents"], splits["train"]["tokens"],
                  splits["heldout"]["documents"], splits["heldout"]["tokens"])
+    origin = manifest.get("data_origin", {}).get("train_tokens", {})
+    if origin.get("synthetic"):
+        log.info("training tokens: %d real, %d synthetic (%.1f%% synthetic)", origin["real"], origin["synthetic"],
+                 100 * manifest["data_origin"]["synthetic_share_of_train_tokens"])
     near, contamination = manifest.get("near_dedup"), manifest["contamination"]
     log.info("near-duplicates: %s; contamination: %s", f"{near['clusters']} clusters" if near else "not looked for",
              f"{contamination['items_with_hits']} eval items hit, {contamination['removed_documents']} "

@@ -43,8 +43,10 @@ def start_ids(prompt_ids: torch.Tensor, eos_id: int | None) -> torch.Tensor:
 
 
 def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None,
-                generator: torch.Generator | None) -> torch.Tensor:
-    """[batch, vocab] logits -> [batch, 1] ids; temperature 0 is greedy, top_k 0/None keeps all."""
+                generator: torch.Generator | None, top_p: float | None = None) -> torch.Tensor:
+    """[batch, vocab] logits -> [batch, 1] ids; temperature 0 is greedy, top_k 0/None keeps all;
+    top_p < 1 keeps the smallest set of most likely tokens whose probability reaches top_p
+    (nucleus sampling, Holtzman et al. 2020)."""
     logits = logits.float()
     if temperature == 0:
         return logits.argmax(dim=-1, keepdim=True)
@@ -52,6 +54,12 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None,
     if top_k and top_k < logits.shape[-1]:
         threshold = logits.topk(top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < threshold, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        ordered, order = logits.sort(dim=-1, descending=True)
+        probabilities = ordered.softmax(dim=-1)
+        before = probabilities.cumsum(dim=-1) - probabilities  # the mass of the more likely tokens
+        ordered = ordered.masked_fill(before >= top_p, float("-inf"))  # the most likely token always stays
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, ordered)
     return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator)
 
 
@@ -74,13 +82,17 @@ def generate(
     top_k: int | None = None,
     eos_id: int | None = None,
     generator: torch.Generator | None = None,
+    top_p: float | None = None,
 ) -> torch.Tensor:
     """Return [batch, T + n]: the whole prompt (T tokens) followed by the n generated ones.
 
     n is ``max_new_tokens`` unless every row produced ``eos_id`` earlier. Temperature 0 is
-    greedy. An empty prompt starts from ``eos_id`` (which is not part of the result).
+    greedy; ``top_p`` below 1 samples from the nucleus (see :func:`sample_next`). An empty
+    prompt starts from ``eos_id`` (which is not part of the result).
     """
     check_sampling_options(max_new_tokens, temperature, top_k)
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise ConfigError(f"top_p must be in (0, 1], got {top_p!r}")
     max_len = model.cfg.max_seq_len
     vocab = model.cfg.vocab_size
     tokens = start_ids(prompt_ids, eos_id)
@@ -89,7 +101,7 @@ def generate(
     logits = model(tokens[:, -max_len:], kv_cache=cache).logits[:, -1]
     generated: list[torch.Tensor] = []
     for step in range(max_new_tokens):
-        next_id = sample_next(logits[:, :vocab], temperature, top_k, generator)  # padded ids never come out
+        next_id = sample_next(logits[:, :vocab], temperature, top_k, generator, top_p)  # padded ids never come out
         generated.append(next_id)
         if step == max_new_tokens - 1 or (eos_id is not None and bool((next_id == eos_id).all())):
             break

@@ -19,6 +19,7 @@ table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ddd;padding
 th{background:#f4f4f4}td:first-child,th:first-child{text-align:left}
 img{max-width:100%}pre{background:#f7f7f7;padding:.8em;overflow-x:auto;white-space:pre-wrap}
 .note{color:#777;font-size:.9em}.grid{display:grid;grid-template-columns:1fr 1fr;gap:.5em}
+.warning{color:#b00000;font-weight:bold}
 """
 
 
@@ -83,8 +84,11 @@ def _heldout(run: RunData) -> str:
         rows.append([domain, value, f"{interval[0]:.4f} - {interval[1]:.4f}" if interval else "-",
                      final.get("eval_documents", {}).get(domain, "-"), final.get("eval_tokens", {}).get(domain, "-"),
                      {"document": "documents", "window": "windows (too few documents)"}.get(unit, "-")])
+    guard = final.get("retrieval_guard")  # RETRO runs: retrieval on vs off, paired by document
+    guard_html = "".join(f'<p class="{"warning" if line.startswith("WARNING") else "note"}">{escape(line)}</p>'
+                         for line in guard["message"].splitlines()) if guard else ""
     return (_table(["domain", "bits/byte", f"{level} interval", "documents scored", "tokens scored", "resampled"],
-                   rows)
+                   rows) + guard_html
             + f'<p class="note">The {level} interval is a percentile bootstrap over the held-out documents '
               '(their summed loss and bytes resampled with replacement; lmforge/eval/bootstrap.py): it shows how '
               'much the number depends on which documents happen to be held out. Runs whose intervals do not '
@@ -106,12 +110,22 @@ def _model_card(card: dict[str, Any] | None) -> str:
 def _data(manifest: dict[str, Any] | None, final: dict[str, Any] | None) -> str:
     manifest = manifest or {}
     rows = []
+    origin = manifest.get("data_origin", {})  # real vs synthetic (lmforge synth), per source
     for source, splits in manifest.get("sources", {}).items():
+        kind = origin.get("by_source", {}).get(source, {}).get("origin", "real")
         for split, info in splits.items():
             if isinstance(info, dict):
-                rows.append([source, split, info.get("documents", ""), info.get("tokens", ""), info.get("bytes", "")])
-    out = (_table(["source", "split", "documents", "tokens", "bytes"], rows)
+                rows.append([source, kind, split, info.get("documents", ""), info.get("tokens", ""),
+                             info.get("bytes", "")])
+    out = (_table(["source", "origin", "split", "documents", "tokens", "bytes"], rows)
            if rows else '<p class="note">no data manifest</p>')
+    tokens = origin.get("train_tokens")
+    if tokens:
+        teachers = "; ".join(f"{name}: {escape(str((info.get('provenance') or {}).get('teacher')))}"
+                             for name, info in origin.get("by_source", {}).items() if info.get("origin") == "synthetic")
+        out += (f"<p>Training tokens: {tokens.get('real', 0)} real, {tokens.get('synthetic', 0)} synthetic "
+                f"({100 * origin.get('synthetic_share_of_train_tokens', 0.0):.1f}% synthetic)."
+                + (f' <span class="note">Teachers: {teachers}</span>' if teachers else "") + "</p>")
     steps = []
     for source, p in manifest.get("pipeline", {}).items():
         quality = p.get("removed_quality", {})
