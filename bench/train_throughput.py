@@ -9,12 +9,19 @@ length on random tokens, and prints tokens/s, MFU and the lmforge / Hugging Face
     python bench/train_throughput.py --config configs/quickstart.yaml --set model.moe=null
     python bench/train_throughput.py --config configs/bench_gpu.yaml --device cuda --compile
 
+For an MoE config it also trains, in the same rounds, the lmforge dense model of equal active
+parameters (each MoE feed-forward replaced by one SwiGLU as wide as the experts a token passes)
+and reports the MoE / dense tokens/s ratio. Model options of lmforge that do not change the
+architecture (``--set model.fused_cross_entropy=true``, ``model.moe.expert_compute``) apply to
+the lmforge models only.
+
 MFU uses lmforge's FLOPs-per-token formula for both models (same architecture, same work).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import time
@@ -47,6 +54,17 @@ def hf_model(cfg: ModelConfig) -> torch.nn.Module:
         num_experts_per_tok=moe.top_k, router_aux_loss_coef=moe.load_balance_weight,
         output_router_logits=True, **common,
     ))
+
+
+def dense_equal_active(cfg: ModelConfig) -> ModelConfig:
+    """The dense model with the MoE's active parameters: every MoE layer's feed-forward becomes one
+    SwiGLU as wide as the experts a token passes (top_k routed + shared); the router's few
+    parameters aside, the same parameters and FLOPs per token."""
+    assert cfg.moe is not None
+    width = (cfg.moe.top_k + cfg.moe.n_shared_experts) * cfg.d_expert
+    if cfg.moe.every_n_layers != 1 and width != cfg.resolved_d_ff:
+        return None  # type: ignore[return-value]  (mixed layers: no single dense width matches)
+    return dataclasses.replace(cfg, moe=None, d_ff=width)
 
 
 def make_step(model: torch.nn.Module, is_hf: bool, args: argparse.Namespace, vocab: int,
@@ -112,6 +130,8 @@ def main() -> None:
     parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
     parser.add_argument("--compile", action="store_true")
     parser.add_argument("--no-hf", action="store_true", help="skip the Hugging Face comparison")
+    parser.add_argument("--no-dense", action="store_true",
+                        help="MoE configs: skip the dense model of equal active parameters")
     parser.add_argument("--vocab-size", type=int, default=4096)
     args = parser.parse_args()
 
@@ -129,11 +149,16 @@ def main() -> None:
     if not args.no_hf:
         torch.manual_seed(0)
         steps["hf"] = make_step(hf_model(cfg), True, args, cfg.vocab_size, device)
+    dense = dense_equal_active(cfg) if cfg.moe is not None and not args.no_dense else None
+    if dense is not None:
+        torch.manual_seed(0)
+        steps["dense"] = make_step(dense.build(), False, args, dense.vocab_size, device)
     rates = alternate(steps, args, device)
     ours = rates["lmforge"]
     result = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu x{torch.get_num_threads()} threads",
-        "precision": "bf16 autocast" if device.type == "cuda" and args.precision != "fp32" else "fp32",
+        "precision": ("bf16 autocast" if args.precision == "bf16" or (device.type == "cuda" and args.precision == "auto")
+                      else "fp32"),
         "compiled": args.compile, "batch_size": args.batch_size, "seq_len": args.seq_len,
         "timed_steps": f"{args.rounds} rounds x {args.steps}, median",
         "params_total": counts.total, "params_active": counts.active, "flops_per_token": fpt,
@@ -148,6 +173,12 @@ def main() -> None:
             "hf_tokens_per_s": round(theirs, 1),
             "hf_mfu": round(theirs * fpt / peak, 4) if peak else None,
             "ratio_lmforge_over_hf": round(ours / theirs, 3),
+        })
+    if dense is not None:
+        result.update({
+            "dense_equal_active": f"d_ff {dense.resolved_d_ff}, {count_parameters(dense).active} parameters",
+            "dense_tokens_per_s": round(rates["dense"], 1),
+            "ratio_moe_over_dense_equal_active": round(ours / rates["dense"], 3),
         })
     print(json.dumps(result, indent=2))
 

@@ -21,6 +21,7 @@ class MoEConfig(Config):
     load_balance_weight: float = 0.01  # weight of the Switch load-balancing loss
     z_loss_weight: float = 0.001       # weight of the router z-loss
     every_n_layers: int = 1            # MoE in layers i with i % every_n_layers == every_n_layers - 1
+    expert_compute: Literal["auto", "batched", "grouped_mm", "loop"] = "auto"  # experts' kernel, nn/moe.py; auto: grouped_mm for bf16 on CUDA, loop elsewhere
 
     def __post_init__(self) -> None:
         if self.n_experts < 1:
@@ -131,6 +132,7 @@ class ModelConfig(Config):
     d_ff: int | None = None            # SwiGLU hidden size; None -> 8/3 d_model rounded up to a multiple of 64
     qk_norm: bool = False
     tie_embeddings: bool = True
+    fused_cross_entropy: bool = False  # training loss: LM head + cross-entropy per row chunk, no logits kept (nn/cross_entropy.py)
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
     init_std: float = 0.02

@@ -4,6 +4,25 @@ Each token picks its k highest-scoring experts; every token reaches all k of the
 capacity factor, so nothing is dropped). The router's softmax runs in fp32 because
 small logit differences decide routing and bf16 rounds them away.
 
+The token-slots are sorted by expert once, gathered once and scattered back once (one
+``index_add_``); in between, ``moe.expert_compute`` picks how the experts' contiguous runs of rows
+are multiplied:
+
+- ``grouped_mm``: ``torch._grouped_mm``, all experts in one call (the grouped kernel MoE training
+  uses on recent GPUs; on CPU torch 2.13 runs it as a slow reference, ~15x slower here);
+- ``batched``: the runs laid out in a padded [experts, most rows of any expert, d_model] buffer,
+  one ``torch.bmm`` each for gate, up and down; padding rows are zeros and never read back;
+- ``loop``: each run through its expert's ``SwiGLU`` (one matmul call per expert and weight, on
+  a contiguous slice: no per-expert gather or scatter);
+- ``auto``: ``grouped_mm`` for bf16 on CUDA, ``loop`` elsewhere. On a 2-core CPU at 4 experts the runs'
+  matmuls are the whole cost and ``batched`` measured ~15% slower than ``loop`` (its padded
+  buffer and strided weight gradients), see docs/speedrun.md.
+
+The weights stay one ``SwiGLU`` (three 2-D matrices) per expert, so checkpoints, the Hugging
+Face export and Muon (which orthogonalises each 2-D matrix) see the same parameters whatever
+the kernel; the grouped kernels stack them per call (a copy of the expert weights, small
+next to the activations).
+
 Auxiliary losses (their weights live in MoEConfig):
 - Switch load balancing: n_experts * sum_i f_i * P_i, with f_i the share of token-slots
   sent to expert i and P_i the mean router probability of expert i. It equals 1 when
@@ -14,6 +33,7 @@ Auxiliary losses (their weights live in MoEConfig):
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from lmforge.nn.config import ModelConfig
@@ -25,11 +45,23 @@ def load_balance_loss(slot_fraction: torch.Tensor, mean_probability: torch.Tenso
     return slot_fraction.numel() * (slot_fraction * mean_probability).sum()
 
 
+def expert_kernel(choice: str, device: torch.device, dtype: torch.dtype = torch.float32,
+                  widths: tuple[int, ...] = ()) -> str:
+    """The kernel ``moe.expert_compute`` resolves to: ``auto`` is ``grouped_mm`` for bf16 on CUDA
+    with every width a multiple of 16 (the kernel's alignment), else ``loop``."""
+    if choice != "auto":
+        return choice
+    if device.type == "cuda" and dtype == torch.bfloat16 and all(w % 16 == 0 for w in widths):
+        return "grouped_mm"
+    return "loop"
+
+
 class MoE(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         assert cfg.moe is not None
         self.n_experts, self.top_k = cfg.moe.n_experts, cfg.moe.top_k
+        self.expert_compute = cfg.moe.expert_compute
         self.router = nn.Linear(cfg.d_model, self.n_experts, bias=False)
         # A list of 2-D weight matrices (not one 3-D tensor) so Muon can orthogonalise each.
         self.experts = nn.ModuleList(SwiGLU(cfg.d_model, cfg.d_expert) for _ in range(self.n_experts))
@@ -50,18 +82,23 @@ class MoE(nn.Module):
         # Renormalise over the chosen k so each token's expert outputs are a weighted average.
         top_probs = top_probs / top_probs.sum(dim=-1, keepdim=True)
 
-        out = torch.zeros_like(tokens)
         flat_experts = top_experts.flatten()                    # [N*k]
-        flat_tokens = torch.arange(tokens.shape[0], device=x.device).repeat_interleave(self.top_k)
-        flat_weights = top_probs.flatten()
         order = flat_experts.argsort(stable=True)               # group token-slots by expert
         counts = torch.bincount(flat_experts, minlength=self.n_experts)
-        for expert, idx in zip(self.experts, order.split(counts.tolist())):
-            if idx.numel() == 0:
-                continue
-            token_idx = flat_tokens[idx]
-            expert_out = expert(tokens[token_idx]) * flat_weights[idx, None].to(tokens.dtype)
-            out.index_add_(0, token_idx, expert_out)
+        slot_tokens = order // self.top_k                       # the token of each sorted slot
+        slot_weights = top_probs.flatten()[order, None]
+        autocast = torch.is_autocast_enabled(x.device.type)
+        kernel = expert_kernel(self.expert_compute, x.device,
+                               torch.get_autocast_dtype(x.device.type) if autocast else x.dtype,
+                               (x.shape[-1], self.experts[0].gate.out_features))
+        # index_select, not tensor[index]: its backward is index_add_, not a slower accumulating index_put_
+        rows = tokens.index_select(0, slot_tokens)
+        if kernel == "loop":
+            expert_out = self._loop(rows, counts)
+        else:
+            expert_out = self._grouped(rows, flat_experts[order], counts, kernel)
+        weighted = (expert_out * slot_weights.to(tokens.dtype)).to(tokens.dtype)
+        out = torch.zeros_like(tokens).index_add_(0, slot_tokens, weighted)
         for shared in self.shared_experts:
             out = out + shared(tokens)
 
@@ -71,3 +108,35 @@ class MoE(nn.Module):
         self.last_expert_load = slot_fraction.detach()
         self.last_tokens_per_expert = counts.detach()
         return out.view(shape)
+
+    def _loop(self, rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """Each expert's contiguous run of sorted rows through its own SwiGLU (also the reference)."""
+        runs = rows.split(counts.tolist())
+        return torch.cat([expert(run) for expert, run in zip(self.experts, runs)])
+
+    def _stacked(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Gate and up [E, d_model, d_expert], down [E, d_expert, d_model], in ``dtype`` (autocast
+        does not reach the weights of a stacked, hand-called matmul)."""
+        return tuple(torch.stack([getattr(e, name).weight for e in self.experts]).transpose(1, 2).to(dtype)
+                     for name in ("gate", "up", "down"))  # type: ignore[return-value]
+
+    def _grouped(self, rows: torch.Tensor, row_experts: torch.Tensor, counts: torch.Tensor,
+                 kernel: str) -> torch.Tensor:
+        """Sorted rows [N*k, d] through their experts: ``grouped_mm`` or ``batched`` (see the module)."""
+        dtype = torch.get_autocast_dtype(rows.device.type) if torch.is_autocast_enabled(rows.device.type) else rows.dtype
+        rows = rows.to(dtype)
+        gate, up, down = self._stacked(dtype)
+        if kernel == "grouped_mm":
+            offsets = counts.cumsum(0).to(torch.int32)
+            hidden = F.silu(torch._grouped_mm(rows, gate, offs=offsets)) * torch._grouped_mm(rows, up, offs=offsets)
+            return torch._grouped_mm(hidden, down, offs=offsets)
+        if kernel != "batched":
+            raise ValueError(f"moe.expert_compute: unknown kernel {kernel!r} (known: auto, batched, grouped_mm, loop)")
+        # Row i of the sorted slots is row (i - start of its expert) of its expert's block.
+        capacity = int(counts.max())
+        starts = counts.cumsum(0) - counts
+        slot = row_experts * capacity + torch.arange(rows.shape[0], device=rows.device) - starts[row_experts]
+        padded = rows.new_zeros(self.n_experts * capacity, rows.shape[1]).index_copy(0, slot, rows)
+        padded = padded.view(self.n_experts, capacity, -1)
+        out = torch.bmm(F.silu(torch.bmm(padded, gate)) * torch.bmm(padded, up), down)
+        return out.view(self.n_experts * capacity, -1).index_select(0, slot)

@@ -23,6 +23,7 @@ from torch import nn
 from lmforge.nn.attention import (Attention, LayerKVCache, RingKVCache, TokenLayout, documents_of,
                                   restarted_positions)
 from lmforge.nn.config import ModelConfig
+from lmforge.nn.cross_entropy import linear_cross_entropy
 from lmforge.nn.mlp import SwiGLU
 from lmforge.nn.moe import MoE
 from lmforge.nn.norm import RMSNorm
@@ -169,6 +170,12 @@ class Transformer(nn.Module):
 
         The loss is the mean over targets, or their sum over ``loss_tokens`` (context parallelism).
         """
+        if (self.cfg.fused_cross_entropy and targets is not None and loss_tokens is None
+                and torch.is_grad_enabled()):
+            # A training step: the loss without the logits (nn/cross_entropy.py); no logits come back.
+            loss = linear_cross_entropy(self.norm(x), self.lm_head.weight, targets)
+            aux_loss, metrics = self._moe_losses(x.device)
+            return ModelOutput(logits=x.new_empty(0), loss=loss, aux_loss=aux_loss, moe_metrics=metrics)
         logits = self.lm_head(self.norm(x))
         loss = None
         if targets is not None:

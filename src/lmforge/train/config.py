@@ -29,7 +29,9 @@ class TrainConfig(Config):
     grad_clip: float = 1.0           # max global grad norm; 0 disables clipping
     seed: int = 0
     device: str = "auto"             # auto | cpu | cuda | cuda:N
-    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU; bf16: autocast on either
+    # auto: bf16 autocast on CUDA, fp32 on CPU; bf16: autocast on either; fast: bf16 where the
+    # hardware multiplies it natively (CUDA, CPUs with AVX512-BF16/AMX), else fp32 (core/device.py)
+    precision: Literal["auto", "fp32", "bf16", "fast"] = "auto"
     compile: bool = False            # torch.compile the model
     activation_checkpointing: bool = False
     data_parallel: Literal["ddp", "fsdp"] = "ddp"  # used under torchrun with more than one process

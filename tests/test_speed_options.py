@@ -1,0 +1,145 @@
+"""Speed options of the speedrun ledger: grouped MoE experts, the fused LM-head cross-entropy, bf16
+autocast on CPU — each computes what the reference computes, and a run with them on resumes bit
+for bit."""
+
+from __future__ import annotations
+
+import signal
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import run_cli, tiny_run_dict, train_losses, write_config
+from lmforge.core.device import autocast_context
+from lmforge.nn.config import ModelConfig
+from lmforge.nn.cross_entropy import linear_cross_entropy
+from lmforge.nn.moe import MoE, expert_kernel
+
+
+def _moe(**moe) -> MoE:
+    cfg = ModelConfig.from_dict({"d_model": 32, "n_layers": 1, "n_heads": 2,
+                                 "moe": {"n_experts": 4, "top_k": 2, "d_expert": 48, **moe}})
+    torch.manual_seed(0)
+    return MoE(cfg)
+
+
+def _forward_backward(layer: MoE, kernel: str, x: torch.Tensor) -> list[torch.Tensor]:
+    layer.expert_compute = kernel
+    layer.zero_grad()
+    x = x.clone().requires_grad_()
+    y = layer(x)
+    (y * torch.linspace(-1, 1, y.shape[-1])).sum().backward()
+    return [y.detach(), x.grad, layer.router.weight.grad,
+            *[p.grad if p.grad is not None else torch.zeros_like(p) for e in layer.experts for p in e.parameters()]]
+
+
+@pytest.mark.parametrize("kernel", ["batched", "grouped_mm"])
+@pytest.mark.parametrize("moe", [{}, {"top_k": 1}, {"n_shared_experts": 1}])
+def test_grouped_experts_equal_the_loop(kernel, moe):
+    layer = _moe(**moe)
+    x = torch.randn(3, 20, 32)
+    reference = _forward_backward(layer, "loop", x)
+    grouped = _forward_backward(layer, kernel, x)
+    for ours, theirs in zip(grouped, reference):
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+    assert layer.last_tokens_per_expert.sum() == 60 * layer.top_k
+
+
+def test_grouped_experts_with_an_idle_expert():
+    layer = _moe()
+    with torch.no_grad():
+        layer.router.weight[3] = -10.0 * layer.router.weight[:3].sum(0)  # steer every token away from expert 3
+        layer.router.weight[3] -= 5.0
+    x = torch.randn(2, 16, 32).abs()
+    reference = _forward_backward(layer, "loop", x)
+    assert layer.last_tokens_per_expert[3] == 0
+    for ours, theirs in zip(_forward_backward(layer, "batched", x), reference):
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+
+
+def test_expert_compute_is_checked_and_resolved():
+    with pytest.raises(Exception, match="expert_compute"):
+        ModelConfig.from_dict({"moe": {"expert_compute": "fast"}})
+    assert expert_kernel("auto", torch.device("cpu")) == "loop"
+    assert expert_kernel("auto", torch.device("cuda"), torch.bfloat16, (128, 384)) == "grouped_mm"
+    assert expert_kernel("auto", torch.device("cuda"), torch.float32, (128, 384)) == "loop"
+    assert expert_kernel("auto", torch.device("cuda"), torch.bfloat16, (128, 100)) == "loop"
+    assert expert_kernel("loop", torch.device("cuda")) == "loop"
+
+
+def test_fused_cross_entropy_equals_the_plain_loss():
+    torch.manual_seed(0)
+    hidden = torch.randn(2, 37, 16, requires_grad=True)
+    weight = (0.3 * torch.randn(64, 16)).requires_grad_()
+    targets = torch.randint(0, 60, (2, 37))
+    targets[0, :5] = -100
+    plain = F.cross_entropy((hidden @ weight.t()).flatten(0, 1), targets.flatten(), ignore_index=-100)
+    plain.backward()
+    expected = (hidden.grad.clone(), weight.grad.clone())
+    hidden.grad = weight.grad = None
+    fused = linear_cross_entropy(hidden, weight, targets, chunk_rows=16)  # chunks that do not divide the rows
+    (2 * fused).backward()
+    torch.testing.assert_close(fused, plain)
+    torch.testing.assert_close(hidden.grad, 2 * expected[0])
+    torch.testing.assert_close(weight.grad, 2 * expected[1])
+
+
+def test_model_with_fused_loss_trains_as_the_plain_one_and_still_evaluates():
+    settings = {"d_model": 32, "n_layers": 2, "n_heads": 2, "vocab_size": 100, "max_seq_len": 16,
+                "moe": {"n_experts": 4, "top_k": 2}}
+    inputs = torch.randint(0, 100, (2, 16))
+    targets = torch.randint(0, 100, (2, 16))
+    results = []
+    for fused in (False, True):
+        torch.manual_seed(0)
+        model = ModelConfig.from_dict({**settings, "fused_cross_entropy": fused}).build()
+        out = model(inputs, targets)
+        (out.loss + out.aux_loss).backward()
+        results.append((out.loss.detach(), model.embed.weight.grad.clone(), model.blocks[0].attn_norm.weight.grad))
+        with torch.no_grad():  # evaluation: logits as always
+            assert model(inputs, targets).logits.shape == (2, 16, model.cfg.padded_vocab_size)
+    for ours, theirs in zip(results[1], results[0]):
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+
+
+def test_bf16_on_cpu_is_asked_for_not_assumed():
+    a, b = torch.randn(4, 8), torch.randn(8, 4)
+    with autocast_context(torch.device("cpu"), "bf16"):
+        assert (a @ b).dtype == torch.bfloat16
+    for precision in ("auto", "fp32"):
+        with autocast_context(torch.device("cpu"), precision):
+            assert (a @ b).dtype == torch.float32
+
+
+def test_fast_precision_is_bf16_only_where_the_hardware_multiplies_it_natively(monkeypatch):
+    from lmforge.core import device as device_module
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert device_module.uses_bf16(cuda, "fast") and device_module.uses_bf16(cuda, "auto")
+    assert not device_module.uses_bf16(cuda, "fp32")
+    assert device_module.cpu_has_native_bf16() in (True, False)  # the real check: this CPU's flags
+    a, b = torch.randn(4, 8), torch.randn(8, 4)
+    for native, expected in ((True, torch.bfloat16), (False, torch.float32)):
+        monkeypatch.setattr(device_module, "cpu_has_native_bf16", lambda native=native: native)
+        with autocast_context(cpu, "fast"):
+            assert (a @ b).dtype == expected
+
+
+@pytest.mark.slow
+def test_resume_is_bit_identical_with_the_speed_options_on(tmp_path, tiny_corpus):
+    base = tiny_run_dict(tmp_path, tiny_corpus, optim={"name": "muon", "lr": 0.003, "warmup_steps": 2,
+                                                       "schedule": "wsd", "min_lr_ratio": 0.0})
+    base["model"] = {**base["model"], "fused_cross_entropy": True, "tie_embeddings": False,
+                     "moe": {"n_experts": 4, "top_k": 2, "expert_compute": "batched"}}
+    base["train"] = {**base["train"], "precision": "bf16"}
+    whole = write_config(tmp_path / "a.yaml", {**base, "name": "a"})
+    killed = write_config(tmp_path / "b.yaml", {**base, "name": "b"})
+    assert run_cli("train", str(whole)).returncode == 0
+    crash = run_cli("train", str(killed), env={"LMFORGE_CRASH_AT_STEP": "10"})
+    assert crash.returncode == -signal.SIGKILL
+    resumed = run_cli("train", str(killed), "--resume", "auto")
+    assert resumed.returncode == 0, resumed.stderr
+    a, b = train_losses(tmp_path / "runs" / "a"), train_losses(tmp_path / "runs" / "b")
+    assert sorted(a) == list(range(1, 13))
+    assert a == b

@@ -1,0 +1,67 @@
+"""bench/speedrun.py on a tiny corpus: equal-token and equal-time budgets, the Hugging Face row,
+and the proposed quickstart recipe parsing with the speed options it adopts."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import tiny_run_dict, write_config
+from lmforge.core.config import read_yaml
+from lmforge.train.config import RunConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _speedrun(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "LMFORGE_PROGRESS": "0", "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, str(ROOT / "bench" / "speedrun.py"), *args],
+                          capture_output=True, text=True, env=env, timeout=600)
+
+
+@pytest.mark.slow
+def test_speedrun_equal_tokens_and_equal_time(tmp_path, tiny_corpus):
+    run = tiny_run_dict(tmp_path, tiny_corpus, optim={"lr": 0.003, "warmup_steps": 1})
+    config = write_config(tmp_path / "tiny.yaml", run)
+    out = tmp_path / "tokens"
+    result = _speedrun(f"a={config}", f"b={config}+optim.name=muon+model.fused_cross_entropy=true",
+                       "--tokens", "1024", "--evals", "2", "--eval-tokens", "128", "--out", str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = json.loads((out / "result.json").read_text())["rows"]
+    assert [r["label"] for r in rows] == ["a", "b", "hf_mixtral"]
+    for row in rows:
+        assert row["steps"] == 1024 // 128  # batch 4 x seq 32
+        assert set(row["bpb"]) == {"prose", "code"} and all(0 < v < 20 for v in row["bpb"].values())
+        assert len(row["evals"]) == 2
+    assert rows[0]["bpb_vs_baseline"] == {"prose": 0.0, "code": 0.0}
+
+    out = tmp_path / "seconds"
+    result = _speedrun(str(config), f"{config}+train.batch_size=2", "--seconds", "2", "--calibration-rounds", "2",
+                       "--no-hf", "--evals", "1", "--target-bpb", "50", "--out", str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = json.loads((out / "result.json").read_text())["rows"]
+    assert len(rows) == 2 and all(r["steps"] >= 1 for r in rows)
+    for row in rows:  # the budget: steps x tokens per step at the planned rate
+        assert row["budget_seconds"] == pytest.approx(row["tokens"] / row["planned_tokens_per_s"], rel=0.01)
+        assert all(v is not None for v in row["seconds_to_target"].values())  # 50 bpb: reached at once
+
+
+def test_speedrun_refuses_two_configs_with_one_label(tmp_path, tiny_corpus):
+    config = write_config(tmp_path / "tiny.yaml", tiny_run_dict(tmp_path, tiny_corpus))
+    result = _speedrun(f"x={config}", f"x={config}+optim.lr=0.001", "--tokens", "128", "--out", str(tmp_path))
+    assert result.returncode != 0 and "labels must differ" in result.stderr
+
+
+def test_fast_quickstart_recipe_uses_the_kept_options():
+    fast = RunConfig.from_dict(read_yaml(ROOT / "configs" / "quickstart_fast.yaml"))
+    base = RunConfig.from_dict(read_yaml(ROOT / "configs" / "quickstart.yaml"))
+    assert fast.model.fused_cross_entropy and fast.optim.name == "muon" and fast.train.precision == "fast"
+    assert fast.model.moe is None and base.model.moe is not None
+    assert fast.data == base.data  # the same corpus and held-out split: bpb comparable
+    assert (fast.model.d_model, fast.model.n_layers, fast.train.seq_len) == (base.model.d_model, base.model.n_layers,
+                                                                             base.train.seq_len)
