@@ -124,17 +124,10 @@ def plan_runs(base: dict[str, Any], cfg: ContinualConfig) -> list[PlannedRun]:
 
 
 def _train(plan: PlannedRun) -> Path:
-    from lmforge.train.assembly import train_run
+    from lmforge.train.assembly import train_or_reuse
     from lmforge.train.config import RunConfig
 
-    cfg = RunConfig.from_dict(plan.config)
-    run_dir = Path(cfg.runs_dir) / cfg.name
-    if (run_dir / "eval" / "final.json").is_file():
-        log.info("%s finished earlier: reused", run_dir)
-        return run_dir
-    resume = "auto" if (run_dir / "metrics.jsonl").exists() else None
-    log.info("continual experiment: %s run %s (%d steps)", plan.role, cfg.name, cfg.train.steps)
-    return train_run(cfg, resume)
+    return train_or_reuse(RunConfig.from_dict(plan.config), f"continual experiment: {plan.role}")
 
 
 def _evaluations(run_dir: Path) -> list[dict[str, Any]]:

@@ -28,12 +28,11 @@ FORMAT = "lmforge-kmeans-patches-1"
 
 
 @dataclass(frozen=True)
-class ImageTokenLayout:
-    """Where image tokens sit in the shared vocabulary: text ids [0, text_vocab), then
-    begin-image, end-image, then ``codebook_size`` image codes."""
+class ImageMarkerLayout:
+    """Text ids [0, text_vocab), then begin-image and end-image: what every image route's
+    vocabulary starts with (this module's codes, data/patch_sequences.py's patches)."""
 
     text_vocab: int
-    codebook_size: int
 
     @property
     def begin_image(self) -> int:
@@ -42,6 +41,14 @@ class ImageTokenLayout:
     @property
     def end_image(self) -> int:
         return self.text_vocab + 1
+
+
+@dataclass(frozen=True)
+class ImageTokenLayout(ImageMarkerLayout):
+    """Where image tokens sit in the shared vocabulary: text ids [0, text_vocab), then
+    begin-image, end-image, then ``codebook_size`` image codes."""
+
+    codebook_size: int
 
     @property
     def image_offset(self) -> int:

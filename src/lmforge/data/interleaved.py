@@ -93,7 +93,40 @@ class ImageTextExamples:
                          for dy, dx in shifts]).astype(np.int64)
 
 
-class InterleavedLoader:
+class ImageExampleLoaderState:
+    """What the trainer and the run's warnings read from an image-example loader, and its resumable
+    position; shared by this module's loader and the patch routes' (data/patch_sequences.py).
+    Subclasses set ``name``, ``examples``, ``tokens_available``, ``seed``, ``batch_index`` and
+    ``examples_drawn``."""
+
+    name: str
+    examples: Any
+    tokens_available: int
+    seed: int
+    batch_index: int
+    examples_drawn: int
+
+    def source_tokens(self) -> dict[str, int]:
+        return {self.name: self.tokens_available}
+
+    def weights(self) -> dict[str, float]:
+        return {self.name: 1.0}
+
+    def epochs_consumed(self) -> dict[str, float]:
+        return {self.name: self.examples_drawn / len(self.examples)}
+
+    def tokens_drawn(self) -> dict[str, int]:
+        return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"batch_index": self.batch_index, "examples_drawn": self.examples_drawn, "seed": self.seed}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.batch_index = int(state["batch_index"])
+        self.examples_drawn = int(state.get("examples_drawn", 0))
+
+
+class InterleavedLoader(ImageExampleLoaderState):
     """``next_batch() -> (inputs, targets)``, LongTensors [batch_size, seq_len] (see the module doc)."""
 
     def __init__(self, examples: ImageTextExamples, seq_len: int, batch_size: int, seed: int,
@@ -142,23 +175,3 @@ class InterleavedLoader:
             dropped = self.examples.layout.is_image_token(targets) & (keep >= self.image_loss_weight)
             targets = targets.masked_fill(dropped, -100)
         return inputs, targets
-
-    # ---- what the trainer and the run's warnings read ------------------------------------
-    def source_tokens(self) -> dict[str, int]:
-        return {self.name: self.tokens_available}
-
-    def weights(self) -> dict[str, float]:
-        return {self.name: 1.0}
-
-    def epochs_consumed(self) -> dict[str, float]:
-        return {self.name: self.examples_drawn / len(self.examples)}
-
-    def tokens_drawn(self) -> dict[str, int]:
-        return {}
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"batch_index": self.batch_index, "examples_drawn": self.examples_drawn, "seed": self.seed}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.batch_index = int(state["batch_index"])
-        self.examples_drawn = int(state.get("examples_drawn", 0))

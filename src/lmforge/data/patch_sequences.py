@@ -26,31 +26,21 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 
 from lmforge.core.errors import ConfigError, DataError
 from lmforge.data.image_steps import load_split
-from lmforge.data.interleaved import shift_image
+from lmforge.data.image_tokenizer import ImageMarkerLayout
+from lmforge.data.interleaved import ImageExampleLoaderState, shift_image
 from lmforge.data.tokenizer import Tokenizer
 
 
 @dataclass(frozen=True)
-class PatchTokenLayout:
+class PatchTokenLayout(ImageMarkerLayout):
     """Text ids [0, text_vocab), then begin-image, end-image, row separator, patch placeholder
     (the model side: ``MultimodalModelConfig.patch_token_id`` in nn/multimodal.py)."""
-
-    text_vocab: int
-
-    @property
-    def begin_image(self) -> int:
-        return self.text_vocab
-
-    @property
-    def end_image(self) -> int:
-        return self.text_vocab + 1
 
     @property
     def row_separator(self) -> int:
@@ -128,7 +118,7 @@ class PatchExamples:
                          for dy, dx in shifts])
 
 
-class PatchSequenceLoader:
+class PatchSequenceLoader(ImageExampleLoaderState):
     """``next_batch() -> (inputs, targets, images)`` (see the module doc)."""
 
     def __init__(self, examples: PatchExamples, seq_len: int, batch_size: int, seed: int, examples_per_row: int,
@@ -182,23 +172,3 @@ class PatchSequenceLoader:
         batch = torch.from_numpy(np.stack(rows))
         targets = batch[:, 1:].masked_fill(~torch.from_numpy(np.stack(scored))[:, 1:], -100)
         return batch[:, :-1].contiguous(), targets.contiguous(), torch.from_numpy(np.stack(images))
-
-    # ---- what the trainer and the run's warnings read ------------------------------------
-    def source_tokens(self) -> dict[str, int]:
-        return {self.name: self.tokens_available}
-
-    def weights(self) -> dict[str, float]:
-        return {self.name: 1.0}
-
-    def epochs_consumed(self) -> dict[str, float]:
-        return {self.name: self.examples_drawn / len(self.examples)}
-
-    def tokens_drawn(self) -> dict[str, int]:
-        return {}
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"batch_index": self.batch_index, "examples_drawn": self.examples_drawn, "seed": self.seed}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.batch_index = int(state["batch_index"])
-        self.examples_drawn = int(state.get("examples_drawn", 0))

@@ -468,15 +468,20 @@ def save_fit(path: str | Path, fit: dict) -> Path:
     return atomic_write_json(path, fit)
 
 
-def load_fit(path: str | Path) -> dict:
-    """Read a fit JSON written by :func:`save_fit`, checking its format tag."""
+def read_fit_json(path: str | Path, what: str = "fit") -> object:
+    """The parsed JSON of a fit file; a missing file or bad JSON is a DataError naming the path."""
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"{path}: fit file not found")
+        raise DataError(f"{path}: {what} file not found")
     try:
-        fit = read_json(path)
+        return read_json(path)
     except ValueError as exc:
         raise DataError(f"{path}: not valid JSON ({exc})") from exc
+
+
+def load_fit(path: str | Path) -> dict:
+    """Read a fit JSON written by :func:`save_fit`, checking its format tag."""
+    fit = read_fit_json(path)
     if not isinstance(fit, dict) or fit.get("format") != FORMAT:
         raise DataError(f"{path}: not an lmforge scaling fit (expected format {FORMAT!r})")
     return fit

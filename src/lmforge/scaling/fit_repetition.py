@@ -37,8 +37,9 @@ from scipy.optimize import minimize
 from scipy.special import huber
 
 from lmforge.core.errors import DataError
-from lmforge.core.io import atomic_write_json, read_json
-from lmforge.scaling.fit import BOUNDS, FORMAT as LAW_FIT_FORMAT, HUBER_DELTA, effective_data, single_threaded_blas
+from lmforge.core.io import atomic_write_json
+from lmforge.scaling.fit import (BOUNDS, FORMAT as LAW_FIT_FORMAT, HUBER_DELTA, effective_data, read_fit_json,
+                                 single_threaded_blas)
 from lmforge.scaling.fit_bootstrap import bootstrap, summarize
 from lmforge.scaling.table import ScalingTable
 
@@ -173,13 +174,7 @@ def save_repetition_fit(path: str | Path, fit: dict) -> Path:
 def load_r_star(path: str | Path) -> tuple[float, list[float]]:
     """R*_D and its bootstrap values from an epochs-sweep fit (:data:`FORMAT`) or from a ``scaling
     fit`` whose Approach-3 law fitted R* (``--r-star fit``)."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: R*_D fit file not found")
-    try:
-        fit = read_json(path)
-    except ValueError as exc:
-        raise DataError(f"{path}: not valid JSON ({exc})") from exc
+    fit = read_fit_json(path, "R*_D fit")
     if isinstance(fit, dict) and fit.get("format") == FORMAT:
         return float(fit["law"]["r_star"]), [float(v) for v in fit.get("bootstrap", {}).get("r_star_samples", [])]
     if isinstance(fit, dict) and fit.get("format") == LAW_FIT_FORMAT:

@@ -124,18 +124,10 @@ def plan_generations(base: dict[str, Any], cfg: CollapseConfig, out: Path) -> li
 
 
 def _train(plan: Generation) -> Path:
-    from lmforge.train.assembly import train_run
+    from lmforge.train.assembly import train_or_reuse
     from lmforge.train.config import RunConfig
 
-    cfg = RunConfig.from_dict(plan.run)
-    run_dir = Path(cfg.runs_dir) / cfg.name
-    if (run_dir / "eval" / "final.json").is_file():
-        log.info("%s finished earlier: reused", run_dir)
-        return run_dir
-    resume = "auto" if (run_dir / "metrics.jsonl").exists() else None
-    log.info("collapse experiment: %s generation %d, run %s (%d steps)", plan.mode, plan.index, cfg.name,
-             cfg.train.steps)
-    return train_run(cfg, resume)
+    return train_or_reuse(RunConfig.from_dict(plan.run), f"collapse experiment: {plan.mode} generation {plan.index}")
 
 
 def _sample(run_dir: Path, folder: Path, cfg: CollapseConfig, seed: int) -> dict:

@@ -218,3 +218,15 @@ def train_run(cfg: RunConfig, resume: str | None = None,
         return build_trainer(cfg, resume, extra_callbacks).fit()
     finally:
         distributed.shutdown()
+
+
+def train_or_reuse(cfg: RunConfig, purpose: str) -> Path:
+    """One run of an experiment (continual, model collapse, ...): reused when it finished earlier
+    (its final evaluation exists), resumed when it was interrupted, else trained from the start."""
+    run_dir = Path(cfg.runs_dir) / cfg.name
+    if (run_dir / "eval" / "final.json").is_file():
+        log.info("%s finished earlier: reused", run_dir)
+        return run_dir
+    resume = "auto" if (run_dir / "metrics.jsonl").exists() else None
+    log.info("%s: run %s (%d steps)", purpose, cfg.name, cfg.train.steps)
+    return train_run(cfg, resume)
