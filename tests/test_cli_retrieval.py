@@ -58,6 +58,20 @@ def test_facts_through_the_cli_leaves_the_database_as_it_was(retro, tmp_path, ca
     assert sum(d["alive"] for d in after.documents) == sum(d["alive"] for d in before.documents)
 
 
+def test_reading_facts_over_seeds_through_the_cli(retro, tmp_path, capsys):
+    tmp, _, run = retro
+    db = tmp_path / "db"
+    shutil.copytree(tmp / "db", db)
+    out = tmp_path / "reading.json"
+    assert main(["retrieval", "facts", str(run), "--db", str(db), "--entities", "3", "--variant", "reading",
+                 "--seeds", "0,1", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "reading variant, seeds [0, 1]" in printed and "copy_baseline_after_add" in printed
+    result = json.loads(out.read_text())
+    assert result["seeds"] == [0, 1] and len(result["per_seed"]) == 2
+    assert result["summary"]["after_add"]["questions"] == 36 and result["summary"]["remove_restores_before"]
+
+
 def test_eval_through_the_cli_scores_each_fraction_and_writes_the_default_file(retro, capsys):
     tmp, _, run = retro
     assert main(["retrieval", "eval", str(run), "--db", str(tmp / "db"), "--fractions", "0.5,1",

@@ -103,6 +103,56 @@ def test_gold_neighbours_hold_the_text_itself_and_only_in_the_last_slot(setup):
     assert torch.equal(early.next_batch()[2], plain.next_batch()[2])  # later batches do not
 
 
+def test_linearly_decayed_gold_neighbours_fade_to_none(setup):
+    tmp, base, db = setup
+    nb, _ = load_neighbours(tmp / "db" / "neighbours_k2", db)
+
+    def text_share(loader: RetroLoader) -> float:
+        """Share of chunks whose last neighbour slot holds the text itself."""
+        starts = loader.window_starts(loader.batch_index)
+        slot = loader.next_batch()[2][:, :, 1]
+        text = torch.stack([torch.stack([torch.from_numpy(np.asarray(db.tokens[c + u:c + u + 2]).reshape(-1)
+                                                          .astype(np.int64)) for u in range(slot.shape[1])])
+                            for c in starts])
+        return (slot == text).all(-1).float().mean().item()
+
+    plain = RetroLoader(db, nb, seq_len=32, batch_size=8, seed=3, k=2, align=True)
+    linear = RetroLoader(db, nb, seq_len=32, batch_size=8, seed=3, k=2, align=True, gold_neighbour_rate=1.0,
+                         gold_neighbour_steps=4, gold_neighbour_schedule="linear")
+    shares = [text_share(linear) for _ in range(5)]  # rates 1, 0.75, 0.5, 0.25, 0
+    unforced = [text_share(plain) for _ in range(5)]  # the tiny corpus repeats itself now and then
+    assert shares[0] == 1.0 and shares[-1] == unforced[-1] < 0.5
+    assert shares[0] > shares[2] > unforced[2]
+    with pytest.raises(ValueError, match="needs a number of steps"):
+        RetroLoader(db, nb, seq_len=32, batch_size=8, seed=3, k=2, gold_neighbour_rate=0.5,
+                    gold_neighbour_schedule="linear")
+    with pytest.raises(ConfigError, match="gold_neighbour_schedule: unknown schedule 'cosine'"):
+        RunConfig.from_dict({**_raw(tmp, base, "s"), "retrieval": {"db": str(tmp / "db"),
+                                                                   "gold_neighbour_schedule": "cosine"}})
+
+
+def test_document_neighbours_come_from_the_own_document_but_never_near_the_text(setup):
+    tmp, base, db = setup
+    nb, _ = load_neighbours(tmp / "db" / "neighbours_k2", db)
+    plain = RetroLoader(db, nb, seq_len=32, batch_size=8, seed=5, k=2, align=True, exclusion_radius=2)
+    reader = RetroLoader(db, nb, seq_len=32, batch_size=8, seed=5, k=2, align=True, exclusion_radius=2,
+                         document_neighbour_rate=1.0)
+    tokens, docs = np.asarray(db.tokens), np.asarray(db.doc)
+    replaced = 0
+    for _ in range(3):
+        starts = reader.window_starts(reader.batch_index)
+        slot, usual = reader.next_batch()[2], plain.next_batch()[2]
+        assert torch.equal(slot[:, :, 0], usual[:, :, 0])  # only the last slot changes
+        for row, c in enumerate(starts):
+            for u in range(slot.shape[1]):
+                if torch.equal(slot[row, u, 1], usual[row, u, 1]):
+                    continue  # a document too short to hold a chunk beyond the radius
+                rows = np.flatnonzero((tokens == slot[row, u, 1, :M].numpy()).all(1))
+                assert any(docs[j, 1] == docs[c + u, 1] and abs(j - (c + u)) > 2 for j in rows)
+                replaced += 1
+    assert replaced > 0
+
+
 def test_retro_training_resumes_exactly_and_evaluates_with_retrieval(setup):
     tmp, base, db = setup
     run_a = train_run(_cfg(tmp, base, "a"))
@@ -167,6 +217,35 @@ def test_retro_generation_and_facts_benchmark(setup, tmp_path):
     assert all(facts[c]["questions"] == 9 for c in ("no_retrieval", "before_add", "after_add", "after_remove"))
     assert facts["after_remove"] == facts["before_add"]  # removal restores the database's answers
     assert not ChunkDatabase(copy).alive[len(db):].any()
+    # the verbatim variant is a copy test: copying what follows the aligned neighbour answers it
+    # where the fact is retrieved (all 72 questions on the demo database; a 32-dim lexical sketch
+    # of a 320-token vocabulary retrieves far fewer here), and nothing before the facts are added
+    assert facts["copy_baseline_after_add"]["accuracy"] > 0.3 > facts["copy_baseline_before_add"]["accuracy"]
+    assert result["guard"]["domains"].keys() == {"prose", "code"}
+    assert all(isinstance(v["retrieval_hurts"], bool) for v in result["guard"]["domains"].values())
+
+
+def test_reading_benchmark_defeats_copying_and_is_summarised_over_seeds(setup, tmp_path):
+    import shutil
+
+    from lmforge.eval.facts import run_facts_benchmark, summarise_seeds
+
+    tmp, base, db = setup
+    model, _, _ = load_model(tmp / "runs" / "a")
+    copy = tmp_path / "db"
+    shutil.copytree(db.path, copy)
+    per_seed = [run_facts_benchmark(model, db.tokenizer, copy, n_entities=4, seed=s, variant="reading")
+                for s in (0, 1)]
+    for result in per_seed:
+        assert result["after_add"]["questions"] == 24  # 6 questions per entity
+        assert result["after_remove"]["scores"] == result["before_add"]["scores"]
+        # no answer follows the question's words in the documents: the copy rule is near chance
+        assert result["copy_baseline_after_add"]["accuracy"] <= 0.4
+    summary = summarise_seeds(per_seed)
+    assert summary["after_add"]["questions"] == 48 and summary["remove_restores_before"]
+    low, high = summary["after_add"]["interval"]
+    assert low <= summary["after_add"]["accuracy"] <= high
+    assert summary["copy_baseline_after_add"]["interval"][1] < 0.5
 
 
 @pytest.mark.slow

@@ -103,6 +103,11 @@ def add_retrieval_parser(subparsers: argparse._SubParsersAction) -> argparse.Arg
     facts.add_argument("--db", required=True, help="database directory (facts are added, then removed again)")
     facts.add_argument("--entities", type=positive_int, default=24, help="invented entities (default 24)")
     facts.add_argument("--seed", type=non_negative_int, default=0)
+    facts.add_argument("--seeds", type=_seed_list, default=None, metavar="S1,S2,...",
+                       help="several seeds (entity sets): accuracy pooled with a bootstrap interval over entities")
+    facts.add_argument("--variant", choices=("verbatim", "reading"), default="verbatim",
+                       help="verbatim: answers continue the fact text (a copy test); reading: other phrasings, "
+                            "reverse relations, descriptions, distractor documents (docs/retrieval.md)")
     facts.add_argument("--out", default=None, help="JSON file for the results (default RUN/eval/facts.json)")
 
     qe = verbs.add_parser("train-query-encoder",
@@ -223,17 +228,30 @@ def print_retrieval_result(result: dict[str, Any]) -> None:
     print(f"{'domain':<14}" + "".join(f"{c:>12}" for c in conds) + "   (bits/byte)")
     for domain in result["bpb"]["none"]:
         print(f"{domain:<14}" + "".join(f"{result['bpb'][c][domain]:>12.4f}" for c in conds))
+    if "guard" in result:  # paired per-document comparison of with vs without (lmforge.eval.retrieval_guard)
+        print(result["guard"]["message"])
     for name, b in result.get("overlap_buckets", {}).items():
         if b["tokens"]:
             print(f"overlap {name:<10}{b['tokens']:>8} tokens  without {b['bpb_without']:.4f}  "
                   f"with {b['bpb_with']:.4f}")
 
 
+def _seed_list(text: str) -> list[int]:
+    """``--seeds 0,1,2``: distinct non-negative integers."""
+    try:
+        seeds = [int(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if any(s < 0 for s in seeds) or len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"seeds must be distinct and >= 0, got {text!r}")
+    return seeds
+
+
 def _facts(args: argparse.Namespace) -> int:
     from lmforge.eval.facts import facts_benchmark_for_checkpoint
 
     result = facts_benchmark_for_checkpoint(args.target, args.db, entities=args.entities, seed=args.seed,
-                                            out=args.out)
+                                            out=args.out, variant=args.variant, seeds=args.seeds)
     print_facts_result(result)
     print(f"written: {result['output']}")
     return 0
@@ -247,6 +265,15 @@ def print_facts_result(result: dict[str, Any]) -> None:
         print(f"{cond:<16}{r['accuracy']:>10.3f}{r['mean_margin_nats']:>16.3f}")
     if result["after_add"].get("fact_retrieved") is not None:
         print(f"question chunk retrieves its fact: {result['after_add']['fact_retrieved']:.3f}")
+    summary = result.get("summary", {})
+    if summary:
+        print(f"{result.get('variant', 'verbatim')} variant, seeds {result.get('seeds')}: accuracy [95% interval "
+              f"over entities]")
+        for cond, entry in summary.items():
+            if isinstance(entry, dict):
+                print(f"  {cond:<28}{entry['accuracy']:>7.3f}  [{entry['interval'][0]:.3f}, "
+                      f"{entry['interval'][1]:.3f}]  ({entry['questions']} questions)")
+        print(f"  after remove = before add on every question: {summary['remove_restores_before']}")
 
 
 def _train_query_encoder(args: argparse.Namespace) -> int:

@@ -17,6 +17,22 @@ Conditions, on the same questions:
 
 For RETRO the question is left-padded with end-of-text tokens to end exactly on a chunk
 boundary: the answer's tokens then read the neighbours retrieved with the question's chunk.
+
+Two variants (``variant``): ``verbatim`` (this module's questions, whose answer is the
+fact document's continuation of the question's last words: a copy test) and ``reading``
+(:mod:`lmforge.eval.facts_reading`: other phrasings, reverse relations, entities named by a
+description, distractor documents; never a verbatim continuation). Beside the model, two
+model-free baselines read the same retrieved, aligned neighbours:
+
+- ``copy_baseline``: pick the candidate whose tokens follow the aligned neighbour (the
+  longest prefix of the candidate that the neighbour's continuation starts with; ties split
+  evenly) — what copying through the aligned read can do. It answers the verbatim variant
+  and should be near chance on the reading variant;
+- ``presence_baseline``: pick a candidate that appears anywhere in the retrieved windows
+  (ties split) — what "the answer is somewhere in the neighbours" can do.
+
+Several seeds (entity sets) give an accuracy with a 95% percentile-bootstrap interval that
+resamples entities (their questions together) over all seeds (:func:`summarise_seeds`).
 """
 
 from __future__ import annotations
@@ -82,6 +98,22 @@ def fact_documents(entities: list[dict[str, Any]]) -> list[tuple[str, str]]:
     return [(f"fact:{e['name']}", " ".join(t.format(**e) for t in FACT_TEMPLATES) + "\n") for e in entities]
 
 
+VARIANTS = ("verbatim", "reading")
+
+
+def benchmark_items(variant: str, n_entities: int, seed: int) -> tuple[list[tuple[str, str]], list[dict[str, Any]]]:
+    """(documents to add, questions) of one seed of ``variant``."""
+    if variant == "verbatim":
+        entities = make_entities(n_entities, seed)
+        return fact_documents(entities), questions(entities)
+    if variant == "reading":
+        from lmforge.eval.facts_reading import make_reading_entities, reading_documents, reading_questions
+
+        people = make_reading_entities(n_entities, seed)
+        return reading_documents(people), reading_questions(people, seed)
+    raise ConfigError(f"facts benchmark: unknown variant {variant!r} (known: {', '.join(VARIANTS)})")
+
+
 def questions(entities: list[dict[str, Any]]) -> list[dict[str, Any]]:
     out = []
     for e in entities:
@@ -99,7 +131,7 @@ def score_questions(model: torch.nn.Module, tokenizer: Tokenizer, items: list[di
     model.eval()
     retro = isinstance(model, RetroTransformer)
     m = model.retro.chunk_len if retro else 1
-    correct, margins = 0, []
+    correct, margins, scored = 0, [], []
     for item in items:
         prompt = tokenizer.encode(item["prompt"])
         pad = (-len(prompt)) % m if retro else 0
@@ -129,16 +161,88 @@ def score_questions(model: torch.nn.Module, tokenizer: Tokenizer, items: list[di
             scores.append(float(logp.gather(1, torch.tensor(cand_ids, device=device)[:, None]).sum()))
         best = int(np.argmax(scores))
         correct += best == item["answer"]
+        scored.append(float(best == item["answer"]))
         others = [s for i, s in enumerate(scores) if i != item["answer"]]
         margins.append(scores[item["answer"]] - max(others))
     return {"accuracy": correct / max(len(items), 1), "questions": len(items),
-            "mean_margin_nats": float(np.mean(margins)) if margins else math.nan}
+            "mean_margin_nats": float(np.mean(margins)) if margins else math.nan, "scores": scored}
+
+
+def _question_neighbours(tokenizer: Tokenizer, prompt_text: str, db: ChunkDatabase, m: int, k: int,
+                         align: bool) -> tuple[list[int], np.ndarray]:
+    """(padded prompt tokens, the last chunk's neighbour windows [k, 2m]) as the model reads them."""
+    prompt = tokenizer.encode(prompt_text)
+    prompt = [tokenizer.eos_id] * ((-len(prompt)) % m) + prompt
+    ids = db.retrieve(np.array(prompt).reshape(-1, m), k)
+    windows = window_neighbour_tokens(db, np.array([prompt]), ids[None], align)
+    return prompt, windows[0, -1]
+
+
+def _split_ties(values: list[float], answer: int) -> float:
+    best = np.flatnonzero(np.asarray(values) == max(values))
+    return 1.0 / len(best) if answer in best else 0.0
+
+
+def copy_baselines(tokenizer: Tokenizer, items: list[dict[str, Any]], db: ChunkDatabase, m: int, k: int,
+                   align: bool) -> dict[str, dict[str, Any]]:
+    """The model-free baselines (module docstring) on the neighbours a RETRO model with chunk_len
+    ``m``, ``k`` neighbours and alignment ``align`` would read; expected accuracy, ties split."""
+    copy, presence = [], []
+    for item in items:
+        prompt, windows = _question_neighbours(tokenizer, item["prompt"], db, m, k, align)
+        n_prompt = len(tokenizer.encode(item["prompt"]))
+        follow, length = [], []
+        for cand in item["candidates"]:
+            tokens = tokenizer.encode(item["prompt"] + cand)[n_prompt:]
+            prefix = 0
+            for window in windows:  # the continuation starts at position m of an aligned window
+                run = 0
+                while run < len(tokens) and m + run < window.shape[0] and window[m + run] == tokens[run]:
+                    run += 1
+                prefix = max(prefix, run)
+            follow.append(float(prefix))
+            text = " | ".join(" ".join(str(t) for t in w) for w in windows)
+            length.append(float(f" {' '.join(str(t) for t in tokens)} " in f" {text} "))
+        copy.append(_split_ties(follow, item["answer"]))
+        presence.append(_split_ties(length, item["answer"]))
+    return {name: {"accuracy": float(np.mean(v)) if v else math.nan, "questions": len(v), "scores": v}
+            for name, v in (("copy_baseline", copy), ("presence_baseline", presence))}
+
+
+def accuracy_interval(scores: list[float], clusters: list[Any], level: float = 0.95, samples: int = 2000,
+                      seed: int = 0) -> tuple[float, float]:
+    """Percentile-bootstrap interval of mean accuracy, resampling clusters (entities) with their questions."""
+    keys = {c: i for i, c in enumerate(dict.fromkeys(clusters))}
+    index = np.array([keys[c] for c in clusters])
+    sums = np.bincount(index, weights=np.asarray(scores, dtype=np.float64), minlength=len(keys))
+    counts = np.bincount(index, minlength=len(keys)).astype(np.float64)
+    picks = np.random.default_rng(seed).integers(0, len(keys), size=(samples, len(keys)))
+    means = sums[picks].sum(1) / counts[picks].sum(1)
+    tail = (1.0 - level) / 2
+    low, high = np.quantile(means, [tail, 1.0 - tail])
+    return float(low), float(high)
+
+
+def summarise_seeds(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
+    """Pooled accuracy and entity-bootstrap interval per condition over the seeds' results."""
+    summary: dict[str, Any] = {}
+    for cond, entry in per_seed[0].items():
+        if not isinstance(entry, dict) or "scores" not in entry:
+            continue
+        scores, clusters = [], []
+        for result in per_seed:
+            scores += result[cond]["scores"]
+            clusters += [(result["seed"], e) for e in result["entities_of_questions"]]
+        low, high = accuracy_interval(scores, clusters)
+        summary[cond] = {"accuracy": float(np.mean(scores)), "interval": [low, high], "questions": len(scores),
+                         "per_seed": [r[cond]["accuracy"] for r in per_seed]}
+    summary["remove_restores_before"] = all(r["after_remove"]["scores"] == r["before_add"]["scores"] for r in per_seed)
+    return summary
 
 
 def run_facts_benchmark(model: torch.nn.Module, tokenizer: Tokenizer, db_path: str | Path, n_entities: int = 24,
-                        seed: int = 0) -> dict[str, Any]:
-    entities = make_entities(n_entities, seed)
-    items = questions(entities)
+                        seed: int = 0, variant: str = "verbatim") -> dict[str, Any]:
+    documents, items = benchmark_items(variant, n_entities, seed)
     db = ChunkDatabase(db_path)
     if db.manifest["tokenizer_sha256"] != tokenizer.sha256:
         raise DataError(f"{db_path}: built with another tokenizer than the model's")
@@ -146,17 +250,29 @@ def run_facts_benchmark(model: torch.nn.Module, tokenizer: Tokenizer, db_path: s
         raise DataError(f"{db_path} already holds live {SOURCE!r} documents; remove them first "
                         f"(lmforge retrieval remove {db_path} --source {SOURCE})")
     embedder = db.embedder
-    result: dict[str, Any] = {"entities": n_entities, "seed": seed, "chance": 0.25,
-                              "example_fact": fact_documents(entities[:1])[0][1], "example_question": items[0]}
+    result: dict[str, Any] = {"variant": variant, "entities": n_entities, "seed": seed, "chance": 0.25,
+                              "example_fact": documents[0][1], "example_question": items[0],
+                              "entities_of_questions": [item["entity"] for item in items]}
+    retro = isinstance(model, RetroTransformer)
+
+    def baselines(condition: str) -> None:
+        if retro:
+            for name, value in copy_baselines(tokenizer, items, db, model.retro.chunk_len, model.retro.n_neighbours,
+                                              model.retro.align_neighbours).items():
+                result[f"{name}_{condition}"] = value
+
     result["no_retrieval"] = score_questions(model, tokenizer, items, None)
     result["before_add"] = score_questions(model, tokenizer, items, db)
-    added = add_documents(db_path, fact_documents(entities), source=SOURCE, embedder=embedder)
+    baselines("before_add")
+    added = add_documents(db_path, documents, source=SOURCE, embedder=embedder)
     db = ChunkDatabase(db_path)
     db.set_embedder(embedder)
     result["after_add"] = score_questions(model, tokenizer, items, db)
+    baselines("after_add")
     result["after_add"]["added_chunks"] = added["chunks"]
     # How often the question's chunk retrieves its own entity's fact (retrieval recall@k).
-    result["after_add"]["fact_retrieved"] = _fact_recall(model, tokenizer, items, db, added["document_ids"], entities)
+    result["after_add"]["fact_retrieved"] = _fact_recall(model, tokenizer, items, db, documents,
+                                                         added["document_ids"])
     remove_documents(db_path, source=SOURCE)
     db = ChunkDatabase(db_path)
     db.set_embedder(embedder)
@@ -165,11 +281,11 @@ def run_facts_benchmark(model: torch.nn.Module, tokenizer: Tokenizer, db_path: s
 
 
 def _fact_recall(model: torch.nn.Module, tokenizer: Tokenizer, items: list[dict[str, Any]], db: ChunkDatabase,
-                 doc_ids: list[int], entities: list[dict[str, Any]]) -> float | None:
+                 documents: list[tuple[str, str]], doc_ids: list[int]) -> float | None:
     if not isinstance(model, RetroTransformer):
         return None
     m, k = model.retro.chunk_len, model.retro.n_neighbours
-    doc_of = {e["name"]: d for e, d in zip(entities, doc_ids)}
+    doc_of = {title.split(":", 1)[1]: d for (title, _), d in zip(documents, doc_ids) if title.startswith("fact:")}
     hits = 0
     for item in items:
         prompt = tokenizer.encode(item["prompt"])
@@ -180,20 +296,29 @@ def _fact_recall(model: torch.nn.Module, tokenizer: Tokenizer, items: list[dict[
 
 
 def facts_benchmark_for_checkpoint(target: str | Path, db_path: str | Path, *, entities: int = 24, seed: int = 0,
-                                   out: str | Path | None = None) -> dict[str, Any]:
-    """:func:`run_facts_benchmark` on a run or checkpoint (its newest valid checkpoint).
+                                   out: str | Path | None = None, variant: str = "verbatim",
+                                   seeds: list[int] | None = None) -> dict[str, Any]:
+    """:func:`run_facts_benchmark` on a run or checkpoint (its newest valid checkpoint), for
+    ``seeds`` (default ``[seed]``); ``result["summary"]`` pools them (:func:`summarise_seeds`).
 
-    Writes the result to ``out`` (default RUN/eval/facts.json; its path is ``result["output"]``)
-    and returns it. The database ends as it began: the facts are added, then removed.
+    Writes the result to ``out`` (default RUN/eval/facts.json, RUN/eval/facts_reading.json for
+    the reading variant; its path is ``result["output"]``) and returns it. The database ends as
+    it began: the facts are added, then removed.
     """
     from lmforge.nn.loading import load_model
 
     if entities < 1:
         raise ConfigError(f"entities must be >= 1, got {entities}")
+    if variant not in VARIANTS:
+        raise ConfigError(f"facts benchmark: unknown variant {variant!r} (known: {', '.join(VARIANTS)})")
     model, _, checkpoint = load_model(target)
     tokenizer = Tokenizer.load(checkpoint / "tokenizer.json")
-    result = run_facts_benchmark(model, tokenizer, db_path, entities, seed)
-    output = Path(out) if out else checkpoint.parent.parent / "eval" / "facts.json"
+    per_seed = [run_facts_benchmark(model, tokenizer, db_path, entities, s, variant) for s in (seeds or [seed])]
+    # the first seed's result at the top level, as before; all seeds and their summary beside it
+    result = {**per_seed[0], "seeds": [r["seed"] for r in per_seed], "per_seed": per_seed,
+              "summary": summarise_seeds(per_seed)}
+    name = "facts.json" if variant == "verbatim" else f"facts_{variant}.json"
+    output = Path(out) if out else checkpoint.parent.parent / "eval" / name
     result.update(checkpoint=str(checkpoint), output=str(output))
     atomic_write_json(output, result)
     return result

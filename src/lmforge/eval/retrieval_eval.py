@@ -6,6 +6,9 @@ Three views, all on the same held-out windows (``heldout_eval_windows``, chunk-a
 - **with vs without retrieval**: the same model, neighbours from the database or none;
 - **growing database**: neighbours only from a fixed random fraction of the database's
   documents (10%, 30%, 100% by default) — more data to retrieve from should help;
+- **paired guard**: per held-out document, the loss with and without retrieval; the paired
+  bootstrap interval of the bpb difference says plainly when retrieval makes a domain worse
+  beyond the noise (:mod:`lmforge.eval.retrieval_guard`, ``result["guard"]``);
 - **overlap buckets**: each evaluated chunk C_u (u >= 1) is read with the neighbours of
   C_{u-1}; its overlap is the longest run of tokens it shares with any of those
   neighbours (chunk + continuation), as a fraction of chunk_len. Bits-per-byte per bucket
@@ -33,7 +36,9 @@ from lmforge.core.errors import CheckpointError, ConfigError, DataError
 from lmforge.core.io import atomic_write_json
 from lmforge.core.run_marker import resolve_data_dir
 from lmforge.data.tokenizer import Tokenizer
-from lmforge.eval.heldout import heldout_domains, heldout_eval_windows
+from lmforge.data.shards import ShardSet
+from lmforge.eval.heldout import eval_windows, heldout_domains, heldout_eval_windows
+from lmforge.eval.retrieval_guard import retrieval_guard
 from lmforge.nn.loading import load_model
 from lmforge.nn.retro import RetroTransformer
 from lmforge.retrieval.alignment import window_neighbour_tokens
@@ -73,15 +78,26 @@ class HeldoutRetrieval:
         self.db, self.m = db, m
         self.byte_lengths = data_tok.token_byte_lengths()
         self.domains: dict[str, list[tuple[torch.Tensor, torch.Tensor, np.ndarray]]] = {}
+        # the held-out document of every target token [b, n] per batch, for the paired guard
+        self.target_documents: dict[str, list[np.ndarray]] = {}
         for domain in heldout_domains(Path(data_dir)):
-            windows = []
+            windows, documents = [], []
+            stream = ShardSet(Path(data_dir), "heldout", domain)
+            # heldout_eval_windows yields these windows in this order (full ones batched, a partial one alone)
+            starts = [start for start, _ in eval_windows(len(stream), seq_len, max_tokens)]
+            done = 0
             # the windows the plain held-out evaluation scores, so bpb and bpb_retrieval compare like for like
             for inputs, targets in heldout_eval_windows(Path(data_dir), domain, seq_len, max_tokens, batch_size):
                 n_complete = inputs.shape[1] // m
                 chunks = inputs[:, : n_complete * m].numpy().reshape(-1, m)
                 vectors = db.embedder.embed(chunks) if len(chunks) else np.zeros((0, db.embedder.dim), np.float32)
                 windows.append((inputs, targets, vectors.reshape(inputs.shape[0], n_complete, -1)))
+                first = np.asarray(starts[done:done + inputs.shape[0]], dtype=np.int64)
+                done += inputs.shape[0]
+                positions = first[:, None] + 1 + np.arange(targets.shape[1])
+                documents.append(np.searchsorted(stream.doc_offsets, positions, side="right"))
             self.domains[domain] = windows
+            self.target_documents[domain] = documents
 
     def neighbours(self, vectors: np.ndarray, k: int, allowed: np.ndarray | None) -> np.ndarray:
         b, n_chunks, dim = vectors.shape
@@ -114,12 +130,16 @@ def evaluate_retrieval(model: RetroTransformer, heldout: HeldoutRetrieval, k: in
     bucket_stats: dict[str, dict[str, list[float]]] = {c: {b: [0.0, 0.0, 0] for b in _bucket_names()}
                                                        for c in ("none", "retrieval")}
     full = f"db_{max(fractions):g}"
+    paired: dict[str, dict[str, np.ndarray]] = {}
     for domain, windows in heldout.domains.items():
         sums = {c: [0.0, 0] for c in conditions}
         n_bytes = 0
-        for inputs, targets, vectors in windows:
+        per_window: dict[str, list[np.ndarray]] = {"none": [], full: [], "bytes": [], "docs": []}
+        for (inputs, targets, vectors), docs in zip(windows, heldout.target_documents[domain]):
             nbytes = heldout.byte_lengths[targets.numpy()]
             n_bytes += int(nbytes.sum())
+            per_window["bytes"].append(nbytes)
+            per_window["docs"].append(docs)
             for cond, allowed in conditions.items():
                 if cond == "none":
                     logits = model(inputs.to(device)).logits
@@ -132,6 +152,8 @@ def evaluate_retrieval(model: RetroTransformer, heldout: HeldoutRetrieval, k: in
                                       reduction="none").view(targets.shape).cpu().numpy()
                 sums[cond][0] += float(nll.sum())
                 sums[cond][1] += targets.numel()
+                if cond in per_window:
+                    per_window[cond].append(nll)
                 if buckets and cond in ("none", full):
                     if cond == "none":
                         none_nll = nll
@@ -140,6 +162,10 @@ def evaluate_retrieval(model: RetroTransformer, heldout: HeldoutRetrieval, k: in
         for cond, (nll_sum, count) in sums.items():
             result["loss"][cond][domain] = nll_sum / max(count, 1)
             result["bpb"][cond][domain] = nll_sum / (math.log(2) * max(n_bytes, 1))
+        if per_window["bytes"]:
+            paired[domain] = _paired_sums(per_window, full)
+    result["guard"] = retrieval_guard(paired, seed=seed)
+    result["guard"]["condition"] = full
     if buckets:
         result["overlap_buckets"] = {
             name: {"tokens": int(bucket_stats["none"][name][2]),
@@ -147,6 +173,19 @@ def evaluate_retrieval(model: RetroTransformer, heldout: HeldoutRetrieval, k: in
             for name in _bucket_names()}
     model.train(was_training)
     return result
+
+
+def _paired_sums(per_window: dict[str, list[np.ndarray]], full: str) -> dict[str, np.ndarray]:
+    """Summed loss without / with retrieval and bytes, per held-out document and per window."""
+    docs = np.concatenate([d.ravel() for d in per_window["docs"]])
+    flat = {key: np.concatenate([a.ravel() for a in per_window[cond]])
+            for key, cond in (("without", "none"), ("with", full), ("bytes", "bytes"))}
+    rows = {key: np.concatenate([a.reshape(a.shape[0], -1).sum(1) for a in per_window[cond]])
+            for key, cond in (("without", "none"), ("with", full), ("bytes", "bytes"))}
+    ids, inverse = np.unique(docs, return_inverse=True)
+    out = {f"doc_{key}": np.bincount(inverse, weights=flat[key], minlength=len(ids)) for key in flat}
+    out.update({f"window_{key}": rows[key] for key in rows})
+    return out
 
 
 def _check_candidates(candidates: int, k: int) -> None:

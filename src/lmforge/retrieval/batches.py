@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from lmforge.core.errors import DataError
+from lmforge.retrieval.config import gold_rate_at
 from lmforge.retrieval.database import ChunkDatabase
 from lmforge.retrieval.neighbours import excluded_for_training, training_chunk_sources
 
@@ -24,7 +25,8 @@ class RetroLoader:
     def __init__(self, db: ChunkDatabase, neighbours: np.ndarray, seq_len: int, batch_size: int, seed: int,
                  k: int, weights: dict[str, float] | None = None, rank: int = 0, world_size: int = 1,
                  align: bool = False, exclusion_radius: int = 8, gold_neighbour_rate: float = 0.0,
-                 gold_neighbour_steps: int | None = None):
+                 gold_neighbour_steps: int | None = None, gold_neighbour_schedule: str = "constant",
+                 document_neighbour_rate: float = 0.0):
         m = db.chunk_len
         if seq_len % m:
             raise DataError(f"train.seq_len ({seq_len}) must be a multiple of the database chunk_len ({m})")
@@ -34,6 +36,9 @@ class RetroLoader:
         self.db, self.neighbours, self.k = db, neighbours, k
         self.align, self.exclusion_radius = align, exclusion_radius
         self.gold_neighbour_rate, self.gold_neighbour_steps = gold_neighbour_rate, gold_neighbour_steps
+        self.gold_neighbour_schedule = gold_neighbour_schedule
+        self.document_neighbour_rate = document_neighbour_rate
+        gold_rate_at(gold_neighbour_rate, gold_neighbour_schedule, 0, gold_neighbour_steps)  # checks the schedule
         self.seq_len, self.batch_size, self.seed = seq_len, batch_size, seed
         self.rank, self.world_size = rank, world_size
         self.n_chunks = seq_len // m
@@ -48,6 +53,7 @@ class RetroLoader:
                                 f"{self.n_chunks + 1}")
         self._names, self._train = names, train
         self._source_of = training_chunk_sources(db)[1]
+        self._document_runs = _document_runs(db, self._source_of) if document_neighbour_rate > 0 else None
         total = sum(weights[n] for n in names)
         self._probs = np.array([weights[n] / total for n in names])
         self.batch_index = 0
@@ -94,14 +100,17 @@ class RetroLoader:
             neighbours = torch.from_numpy(self.db.neighbour_tokens(ids, queries, self._usable(rows)))
         else:
             neighbours = torch.from_numpy(self.db.neighbour_tokens(ids))
-        gold_now = self.gold_neighbour_steps is None or self.batch_index <= self.gold_neighbour_steps
-        if self.gold_neighbour_rate > 0 and gold_now:
-            self._insert_gold(neighbours, starts, self.batch_index - 1)
+        rate = gold_rate_at(self.gold_neighbour_rate, self.gold_neighbour_schedule, self.batch_index - 1,
+                            self.gold_neighbour_steps)
+        if self.document_neighbour_rate > 0:
+            self._insert_document_neighbours(neighbours, starts, self.batch_index - 1)
+        if rate > 0:
+            self._insert_gold(neighbours, starts, self.batch_index - 1, rate)
         return batch[:, :-1].contiguous(), batch[:, 1:].contiguous(), neighbours
 
-    def _insert_gold(self, neighbours: torch.Tensor, starts: list[int], batch_index: int) -> None:
+    def _insert_gold(self, neighbours: torch.Tensor, starts: list[int], batch_index: int, rate: float) -> None:
         """Put the text itself (chunk u and its continuation u+1) in the last neighbour slot of a
-        ``gold_neighbour_rate`` share of the chunks, in place.
+        ``rate`` share of the chunks (the scheduled ``gold_neighbour_rate``), in place.
 
         Real neighbours of a small, deduplicated corpus rarely repeat the text that follows, so
         a small RETRO model sees too few examples of "the neighbour continues like my text" to
@@ -112,11 +121,39 @@ class RetroLoader:
         """
         rng = np.random.default_rng([self.seed, batch_index, 7])
         rows = self.batch_size * self.world_size
-        pick = rng.random((rows, self.n_chunks)) < self.gold_neighbour_rate
+        pick = rng.random((rows, self.n_chunks)) < rate
         pick = pick[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
         for row, u in zip(*np.nonzero(pick)):
             c = starts[row] + int(u)
             neighbours[row, u, -1] = torch.from_numpy(np.asarray(self.db.tokens[c:c + 2]).reshape(-1).astype(np.int64))
+
+    def _insert_document_neighbours(self, neighbours: torch.Tensor, starts: list[int], batch_index: int) -> None:
+        """Put another chunk of the query's own document (and its continuation) in the last neighbour
+        slot of a ``document_neighbour_rate`` share of the chunks, in place.
+
+        The chunk is drawn from the same document but more than the exclusion radius away, so it is
+        never the text to predict nor inside the window: it shares the document's names, identifiers
+        and subject, not its next tokens. What it teaches is reading (a name in a neighbour makes that
+        name likelier) rather than copying a continuation. Documents too short to have such a chunk
+        keep their retrieved neighbour. Drawn from (seed, batch index), so batches stay reproducible.
+        """
+        assert self._document_runs is not None
+        run_start, run_end = self._document_runs
+        r = self.exclusion_radius
+        rng = np.random.default_rng([self.seed, batch_index, 11])
+        rows = self.batch_size * self.world_size
+        pick = rng.random((rows, self.n_chunks)) < self.document_neighbour_rate
+        draws = rng.random((rows, self.n_chunks))
+        lo = self.rank * self.batch_size
+        for row, u in zip(*np.nonzero(pick[lo:lo + self.batch_size])):
+            c = starts[row] + int(u)
+            first, last = int(run_start[c]), int(run_end[c])  # the document's chunks: [first, last)
+            before, after = max(0, c - r - first), max(0, last - (c + r + 1) - 1)  # keep j + 1 in the document
+            if before + after == 0:
+                continue
+            j = int(draws[lo + row, u] * (before + after))
+            j = first + j if j < before else c + r + 1 + (j - before)
+            neighbours[row, u, -1] = torch.from_numpy(np.asarray(self.db.tokens[j:j + 2]).reshape(-1).astype(np.int64))
 
     def _usable(self, rows: np.ndarray):
         """An aligned window may read the chunks around a neighbour, but never those that the
@@ -141,3 +178,15 @@ class RetroLoader:
         self.batch_index = int(state["batch_index"])
         drawn = state.get("tokens_drawn", {})
         self._tokens_drawn = {n: int(drawn.get(n, 0)) for n in self._names}
+
+
+def _document_runs(db: ChunkDatabase, source_of: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For every training chunk, the [first, last) rows of the run of training chunks whose last
+    token lies in the same document (and source) as its own."""
+    docs = np.asarray(db.doc[: len(source_of), 1])
+    change = np.ones(len(docs), dtype=bool)
+    change[1:] = (docs[1:] != docs[:-1]) | (source_of[1:] != source_of[:-1])
+    firsts = np.flatnonzero(change)
+    run = np.cumsum(change) - 1
+    ends = np.append(firsts[1:], len(docs))
+    return firsts[run], ends[run]

@@ -53,12 +53,17 @@ class RetroEvaluator(HeldoutEvaluator):
             self.heldout = HeldoutRetrieval(self.db, trainer.data_dir, trainer.cfg.train.seq_len,
                                             trainer.cfg.eval.max_tokens_per_domain, trainer.cfg.eval.batch_size)
         result = evaluate_retrieval(unwrap(trainer.model), self.heldout, buckets=False)  # type: ignore[arg-type]
+        guard = result["guard"]
         extra = {"kind": "eval_retrieval", "step": trainer.step, "tokens": trainer.tokens,
-                 "bpb": result["bpb"]["db_1"], "loss": result["loss"]["db_1"], "bpb_without": result["bpb"]["none"]}
+                 "bpb": result["bpb"]["db_1"], "loss": result["loss"]["db_1"], "bpb_without": result["bpb"]["none"],
+                 "retrieval_hurts": guard["retrieval_hurts"]}
         append_metrics(trainer.run_dir / "metrics.jsonl", extra)
         log.info("step %d held-out bits-per-byte with retrieval: %s", trainer.step,
                  ", ".join(f"{k} {v:.3f}" for k, v in extra["bpb"].items()))
+        for line in guard["message"].splitlines():
+            (log.warning if line.startswith("WARNING") else log.info)("step %d %s", trainer.step, line)
         record["bpb_retrieval"] = extra["bpb"]
+        record["retrieval_guard"] = guard
         return record
 
 
@@ -88,7 +93,11 @@ def _build(setup: RunSetup, model: torch.nn.Module) -> FamilyParts:
         k=retro.n_neighbours, weights={s.name: s.weight for s in cfg.data.sources},
         rank=setup.rank, world_size=setup.world_size, align=retro.align_neighbours,
         exclusion_radius=int(nb_manifest.get("exclusion_radius", 8)),
-        gold_neighbour_rate=retrieval.gold_neighbour_rate, gold_neighbour_steps=retrieval.gold_neighbour_steps)
+        gold_neighbour_rate=retrieval.gold_neighbour_rate,
+        gold_neighbour_steps=(retrieval.gold_neighbour_steps if retrieval.gold_neighbour_steps is not None
+                              or retrieval.gold_neighbour_schedule == "constant" else cfg.train.steps),
+        gold_neighbour_schedule=retrieval.gold_neighbour_schedule,
+        document_neighbour_rate=retrieval.document_neighbour_rate)
     inner = unwrap(model)
     assert isinstance(inner, RetroTransformer)
     counts = count_retro_parameters(inner)
