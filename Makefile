@@ -25,7 +25,7 @@ test-slow: setup
 	$(BIN)/python -m pytest -m "slow" -q
 
 bench: setup
-	$(BIN)/python bench/train_throughput.py --config configs/quickstart.yaml
+	$(BIN)/python bench/train_throughput.py --config configs/quickstart_moe.yaml
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -6,7 +6,7 @@ a change in machine load hits both alike. Prints median tokens/s per version ove
 steps of every round (the first ``--skip`` steps of each run are warm-up), the ratio, the spread
 over rounds, and whether the two versions' losses are bit-identical.
 
-    python bench/compare_versions.py configs/quickstart.yaml --ref cdee255 --steps 30 --rounds 3 --ref-config
+    python bench/compare_versions.py configs/quickstart_moe.yaml --ref cdee255 --steps 30 --rounds 3 --ref-config
 
 The earlier commit is extracted with ``git archive`` into a temporary folder (the checkout is not
 touched); each version prepares its own copy of the data there, so the two never share files.

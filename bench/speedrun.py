@@ -1,10 +1,10 @@
 """Time to quality: configs trained side by side for equal wall-clock (or equal tokens), scored
 on held-out bits-per-byte per domain, with Hugging Face Llama/Mixtral of the baseline's shape.
 
-    python bench/speedrun.py configs/quickstart.yaml configs/quickstart_fast.yaml --seconds 120
-    python bench/speedrun.py configs/quickstart.yaml --tokens 400000
-    python bench/speedrun.py base=configs/quickstart.yaml \\
-        muon=configs/quickstart.yaml+optim.name=muon+optim.muon_lr=0.02 --seconds 120
+    python bench/speedrun.py configs/quickstart_moe.yaml configs/quickstart.yaml --seconds 120
+    python bench/speedrun.py configs/quickstart_moe.yaml --tokens 400000
+    python bench/speedrun.py base=configs/quickstart_moe.yaml \\
+        muon=configs/quickstart_moe.yaml+optim.name=muon+optim.muon_lr=0.02 --seconds 120
 
 Each CONFIG is ``[LABEL=]PATH[+key=value...]``: a run config with its own dotted overrides
 (``--set`` applies to every config). The first config is the baseline. Every config is built by

@@ -5,8 +5,8 @@ architecture as `transformers` LlamaForCausalLM (dense) or MixtralForCausalLM (M
 each for the same number of steps with the same optimizer (AdamW), batch and sequence
 length on random tokens, and prints tokens/s, MFU and the lmforge / Hugging Face ratio.
 
-    python bench/train_throughput.py --config configs/quickstart.yaml
-    python bench/train_throughput.py --config configs/quickstart.yaml --set model.moe=null
+    python bench/train_throughput.py --config configs/quickstart_moe.yaml
+    python bench/train_throughput.py --config configs/quickstart_moe.yaml --set model.moe=null
     python bench/train_throughput.py --config configs/bench_gpu.yaml --device cuda --compile
 
 For an MoE config it also trains, in the same rounds, the lmforge dense model of equal active

@@ -57,9 +57,9 @@ def test_speedrun_refuses_two_configs_with_one_label(tmp_path, tiny_corpus):
     assert result.returncode != 0 and "labels must differ" in result.stderr
 
 
-def test_fast_quickstart_recipe_uses_the_kept_options():
-    fast = RunConfig.from_dict(read_yaml(ROOT / "configs" / "quickstart_fast.yaml"))
-    base = RunConfig.from_dict(read_yaml(ROOT / "configs" / "quickstart.yaml"))
+def test_quickstart_uses_the_kept_options_of_the_ledger():
+    fast = RunConfig.from_dict(read_yaml(ROOT / "configs" / "quickstart.yaml"))
+    base = RunConfig.from_dict(read_yaml(ROOT / "configs" / "quickstart_moe.yaml"))
     assert fast.model.fused_cross_entropy and fast.optim.name == "muon" and fast.train.precision == "fast"
     assert fast.model.moe is None and base.model.moe is not None
     assert fast.data == base.data  # the same corpus and held-out split: bpb comparable

@@ -87,9 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="COMMAND")
 
-    quick = verbs.add_parser("quickstart", help="prepare the demo corpus, train a small MoE, evaluate, report",
+    quick = verbs.add_parser("quickstart", help="prepare the demo corpus, train a small model, evaluate, report",
                              description="End to end on the demo corpus (Shakespeare, Milton, Python stdlib): "
-                                         "data preparation, tokenizer, shards, a small MoE model, held-out "
+                                         "data preparation, tokenizer, shards, a small dense model (Muon, WSD), held-out "
                                          "bits-per-byte, samples and runs/quickstart/report.html.")
     quick.add_argument("--config", default=None,
                        help="config to run: a YAML file, or a preset name from configs/ (default: quickstart)")
