@@ -249,6 +249,13 @@ def test_the_collapse_plan_replaces_or_accumulates(tmp_path):
     assert [s.get("weight", 1.0) for s in accumulate3["sources"]] == [1.0, 1.0, 1.0, 1.0]
     with pytest.raises(ConfigError, match="collapse.real_source"):
         plan_generations(base, CollapseConfig.from_dict({"real_source": "code"}), tmp_path)
+    growing = plan_generations({**base, "train": {"steps": 50}},
+                               CollapseConfig.from_dict({"generations": 2, "modes": ["accumulate_growing"]}), tmp_path)
+    # As much real text per generation as generation 0: (g+1) data sets of equal weight, (g+1) x the steps.
+    assert [(p.mode, p.index, p.run["train"]["steps"]) for p in growing] == [
+        ("real", 0, 50), ("accumulate_growing", 1, 100), ("accumulate_growing", 2, 150)]
+    assert [s["name"] for s in growing[2].run["data"]["sources"]] == ["literature", "synthetic_gen0", "synthetic_gen1"]
+    assert growing[2].run["data"]["sources"][2]["path"].endswith("accumulate_growing_gen1")
 
 
 def test_the_shipped_synth_configs_parse():

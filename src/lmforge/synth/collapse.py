@@ -13,8 +13,11 @@ generation g = 1..N:
   sources stay in the directory with weight 0, for their held-out split);
   *accumulate* (Gerstgrasser et al. 2024): the real data and every generation's samples so far,
   each data set with the same weight;
-- generation g trains from scratch with the same steps as generation 0 (one ``train_run``:
-  the run assembly every command uses).
+  *accumulate_growing*: the same data, trained for (g+1) times generation 0's steps, so every
+  generation sees as much real text as generation 0 (Gerstgrasser et al. train on the whole
+  growing data set; with a fixed step budget, *accumulate* trains on ever less real text);
+- generation g trains from scratch with the same steps as generation 0 (``accumulate_growing``:
+  (g+1) times as many) through the run assembly every command uses.
 
 Every model is then scored on the *real* held-out split (bits-per-byte) and on the probability
 mass it gives the rarest tokens (synth/collapse_metrics.py). Results: ``collapse.json``,
@@ -34,9 +37,10 @@ from lmforge.core.config import Config, FieldValueError, apply_overrides, read_y
 from lmforge.core.errors import ConfigError
 from lmforge.core.io import atomic_write_json
 from lmforge.core.logging import get_logger
+from lmforge.train.config import TrainConfig
 
 log = get_logger(__name__)
-MODES = ("replace", "accumulate")
+MODES = ("replace", "accumulate", "accumulate_growing")
 
 
 @dataclass
@@ -53,7 +57,7 @@ class CollapseSamplesConfig(Config):
 @dataclass
 class CollapseConfig(Config):
     generations: int = 5             # trained generations after generation 0
-    modes: list[str] = field(default_factory=lambda: list(MODES))
+    modes: list[str] = field(default_factory=lambda: ["replace", "accumulate"])  # any of MODES
     real_source: str = "literature"  # the real source whose held-out bpb and rare tokens are measured
     samples: CollapseSamplesConfig = field(default_factory=CollapseSamplesConfig)
     synthetic_heldout_fraction: float = 0.02   # held-out share of each synthetic source (its own domain)
@@ -74,7 +78,7 @@ class CollapseConfig(Config):
 
 @dataclass
 class Generation:
-    mode: str                        # "real" for generation 0, else replace | accumulate
+    mode: str                        # "real" for generation 0, else one of MODES
     index: int
     run: dict[str, Any]              # the full run config
     samples_from: list[str] = field(default_factory=list)   # synth folders it trains on
@@ -107,14 +111,18 @@ def plan_generations(base: dict[str, Any], cfg: CollapseConfig, out: Path) -> li
         for index in range(1, cfg.generations + 1):
             run = copy.deepcopy(base)
             run["name"] = f"{name}_{mode}_gen{index}"
-            kept = range(index) if mode == "accumulate" else [index - 1]
+            accumulating = mode.startswith("accumulate")
+            kept = range(index) if accumulating else [index - 1]
+            if mode == "accumulate_growing":
+                train = run.setdefault("train", {})
+                train["steps"] = (index + 1) * int(train.get("steps", TrainConfig().steps))
             folders = [str(_samples_dir(out, mode, j)) for j in kept]
             real = copy.deepcopy(sources)
             if mode == "replace":
                 for source in real:
                     source["weight"] = 0.0   # kept for its held-out split only
             synthetic = [{"name": f"synthetic_gen{j}", "kind": "synthetic", "path": folder,
-                          "weight": real_weight if mode == "accumulate" else 1.0,
+                          "weight": real_weight if accumulating else 1.0,
                           "heldout_fraction": cfg.synthetic_heldout_fraction}
                          for j, folder in zip(kept, folders)]
             run["data"] = {**copy.deepcopy(base["data"]), "sources": real + synthetic, "tokenizer_from": real_dir,
