@@ -108,18 +108,20 @@ def iter_literature(source: str = "literature") -> Iterator[Document]:
         yield Document(text=texts[name], source=source, doc_id=name)
 
 
+def python_files(root: Path, excluded_dirs: set[str]) -> list[Path]:
+    """Every ``.py`` file below ``root``, sorted by relative path, never entering ``excluded_dirs``."""
+    files = []
+    # os.walk with pruning: excluded folders are never entered (rglob would list, say, every
+    # installed package below the standard library first and filter after, several times slower).
+    for folder, dirs, names in os.walk(root):
+        dirs[:] = [d for d in dirs if d not in excluded_dirs]
+        files.extend(Path(folder) / name for name in names if name.endswith(".py"))
+    return sorted((p for p in files if p.is_file()), key=lambda p: p.relative_to(root).as_posix())
+
+
 def stdlib_files() -> list[Path]:
     root = Path(sysconfig.get_paths()["stdlib"])
-    files = []
-    # os.walk with pruning: never descends into site-packages or test folders (rglob would
-    # list every installed package first and filter after, several times slower).
-    for folder, dirs, names in os.walk(root):
-        dirs[:] = [d for d in dirs if d not in STDLIB_EXCLUDED_DIRS]
-        for name in names:
-            path = Path(folder) / name
-            if name.endswith(".py") and path.is_file() and path.stat().st_size <= STDLIB_MAX_FILE_BYTES:
-                files.append(path)
-    return sorted(files, key=lambda p: p.relative_to(root).as_posix())
+    return [p for p in python_files(root, STDLIB_EXCLUDED_DIRS) if p.stat().st_size <= STDLIB_MAX_FILE_BYTES]
 
 
 def iter_stdlib_code(source: str = "code") -> Iterator[Document]:

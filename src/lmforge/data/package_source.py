@@ -15,13 +15,13 @@ dedup, 13-gram decontamination) when it is prepared as a source.
 
 from __future__ import annotations
 
-import os
 import sysconfig
 from pathlib import Path
 from typing import Iterator
 
 from lmforge.core.errors import DataError
 from lmforge.data.config import SourceConfig
+from lmforge.data.demo_corpus import python_files
 from lmforge.data.documents import Document
 from lmforge.data.sources import InputProblems, _decode, _hashed, _read_bytes, register_source_kind
 
@@ -39,12 +39,7 @@ def packages_root(source: SourceConfig) -> Path:
 
 def package_files(root: Path) -> list[Path]:
     """Every ``.py`` file below ``root``, sorted by relative path, without caches and test folders."""
-    found = []
-    # os.walk with pruning: excluded folders are never entered (rglob would list them all first).
-    for folder, dirs, names in os.walk(root):
-        dirs[:] = sorted(d for d in dirs if d not in EXCLUDED_DIRS)
-        found.extend(Path(folder) / name for name in names if name.endswith(".py"))
-    return sorted(found, key=lambda p: p.relative_to(root).as_posix())
+    return python_files(root, EXCLUDED_DIRS)
 
 
 def _signature(source: SourceConfig) -> str:
@@ -63,8 +58,9 @@ def _iter_installed_packages(source: SourceConfig, problems: InputProblems) -> I
     if not files:
         raise DataError(f"source {source.name!r}: no .py files below {root}")
     for path in files:
-        if path.stat().st_size > MAX_FILE_BYTES:
-            problems.add(path, "file_too_large", f"{path.stat().st_size} bytes > {MAX_FILE_BYTES}")
+        size = path.stat().st_size
+        if size > MAX_FILE_BYTES:
+            problems.add(path, "file_too_large", f"{size} bytes > {MAX_FILE_BYTES}")
             continue
         raw = _read_bytes(path, problems)
         if raw is None:

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from lmforge.eval.bootstrap import MIN_DOCUMENTS
+from lmforge.eval.bootstrap import MIN_DOCUMENTS, ratio_interval
 
 
 def paired_difference_interval(nll_without: np.ndarray, nll_with: np.ndarray, n_bytes: np.ndarray,
@@ -36,16 +36,12 @@ def paired_difference_interval(nll_without: np.ndarray, nll_with: np.ndarray, n_
     a, b, size = (np.asarray(x, dtype=np.float64) for x in (nll_without, nll_with, n_bytes))
     if not (a.shape == b.shape == size.shape) or a.ndim != 1 or len(a) == 0:
         raise ValueError(f"need three equal-length, non-empty 1-d arrays, got {a.shape}, {b.shape}, {size.shape}")
-    if not 0.0 < level < 1.0 or samples < 1:
-        raise ValueError(f"level must be in (0, 1) and samples >= 1, got {level} and {samples}")
+    # The difference of two ratios over the same bytes is one ratio: summed loss difference over
+    # summed bytes, so the bpb bootstrap resamples it as it is.
     delta = b - a
     point = float(delta.sum() / (math.log(2) * max(size.sum(), 1.0)))
-    rng = np.random.default_rng(seed)
-    picks = rng.integers(0, len(delta), size=(samples, len(delta)))
-    diffs = delta[picks].sum(1) / (math.log(2) * np.maximum(size[picks].sum(1), 1.0))
-    tail = (1.0 - level) / 2
-    low, high = np.quantile(diffs, [tail, 1.0 - tail])
-    return point, float(low), float(high)
+    low, high = ratio_interval(delta, size, level, samples, seed)
+    return point, low, high
 
 
 def retrieval_guard(per_domain: dict[str, dict[str, np.ndarray]], level: float = 0.95,
