@@ -88,15 +88,15 @@ class MoE(nn.Module):
         slot_tokens = order // self.top_k                       # the token of each sorted slot
         slot_weights = top_probs.flatten()[order, None]
         autocast = torch.is_autocast_enabled(x.device.type)
-        kernel = expert_kernel(self.expert_compute, x.device,
-                               torch.get_autocast_dtype(x.device.type) if autocast else x.dtype,
+        compute_dtype = torch.get_autocast_dtype(x.device.type) if autocast else x.dtype
+        kernel = expert_kernel(self.expert_compute, x.device, compute_dtype,
                                (x.shape[-1], self.experts[0].gate.out_features))
         # index_select, not tensor[index]: its backward is index_add_, not a slower accumulating index_put_
         rows = tokens.index_select(0, slot_tokens)
         if kernel == "loop":
             expert_out = self._loop(rows, counts)
         else:
-            expert_out = self._grouped(rows, flat_experts[order], counts, kernel)
+            expert_out = self._grouped(rows, flat_experts[order], counts, kernel, compute_dtype)
         weighted = (expert_out * slot_weights.to(tokens.dtype)).to(tokens.dtype)
         out = torch.zeros_like(tokens).index_add_(0, slot_tokens, weighted)
         for shared in self.shared_experts:
@@ -121,9 +121,9 @@ class MoE(nn.Module):
                      for name in ("gate", "up", "down"))  # type: ignore[return-value]
 
     def _grouped(self, rows: torch.Tensor, row_experts: torch.Tensor, counts: torch.Tensor,
-                 kernel: str) -> torch.Tensor:
-        """Sorted rows [N*k, d] through their experts: ``grouped_mm`` or ``batched`` (see the module)."""
-        dtype = torch.get_autocast_dtype(rows.device.type) if torch.is_autocast_enabled(rows.device.type) else rows.dtype
+                 kernel: str, dtype: torch.dtype) -> torch.Tensor:
+        """Sorted rows [N*k, d] through their experts, computed in ``dtype`` (the autocast dtype
+        when autocast is on): ``grouped_mm`` or ``batched`` (see the module)."""
         rows = rows.to(dtype)
         gate, up, down = self._stacked(dtype)
         if kernel == "grouped_mm":
