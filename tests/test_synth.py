@@ -107,6 +107,30 @@ def test_an_unfinished_shard_is_not_read(tmp_path, tiny_corpus):
     assert docs[0].meta["provenance"]["teacher"] == TEACHER
 
 
+def test_a_folder_that_synth_is_still_writing_is_refused_until_its_writer_stops(tmp_path, tiny_corpus):
+    from lmforge.core.errors import DataError
+    from lmforge.data.config import SourceConfig
+    from lmforge.data.sources import InputProblems, iter_documents
+
+    folder = tmp_path / "synth"
+    _synth_folder(folder, [_prose(1)])
+    source = SourceConfig(name="s", kind="synthetic", path=str(folder))
+    # A real process holds the folder's writer lock, as a running `lmforge synth` does.
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from lmforge.core.run_lock import RunLock; "
+                               "RunLock(sys.argv[1], purpose='lmforge synth').acquire(); print('held', flush=True); "
+                               "time.sleep(600)", str(folder)],
+                              env={**os.environ, "PYTHONPATH": str(REPO / "src")}, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(DataError, match=f"still writing .*process {holder.pid}"):
+            list(iter_documents(source, InputProblems()))
+    finally:
+        os.kill(holder.pid, signal.SIGKILL)
+        holder.wait()
+    # Killed writer: the lock is gone with it, and the finished shard is read.
+    assert [d.doc_id for d in iter_documents(source, InputProblems())] == ["synth-00000-00000"]
+
+
 @pytest.mark.parametrize("section, message", [
     ({"out_dir": "x", "teacher": {"path": "r"}, "mode": "unconditional"}, "documents"),
     ({"out_dir": "x", "teacher": {"path": "r"}, "mode": "continuation"}, "prompts.data_dir"),

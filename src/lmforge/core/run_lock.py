@@ -116,6 +116,36 @@ class RunLock:
         self.release()
 
 
+def live_holder(run_dir: str | Path) -> dict[str, Any] | None:
+    """Who holds ``run_dir``'s lock now (their details, or ``{}`` before they wrote them), or None.
+
+    For readers that must not read a folder while its writer is still at work: a shared,
+    non-blocking ``flock`` fails only while some process holds the exclusive lock, so a lock
+    file left by a killed writer does not count.
+    """
+    path = Path(run_dir) / LOCK_FILE
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                return _read(fd) or {}
+            return None
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
+
+
+def describe_holder(holder: dict[str, Any] | None) -> str:
+    """A lock holder as the error messages name it ("process 12 on host, running since ...")."""
+    return _describe(holder)
+
+
 def _command_line() -> str:
     """How this process was started, as a person would type it (``python -m lmforge`` → lmforge)."""
     program = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else "python"

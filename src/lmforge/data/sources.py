@@ -27,6 +27,7 @@ from typing import Any, Callable, Iterable, Iterator
 from lmforge.core.errors import DataError
 from lmforge.core.logging import get_logger
 from lmforge.core.registry import Registry
+from lmforge.core.run_lock import describe_holder, live_holder
 from lmforge.data import kv_recall
 from lmforge.data.config import SourceConfig
 from lmforge.data.demo_corpus import SHAKESPEARE_SHA256, iter_literature, iter_stdlib_code, stdlib_files
@@ -393,6 +394,11 @@ def _synthetic_folder(source: SourceConfig) -> Path:
     if not (folder / SYNTH_CONFIG).is_file():
         raise DataError(f"source {source.name!r}: {folder} is not an `lmforge synth` output folder "
                         f"(no {SYNTH_CONFIG})")
+    holder = live_holder(folder)
+    if holder is not None:
+        raise DataError(f"source {source.name!r}: `lmforge synth` is still writing {folder} "
+                        f"({describe_holder(holder)}); prepare the data after it finishes, or stop it "
+                        "(a stopped folder's finished shards are read)")
     return folder
 
 

@@ -32,6 +32,7 @@ from typing import Any
 from lmforge.core.errors import DataError
 from lmforge.core.io import atomic_write_json, atomic_write_text, read_json
 from lmforge.core.logging import RateProgress, get_logger
+from lmforge.core.run_lock import RunLock
 from lmforge.data.sources import SYNTH_CONFIG, SYNTH_SHARDS, SYNTH_SUMMARY, finished_synthetic_shard
 from lmforge.synth.config import SynthConfig
 from lmforge.synth.prompts import PromptDocument, prompt_documents
@@ -134,7 +135,13 @@ def generate_synthetic(cfg: SynthConfig, overwrite: bool = False) -> dict:
     """Write (or finish writing) ``cfg.out_dir``; return the summary (``synth.json``)."""
     started = time.perf_counter()
     out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    # One writer per synth folder; `data prepare` of a `kind: synthetic` source refuses the folder
+    # while this lock is held (its shard list would change under the preparation).
+    with RunLock(out, purpose="lmforge synth"):
+        return _generate_locked(cfg, out, overwrite, started)
+
+
+def _generate_locked(cfg: SynthConfig, out: Path, overwrite: bool, started: float) -> dict:
     teacher = load_teacher(cfg.teacher)
     fp = fingerprint(cfg, teacher.identity)
     claim_folder(out, cfg, teacher.identity, fp, overwrite)
