@@ -194,12 +194,13 @@ def calibrate(entries: list[Entry], args: argparse.Namespace, runs_dir: Path) ->
     for c in contestants:
         for _ in range(2):
             c.step()
+    clock = time.process_time if args.clock == "process" else time.perf_counter
     for round_index in range(args.calibration_rounds):
         ordered = list(zip(contestants, signatures))
         for c, signature in (ordered if round_index % 2 == 0 else reversed(ordered)):
-            start = time.perf_counter()
+            start = clock()
             c.step()
-            times[signature].append((time.perf_counter() - start) / c.tokens_per_step)
+            times[signature].append((clock() - start) / c.tokens_per_step)
     for c in contestants:
         c.close()
     return [1.0 / statistics.median(times[s]) for s in signatures]
@@ -291,7 +292,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("configs", nargs="+", help="[LABEL=]PATH[+key=value...]; the first is the baseline")
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="override for every config")
-    budget = parser.add_mutually_exclusive_group(required=True)
+    budget = parser.add_mutually_exclusive_group()
     budget.add_argument("--seconds", type=float, help="equal wall-clock budget per config")
     budget.add_argument("--tokens", type=int, help="equal token budget per config")
     parser.add_argument("--baseline-tokens-per-s", type=float,
@@ -304,8 +305,15 @@ def main() -> None:
     parser.add_argument("--target-bpb", type=float, help="report the time each domain first reaches this bpb")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads")
     parser.add_argument("--no-hf", action="store_true", help="skip the Hugging Face row")
+    parser.add_argument("--clock", choices=["wall", "process"], default="wall",
+                        help="calibration clock: wall time, or this process's CPU time (with --threads 1 it is "
+                             "the step's own work, unaffected by waiting for a core on a shared machine)")
+    parser.add_argument("--calibrate-only", action="store_true",
+                        help="print the calibration's tokens/s per config (and its ratio to the baseline) and stop")
     parser.add_argument("--out", default="/tmp/speedrun", help="folder for runs and result.json")
     args = parser.parse_args()
+    if not (args.seconds or args.tokens or args.calibrate_only):
+        parser.error("give a budget: --seconds S or --tokens N (or --calibrate-only)")
     if args.threads:
         torch.set_num_threads(args.threads)
     entries = [parse_entry(text, i) for i, text in enumerate(args.configs)]
@@ -318,6 +326,17 @@ def main() -> None:
     per_step = [run_config(e, args.overrides, runs_dir, 1).train.tokens_per_step for e in entries]
     per_step += [per_step[0]] * (n - len(entries))  # the HF row reads the baseline's batches
     calibration = None
+    if args.calibrate_only:
+        rates = calibrate(entries, args, runs_dir)
+        labels = labels + ["hf"] * (n - len(entries))
+        result = {"command": " ".join(sys.argv), "threads": torch.get_num_threads(),
+                  "calibration_rounds": args.calibration_rounds,
+                  "tokens_per_s": {label: round(rate, 1) for label, rate in zip(labels, rates)},
+                  "ratio_to_baseline": {label: round(rate / rates[0], 3) for label, rate in zip(labels, rates)}}
+        print(json.dumps(result, indent=1))
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "calibration.json").write_text(json.dumps(result, indent=1))
+        return
     if args.seconds:
         calibration = calibrate(entries, args, runs_dir)
         scale = args.baseline_tokens_per_s / calibration[0] if args.baseline_tokens_per_s else 1.0

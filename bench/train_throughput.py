@@ -8,6 +8,12 @@ length on random tokens, and prints tokens/s, MFU and the lmforge / Hugging Face
     python bench/train_throughput.py --config configs/quickstart_moe.yaml
     python bench/train_throughput.py --config configs/quickstart_moe.yaml --set model.moe=null
     python bench/train_throughput.py --config configs/bench_gpu.yaml --device cuda --compile
+    python bench/train_throughput.py --config configs/compare_dense.yaml --compile-variants   # eager and compiled, both
+
+``--compile`` compiles both models (``--compile lmforge`` / ``hf``: one of them);
+``--compile-variants`` trains each model twice in the same alternating rounds, eager and
+``torch.compile``-d (a fresh copy from the same seed), and reports every ratio: lmforge compiled
+against Hugging Face eager and against Hugging Face compiled, and each model's compile gain.
 
 For an MoE config it also trains, in the same rounds, the lmforge dense model of equal active
 parameters (each MoE feed-forward replaced by one SwiGLU as wide as the experts a token passes)
@@ -36,15 +42,23 @@ from lmforge.nn.counting import count_parameters, flops_per_token
 from lmforge.train.throughput import peak_flops
 
 
-def hf_model(cfg: ModelConfig) -> torch.nn.Module:
-    """The same architecture in transformers (Llama for dense, Mixtral for MoE)."""
+def hf_model(cfg: ModelConfig, attention: str = "sdpa") -> torch.nn.Module:
+    """The same architecture in transformers (Llama for dense, Mixtral for MoE); ``attention``: its
+    ``attn_implementation`` (``sdpa``, its default, or ``eager``: matmuls and a softmax)."""
     import transformers
+
+    from lmforge.export.hf import unsupported_options
+
+    refused = unsupported_options(cfg)
+    if refused:
+        raise SystemExit("no Hugging Face model of the same architecture: " + "; ".join(refused)
+                         + " (pass --no-hf)")
 
     common = dict(
         vocab_size=cfg.padded_vocab_size, hidden_size=cfg.d_model, num_hidden_layers=cfg.n_layers,
         num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_kv_heads or cfg.n_heads,
         max_position_embeddings=cfg.max_seq_len, rms_norm_eps=cfg.norm_eps, rope_theta=cfg.rope_theta,
-        tie_word_embeddings=cfg.tie_embeddings, attn_implementation="sdpa", head_dim=cfg.head_dim,
+        tie_word_embeddings=cfg.tie_embeddings, attn_implementation=attention, head_dim=cfg.head_dim,
     )
     if cfg.moe is None:
         return transformers.LlamaForCausalLM(transformers.LlamaConfig(intermediate_size=cfg.resolved_d_ff, **common))
@@ -68,10 +82,10 @@ def dense_equal_active(cfg: ModelConfig) -> ModelConfig:
 
 
 def make_step(model: torch.nn.Module, is_hf: bool, args: argparse.Namespace, vocab: int,
-              device: torch.device) -> Callable[[], None]:
+              device: torch.device, compile_model: bool = False) -> Callable[[], None]:
     """One training step (forward, backward, AdamW) on a fixed random batch."""
     model = model.to(device).train()
-    if args.compile:
+    if compile_model:
         model = torch.compile(model)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     gen = torch.Generator().manual_seed(0)
@@ -97,24 +111,33 @@ def make_step(model: torch.nn.Module, is_hf: bool, args: argparse.Namespace, voc
 
 def timed(step: Callable[[], None], args: argparse.Namespace, device: torch.device) -> float:
     """Tokens per second over ``args.steps`` steps."""
+    clock = time.process_time if args.clock == "process" else time.perf_counter
     if device.type == "cuda":
         torch.cuda.synchronize()
-    start = time.perf_counter()
+    start = clock()
     for _ in range(args.steps):
         step()
     if device.type == "cuda":
         torch.cuda.synchronize()
-    return args.steps * args.batch_size * args.seq_len / (time.perf_counter() - start)
+    return args.steps * args.batch_size * args.seq_len / (clock() - start)
 
 
-def alternate(steps: dict[str, Callable[[], None]], args: argparse.Namespace, device: torch.device) -> dict[str, float]:
-    """Median tokens/s per model over ``args.rounds`` rounds that alternate the models, so a
-    change in machine load during the benchmark hits both alike."""
+def alternate(steps: dict[str, Callable[[], None]], args: argparse.Namespace,
+              device: torch.device) -> dict[str, list[float]]:
+    """Tokens/s per model in each of ``args.rounds`` rounds that alternate the models (order
+    reversed every other round), so a change in machine load during the benchmark hits all alike."""
     rates: dict[str, list[float]] = {name: [] for name in steps}
-    for _ in range(args.rounds):
-        for name, step in steps.items():
+    for round_index in range(args.rounds):
+        order = list(steps.items())
+        for name, step in (order if round_index % 2 == 0 else reversed(order)):
             rates[name].append(timed(step, args, device))
-    return {name: statistics.median(values) for name, values in rates.items()}
+    return rates
+
+
+def paired_ratio(ours: list[float], theirs: list[float]) -> dict[str, float]:
+    """Median and range over rounds of the per-round ratio (both measured in the same round)."""
+    ratios = [a / b for a, b in zip(ours, theirs)]
+    return {"median": round(statistics.median(ratios), 3), "min": round(min(ratios), 3), "max": round(max(ratios), 3)}
 
 
 def main() -> None:
@@ -127,9 +150,17 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds; the median is reported")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--clock", choices=["wall", "process"], default="wall",
+                        help="wall time, or this process's CPU time (CPU, one thread: the steps' own work, "
+                             "unaffected by waiting for a core on a shared machine; tokens/s are then per CPU-second)")
     parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
-    parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--compile", nargs="?", const="both", default="none", choices=["none", "lmforge", "hf", "both"],
+                        help="torch.compile the models (bare --compile: both)")
+    parser.add_argument("--compile-variants", action="store_true",
+                        help="train every model eager and compiled in the same rounds; report all ratios")
     parser.add_argument("--no-hf", action="store_true", help="skip the Hugging Face comparison")
+    parser.add_argument("--hf-attention", default="sdpa", choices=["sdpa", "eager"],
+                        help="the Hugging Face model's attn_implementation")
     parser.add_argument("--no-dense", action="store_true",
                         help="MoE configs: skip the dense model of equal active parameters")
     parser.add_argument("--vocab-size", type=int, default=4096)
@@ -144,23 +175,31 @@ def main() -> None:
     fpt = flops_per_token(cfg, args.seq_len)
     counts = count_parameters(cfg)
 
-    torch.manual_seed(0)
-    steps = {"lmforge": make_step(cfg.build(), False, args, cfg.vocab_size, device)}
-    if not args.no_hf:
+    def built(name: str) -> Callable[[], None]:
         torch.manual_seed(0)
-        steps["hf"] = make_step(hf_model(cfg), True, args, cfg.vocab_size, device)
+        base, compiled = name.removesuffix("_compiled"), name.endswith("_compiled")
+        compiled = compiled or args.compile in ("both", "dense" if base == "dense" else base)
+        if base == "hf":
+            return make_step(hf_model(cfg, args.hf_attention), True, args, cfg.vocab_size, device, compiled)
+        model_cfg = dense if base == "dense" else cfg
+        return make_step(model_cfg.build(), False, args, model_cfg.vocab_size, device, compiled)
+
     dense = dense_equal_active(cfg) if cfg.moe is not None and not args.no_dense else None
-    if dense is not None:
-        torch.manual_seed(0)
-        steps["dense"] = make_step(dense.build(), False, args, dense.vocab_size, device)
-    rates = alternate(steps, args, device)
+    names = ["lmforge"] + ([] if args.no_hf else ["hf"]) + ([] if dense is None else ["dense"])
+    if args.compile_variants:
+        names += [f"{name}_compiled" for name in names]
+    steps = {name: built(name) for name in names}
+    per_round = alternate(steps, args, device)
+    rates = {name: statistics.median(values) for name, values in per_round.items()}
+    if args.clock == "process":
+        peak = None  # tokens per CPU-second against a wall-clock peak: no MFU
     ours = rates["lmforge"]
     result = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu x{torch.get_num_threads()} threads",
         "precision": ("bf16 autocast" if args.precision == "bf16" or (device.type == "cuda" and args.precision == "auto")
                       else "fp32"),
         "compiled": args.compile, "batch_size": args.batch_size, "seq_len": args.seq_len,
-        "timed_steps": f"{args.rounds} rounds x {args.steps}, median",
+        "timed_steps": f"{args.rounds} rounds x {args.steps}, median", "clock": args.clock,
         "params_total": counts.total, "params_active": counts.active, "flops_per_token": fpt,
         "peak_flops_source": peak_source,
         "lmforge_tokens_per_s": round(ours, 1),
@@ -169,7 +208,7 @@ def main() -> None:
     if not args.no_hf:
         theirs = rates["hf"]
         result.update({
-            "hf_model": "MixtralForCausalLM" if cfg.moe else "LlamaForCausalLM",
+            "hf_model": ("MixtralForCausalLM" if cfg.moe else "LlamaForCausalLM") + f" ({args.hf_attention} attention)",
             "hf_tokens_per_s": round(theirs, 1),
             "hf_mfu": round(theirs * fpt / peak, 4) if peak else None,
             "ratio_lmforge_over_hf": round(ours / theirs, 3),
@@ -180,6 +219,15 @@ def main() -> None:
             "dense_tokens_per_s": round(rates["dense"], 1),
             "ratio_moe_over_dense_equal_active": round(ours / rates["dense"], 3),
         })
+    if args.compile_variants:
+        result["tokens_per_s"] = {name: round(rate, 1) for name, rate in rates.items()}
+        pairs = [("lmforge_compiled", "lmforge"), ("hf_compiled", "hf"), ("lmforge_compiled", "hf"),
+                 ("lmforge_compiled", "hf_compiled"), ("lmforge", "hf"), ("dense_compiled", "dense"),
+                 ("lmforge_compiled", "dense_compiled")]
+        result["ratios_over_rounds"] = {f"{a} / {b}": paired_ratio(per_round[a], per_round[b])
+                                        for a, b in pairs if a in per_round and b in per_round}
+    elif not args.no_hf:
+        result["ratio_lmforge_over_hf_over_rounds"] = paired_ratio(per_round["lmforge"], per_round["hf"])
     print(json.dumps(result, indent=2))
 
 

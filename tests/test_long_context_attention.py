@@ -356,7 +356,8 @@ def test_training_runs_with_document_mask_and_sliding_windows(tmp_path, tiny_cor
     assert result.returncode == 0, result.stderr
     run = tmp_path / "runs" / "tiny"
     assert yaml.safe_load((run / "config.yaml").read_text())["model"]["attention"] == {**attention,
-                                                                                     "rope_theta_local": None}
+                                                                                     "rope_theta_local": None,
+                                                                                     "kernel": "auto"}
     losses = train_losses(run)
     assert sorted(losses) == [1, 2, 3, 4, 5, 6] and all(math.isfinite(x) for x in losses.values())
     evals = [r for r in read_metrics(run / "metrics.jsonl") if r.get("kind") == "eval"]

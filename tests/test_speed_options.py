@@ -126,12 +126,23 @@ def test_fast_precision_is_bf16_only_where_the_hardware_multiplies_it_natively(m
             assert (a @ b).dtype == expected
 
 
+# The MoE speed options, and the dense model with every architecture option of the ledger
+# (tests/test_arch_options.py); both with the explicit attention kernel (model.attention.kernel).
+RESUME_MODELS = {
+    "moe": {"fused_cross_entropy": True, "tie_embeddings": False, "attention": {"kernel": "explicit"},
+            "moe": {"n_experts": 4, "top_k": 2, "expert_compute": "batched"}},
+    "dense_arch": {"fused_cross_entropy": True, "tie_embeddings": False, "attention": {"kernel": "explicit"},
+                   "moe": None, "mlp_activation": "relu2", "logit_softcap": 15.0, "value_embeddings": True,
+                   "skip_connections": True},
+}
+
+
 @pytest.mark.slow
-def test_resume_is_bit_identical_with_the_speed_options_on(tmp_path, tiny_corpus):
+@pytest.mark.parametrize("model", sorted(RESUME_MODELS))
+def test_resume_is_bit_identical_with_the_speed_options_on(tmp_path, tiny_corpus, model):
     base = tiny_run_dict(tmp_path, tiny_corpus, optim={"name": "muon", "lr": 0.003, "warmup_steps": 2,
                                                        "schedule": "wsd", "min_lr_ratio": 0.0})
-    base["model"] = {**base["model"], "fused_cross_entropy": True, "tie_embeddings": False,
-                     "moe": {"n_experts": 4, "top_k": 2, "expert_compute": "batched"}}
+    base["model"] = {**base["model"], **RESUME_MODELS[model]}
     base["train"] = {**base["train"], "precision": "bf16"}
     whole = write_config(tmp_path / "a.yaml", {**base, "name": "a"})
     killed = write_config(tmp_path / "b.yaml", {**base, "name": "b"})

@@ -62,6 +62,9 @@ def test_quickstart_uses_the_kept_options_of_the_ledger():
     base = RunConfig.from_dict(read_yaml(ROOT / "configs" / "quickstart_moe.yaml"))
     assert fast.model.fused_cross_entropy and fast.optim.name == "muon" and fast.train.precision == "fast"
     assert fast.model.moe is None and base.model.moe is not None
+    # the evening rows of the ledger: learning rates, untied embeddings, the explicit bf16 attention (auto)
+    assert (fast.optim.lr, fast.optim.muon_lr, fast.model.tie_embeddings) == (0.015, 0.01, False)
+    assert fast.model.attention.kernel == "auto"
     assert fast.data == base.data  # the same corpus and held-out split: bpb comparable
     assert (fast.model.d_model, fast.model.n_layers, fast.train.seq_len) == (base.model.d_model, base.model.n_layers,
                                                                              base.train.seq_len)

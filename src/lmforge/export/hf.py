@@ -12,7 +12,9 @@ an existing ``transformers`` class with no custom code:
 | MoE with QK-norm (any MoE spacing) | ``Qwen3MoeForCausalLM`` |
 | dense, sliding windows             | ``MinistralForCausalLM`` (``Qwen3ForCausalLM`` with QK-norm) |
 
-Shared experts have no equivalent there and are refused. Sliding windows
+Shared experts have no equivalent there and are refused, as are the speedrun options that
+these classes cannot represent (``model.mlp_activation: relu2``, ``logit_softcap``,
+``value_embeddings``, ``skip_connections``: :func:`unsupported_options`). Sliding windows
 (``model.attention``) are written as transformers' ``sliding_window`` and per-layer
 ``layer_types`` (``sliding_attention`` / ``full_attention``), which mask as lmforge does (a
 query sees the ``sliding_window`` most recent tokens, itself included); Mixtral and Qwen3-MoE
@@ -66,7 +68,8 @@ from lmforge.nn.attention import END_OF_TEXT_ID
 from lmforge.nn.config import ModelConfig
 from lmforge.nn.rope import ntk_theta, yarn_attention_factor
 
-__all__ = ["ExportError", "export_hf", "hf_config", "hf_rope", "hf_sliding_window", "hf_state_dict"]
+__all__ = ["ExportError", "export_hf", "hf_config", "hf_rope", "hf_sliding_window", "hf_state_dict",
+           "unsupported_options"]
 
 
 def _transformers() -> Any:
@@ -81,6 +84,10 @@ def hf_config(cfg: ModelConfig, eos_id: int | None = None) -> Any:
     """The ``transformers`` config object for ``cfg`` (raises ExportError if none fits);
     ``eos_id``, the tokenizer's end-of-text id, is its beginning and end of sequence."""
     tf = _transformers()
+    refused = unsupported_options(cfg)
+    if refused:
+        raise ExportError("no transformers Llama-family class represents " + "; ".join(refused)
+                          + ": train without these options to export to Hugging Face")
     common = dict(
         vocab_size=cfg.vocab_size, bos_token_id=eos_id, eos_token_id=eos_id,
         hidden_size=cfg.d_model, num_hidden_layers=cfg.n_layers,
@@ -117,6 +124,21 @@ def hf_config(cfg: ModelConfig, eos_id: int | None = None) -> Any:
                           "only with qk_norm (as Qwen3-MoE)")
     return tf.MixtralConfig(num_local_experts=moe.n_experts, intermediate_size=cfg.d_expert, sliding_window=window,
                             router_aux_loss_coef=moe.load_balance_weight, **routing, **common)
+
+
+def unsupported_options(cfg: ModelConfig) -> list[str]:
+    """The model options set in ``cfg`` that Llama, Qwen3, Ministral, Mixtral and Qwen3-MoE lack,
+    as ``key (why)``; empty when the model exports."""
+    refused = []
+    if cfg.mlp_activation != "swiglu":
+        refused.append(f"model.mlp_activation {cfg.mlp_activation!r} (their MLPs are gated SwiGLU)")
+    if cfg.logit_softcap is not None:
+        refused.append("model.logit_softcap (their logits are not capped)")
+    if cfg.value_embeddings:
+        refused.append("model.value_embeddings (their attention values come from the hidden state alone)")
+    if cfg.skip_connections:
+        refused.append("model.skip_connections (their blocks have no skips between layers)")
+    return refused
 
 
 def hf_sliding_window(cfg: ModelConfig) -> tuple[int | None, list[str] | None]:

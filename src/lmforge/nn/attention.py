@@ -116,6 +116,32 @@ def rotate_at(rope: RotaryEmbedding, x: torch.Tensor, positions: torch.Tensor) -
     return x * cos + torch.cat([-second, first], dim=-1) * sin
 
 
+def explicit_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Causal attention over a whole sequence as plain matmuls: ``softmax(q kᵀ / sqrt(d) + causal
+    mask) v``, the softmax in fp32 (``model.attention.kernel: explicit``).
+
+    On CPU in bf16, SDPA's flash kernel is ~2.5x slower forward + backward than these matmuls for
+    short sequences (docs/speedrun.md); the scores [B, H, T, T] are materialised, so this is for
+    sequences of a few hundred tokens.
+    """
+    groups = q.shape[1] // k.shape[1]
+    if groups > 1:  # grouped-query attention: each key/value head serves ``groups`` query heads
+        k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
+    t = q.shape[-2]
+    scores = (q @ k.transpose(-2, -1)).float() * q.shape[-1] ** -0.5
+    causal = torch.ones(t, t, dtype=torch.bool, device=q.device).tril()
+    scores = scores.masked_fill(~causal, float("-inf"))
+    return torch.softmax(scores, dim=-1).to(v.dtype) @ v
+
+
+def explicit_kernel_applies(kernel: str, q: torch.Tensor) -> bool:
+    """Whether ``model.attention.kernel`` picks :func:`explicit_causal_attention` for ``q``:
+    ``explicit`` always, ``auto`` for bf16 on CPU at up to 1024 tokens (where it is faster)."""
+    if kernel == "explicit":
+        return True
+    return kernel == "auto" and q.device.type == "cpu" and q.dtype == torch.bfloat16 and q.shape[-2] <= 1024
+
+
 def local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: torch.Tensor, window: int,
                     documents: torch.Tensor | None = None) -> torch.Tensor:
     """Sliding-window attention in blocks: each block of ``window`` queries attends to the
@@ -219,16 +245,23 @@ class Attention(nn.Module):
         super().__init__()
         add_projections(self, cfg)
         self.window = window  # None: a global layer; else the tokens a local layer sees
+        self.kernel = cfg.attention.kernel
         # QK-norm keeps attention logits bounded, a common fix for loss spikes at scale.
         self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
 
     def forward(self, x: torch.Tensor, rope: RotaryEmbedding, cache: LayerKVCache | RingKVCache | None = None,
-                start_pos: int = 0, layout: TokenLayout | None = None) -> torch.Tensor:
+                start_pos: int = 0, layout: TokenLayout | None = None,
+                value_embedding: torch.Tensor | None = None) -> torch.Tensor:
+        """``value_embedding`` [B, T, n_kv_heads * head_dim]: added to the values
+        (``model.value_embeddings``)."""
         b, t, _ = x.shape
         q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x)
+        if value_embedding is not None:
+            v = v + value_embedding.to(v.dtype)
+        v = v.view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
         if self.q_norm is not None and self.k_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         if layout is not None and layout.rope_positions is not None:
@@ -246,6 +279,8 @@ class Attention(nn.Module):
         """Full causal attention (the default settings): SDPA's own causal kernels."""
         t = q.shape[-2]
         mask, causal = None, True
+        if cache is None and explicit_kernel_applies(self.kernel, q):
+            return explicit_causal_attention(q, k, v)
         if cache is not None:
             k, v = cache.update(k, v, start_pos)
             if start_pos > 0:

@@ -88,12 +88,18 @@ class AttentionConfig(Config):
     - ``rope_theta_local``: the RoPE base of local layers (Gemma 3: 10k local, 1M global in
       ``model.rope_theta``); unset, local layers share the global layers' RoPE, scaling included.
       With it set, local layers get plain RoPE: they only see distances below the window.
+    - ``kernel``: how full causal attention over a whole sequence is computed (training,
+      evaluation, a prompt without cache): ``sdpa`` (``F.scaled_dot_product_attention``),
+      ``explicit`` (matmuls and an fp32 softmax, nn/attention.py), ``auto`` (explicit for bf16 on
+      CPU up to 1024 tokens, where SDPA's CPU flash kernel is slower; sdpa elsewhere). Masked,
+      windowed and cached attention always use SDPA.
     """
     document_mask: bool = False
     restart_positions: bool = False
     sliding_window: int | None = None      # tokens a local layer sees; None: every layer global
     global_every: int | None = None        # one global layer every k (the last of each k); None: all local
     rope_theta_local: float | None = None  # RoPE base of local layers; None: model.rope_theta
+    kernel: Literal["auto", "sdpa", "explicit"] = "auto"  # full causal attention's kernel; see above
 
     def __post_init__(self) -> None:
         if self.restart_positions and not self.document_mask:
@@ -129,10 +135,14 @@ class ModelConfig(Config):
     n_layers: int = 4
     n_heads: int = 4
     n_kv_heads: int | None = None      # grouped-query attention; None -> n_heads (plain multi-head)
-    d_ff: int | None = None            # SwiGLU hidden size; None -> 8/3 d_model rounded up to a multiple of 64
+    d_ff: int | None = None            # feed-forward hidden size; None -> SwiGLU: 8/3 d_model rounded up to a multiple of 64, ReLU²: 4 d_model
+    mlp_activation: Literal["swiglu", "relu2"] = "swiglu"  # dense feed-forward: SwiGLU (3 matrices) or ReLU² (2: down(relu(up x)²)); nn/mlp.py
     qk_norm: bool = False
     tie_embeddings: bool = True
     fused_cross_entropy: bool = False  # training loss: LM head + cross-entropy per row chunk, no logits kept (nn/cross_entropy.py)
+    logit_softcap: float | None = None  # logits -> cap * tanh(logits / cap) (Gemma 2, modded-nanogpt); None: plain logits
+    value_embeddings: bool = False     # every layer adds a token embedding of its own to attention's values (nn/transformer.py)
+    skip_connections: bool = False     # U-net skips: block i's output joins block n_layers-1-i's input with a learned weight
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
     init_std: float = 0.02
@@ -154,6 +164,17 @@ class ModelConfig(Config):
             raise ValueError(f"head_dim (d_model / n_heads = {self.head_dim}) must be even for RoPE")
         if self.n_heads % self.kv_heads:
             raise ValueError(f"n_heads ({self.n_heads}) must be divisible by n_kv_heads ({self.kv_heads})")
+        if self.mlp_activation == "relu2" and self.moe is not None:
+            raise FieldValueError("mlp_activation", "'relu2' applies to dense feed-forwards; MoE experts are SwiGLU "
+                                  "(set moe: null, or mlp_activation: swiglu)")
+        if self.logit_softcap is not None and not self.logit_softcap > 0:
+            raise FieldValueError("logit_softcap", f"must be > 0 (logits are capped to (-cap, cap)), or null for "
+                                  f"no cap; got {self.logit_softcap}")
+        if self.family != "transformer":
+            for key in ("value_embeddings", "skip_connections"):
+                if getattr(self, key):
+                    raise FieldValueError(key, f"is an option of the 'transformer' family; family {self.family!r} "
+                                          "runs its own forward pass without it")
         if self.rope_scaling is not None and self.rope_scaling.kind == "ntk" and self.head_dim <= 2:
             raise FieldValueError("rope_scaling.kind", f"'ntk' scales the base by factor^(d/(d-2)) and needs "
                                   f"head_dim > 2, got {self.head_dim}")
@@ -174,6 +195,8 @@ class ModelConfig(Config):
     def resolved_d_ff(self) -> int:
         if self.d_ff is not None:
             return self.d_ff
+        if self.mlp_activation == "relu2":
+            return 4 * self.d_model
         return math.ceil(8 * self.d_model / 3 / 64) * 64
 
     @property

@@ -15,13 +15,18 @@ from lmforge.nn.config import ModelConfig
 class ParameterCounts:
     total: int          # every stored parameter (a tied embedding counted once)
     active: int         # parameters one token passes through: shared + its top_k routed experts
-    embedding: int      # token embedding rows, padding included
+    embedding: int      # token embedding rows, padding included (with value embeddings: their tables too)
     lm_head: int        # output head when untied (0 when tied: it is the embedding)
     non_embedding: int  # total - embedding - lm_head
 
 
 def _swiglu(d_model: int, d_hidden: int) -> int:
     return 3 * d_model * d_hidden
+
+
+def _dense_feed_forward(cfg: ModelConfig) -> int:
+    matrices = 2 if cfg.mlp_activation == "relu2" else 3  # ReLU²: up, down; SwiGLU: gate, up, down
+    return matrices * cfg.d_model * cfg.resolved_d_ff
 
 
 def _layer_counts(cfg: ModelConfig, index: int) -> tuple[int, int]:
@@ -31,7 +36,7 @@ def _layer_counts(cfg: ModelConfig, index: int) -> tuple[int, int]:
         attention += 2 * cfg.head_dim
     norms = 2 * cfg.d_model
     if not cfg.is_moe_layer(index):
-        dense = attention + norms + _swiglu(cfg.d_model, cfg.resolved_d_ff)
+        dense = attention + norms + _dense_feed_forward(cfg)
         return dense, dense
     moe = cfg.moe
     assert moe is not None
@@ -43,9 +48,12 @@ def _layer_counts(cfg: ModelConfig, index: int) -> tuple[int, int]:
 def count_parameters(cfg: ModelConfig) -> ParameterCounts:
     embedding = cfg.padded_vocab_size * cfg.d_model
     lm_head = 0 if cfg.tie_embeddings else embedding
+    # Value embeddings are lookups (no matmul), so they count with the embedding, out of the FLOPs.
+    embedding += cfg.n_layers * cfg.padded_vocab_size * cfg.kv_heads * cfg.head_dim if cfg.value_embeddings else 0
     layers = [_layer_counts(cfg, i) for i in range(cfg.n_layers)]
-    body_total = sum(t for t, _ in layers) + cfg.d_model  # + final norm
-    body_active = sum(a for _, a in layers) + cfg.d_model
+    skips = cfg.n_layers // 2 if cfg.skip_connections else 0  # one learned weight per skip
+    body_total = sum(t for t, _ in layers) + cfg.d_model + skips  # + final norm
+    body_active = sum(a for _, a in layers) + cfg.d_model + skips
     total = embedding + lm_head + body_total
     return ParameterCounts(
         total=total,

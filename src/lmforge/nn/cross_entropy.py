@@ -7,7 +7,9 @@ targets) at once, the gradients of the hidden states and of the head's weight ar
 from it, and the chunk's logits are dropped: the work is the same three matmuls, the memory
 traffic a chunk that stays in cache. The gradients are computed in forward and handed back in
 backward, so this is for training steps (the model uses it only when gradients are on).
-Padded vocabulary rows take part in the softmax exactly as in the plain loss.
+Padded vocabulary rows take part in the softmax exactly as in the plain loss. With a soft cap
+(``model.logit_softcap``) the logits are ``cap * tanh(h @ W.T / cap)`` and the gradient passes
+through the tanh (times ``1 - tanh²``), as autograd would take it through the plain loss.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ class LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,  # type: ignore[override]
-                chunk_rows: int) -> torch.Tensor:
+                chunk_rows: int, softcap: float | None = None) -> torch.Tensor:
         valid = targets != IGNORE_INDEX
         count = valid.sum().clamp(min=1)
         safe_targets = targets.clamp(min=0)
@@ -33,12 +35,17 @@ class LinearCrossEntropy(torch.autograd.Function):
             rows = slice(start, start + chunk_rows)
             h, t, keep = hidden[rows], safe_targets[rows], valid[rows]
             logits = (h @ weight.t()).float()
+            if softcap is not None:
+                capped = torch.tanh(logits / softcap)
+                logits = capped * softcap
             log_normaliser = torch.logsumexp(logits, dim=-1)
             picked = logits.gather(1, t[:, None]).squeeze(1)
             total += ((log_normaliser - picked) * keep).sum()
             grad = logits.sub_(log_normaliser[:, None]).exp_()        # softmax, in place
             grad[torch.arange(t.numel(), device=t.device), t] -= 1.0
             grad.mul_((keep / count)[:, None])
+            if softcap is not None:
+                grad.mul_(1.0 - capped.square_())
             grad_hidden[rows] = (grad.to(h.dtype) @ weight).to(hidden.dtype)
             grad_weight += grad.t().to(h.dtype) @ h
         ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype))
@@ -47,11 +54,13 @@ class LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor):  # type: ignore[override]
         grad_hidden, grad_weight = ctx.saved_tensors
-        return grad_hidden * grad_loss.to(grad_hidden.dtype), grad_weight * grad_loss.to(grad_weight.dtype), None, None
+        return grad_hidden * grad_loss.to(grad_hidden.dtype), grad_weight * grad_loss.to(grad_weight.dtype), None, None, None
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                         chunk_rows: int = 1024) -> torch.Tensor:
+                         chunk_rows: int = 1024, softcap: float | None = None) -> torch.Tensor:
     """Mean cross-entropy of ``hidden`` [..., d] through the head ``weight`` [vocab, d] against
-    ``targets`` [...] (-100: ignored), without keeping the logits."""
-    return LinearCrossEntropy.apply(hidden.reshape(-1, hidden.shape[-1]), weight, targets.reshape(-1), chunk_rows)
+    ``targets`` [...] (-100: ignored), without keeping the logits; ``softcap``: logits capped by
+    ``softcap * tanh(logits / softcap)``."""
+    return LinearCrossEntropy.apply(hidden.reshape(-1, hidden.shape[-1]), weight, targets.reshape(-1), chunk_rows,
+                                    softcap)

@@ -5,6 +5,13 @@ Layers are global (full causal attention) or, with ``model.attention.sliding_win
 and restarted positions (``model.attention.document_mask`` / ``restart_positions``) are worked
 out once per forward call from the token ids and shared by every layer.
 
+Speedrun options (docs/speedrun.md), off by default: ``model.mlp_activation: relu2`` (nn/mlp.py);
+``model.logit_softcap`` (logits ``cap * tanh(logits / cap)``, in the fused loss too);
+``model.value_embeddings`` (each layer has a token embedding of its own, kv_heads * head_dim wide,
+added to its attention values); ``model.skip_connections`` (U-net: block i's output is added,
+times a learned scalar that starts at 1, to the input of block n_layers - 1 - i, for i below
+n_layers // 2).
+
 Context parallelism (:mod:`lmforge.parallel.context`) passes a ``sequence_shard``: the model then
 runs this rank's share of each sequence (whose layout it is handed) and returns its logits and
 loss only; attention gathers the other ranks' keys through the layout. The model never communicates.
@@ -24,7 +31,7 @@ from lmforge.nn.attention import (Attention, LayerKVCache, RingKVCache, TokenLay
                                   restarted_positions)
 from lmforge.nn.config import ModelConfig
 from lmforge.nn.cross_entropy import linear_cross_entropy
-from lmforge.nn.mlp import SwiGLU
+from lmforge.nn.mlp import feed_forward
 from lmforge.nn.moe import MoE
 from lmforge.nn.norm import RMSNorm
 from lmforge.nn.rope import RotaryEmbedding
@@ -54,11 +61,13 @@ class Block(nn.Module):
         self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.attn = Attention(cfg, window=cfg.attention.window(index))
         self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.mlp: nn.Module = MoE(cfg) if cfg.is_moe_layer(index) else SwiGLU(cfg.d_model, cfg.resolved_d_ff)
+        self.mlp: nn.Module = (MoE(cfg) if cfg.is_moe_layer(index)
+                               else feed_forward(cfg.d_model, cfg.resolved_d_ff, cfg.mlp_activation))
 
     def forward(self, x: torch.Tensor, rope: RotaryEmbedding, cache: LayerKVCache | RingKVCache | None = None,
-                start_pos: int = 0, layout: TokenLayout | None = None) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), rope, cache, start_pos, layout)
+                start_pos: int = 0, layout: TokenLayout | None = None,
+                value_embedding: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), rope, cache, start_pos, layout, value_embedding)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -105,6 +114,10 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(cfg.d_model, cfg.padded_vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight  # one matrix reads and writes tokens
+        kv_width = cfg.kv_heads * cfg.head_dim
+        self.value_embeds = (nn.ModuleList(nn.Embedding(cfg.padded_vocab_size, kv_width) for _ in range(cfg.n_layers))
+                             if cfg.value_embeddings else None)
+        self.skip_weights = nn.Parameter(torch.ones(cfg.n_layers // 2)) if cfg.skip_connections else None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -118,6 +131,8 @@ class Transformer(nn.Module):
                 nn.init.normal_(module.weight, mean=0.0, std=residual_std if is_residual_out else std)
             elif isinstance(module, RMSNorm):
                 nn.init.ones_(module.weight)
+        if self.skip_weights is not None:
+            nn.init.ones_(self.skip_weights)
 
     def moe_layers(self) -> list[MoE]:
         return [block.mlp for block in self.blocks if isinstance(block.mlp, MoE)]
@@ -136,9 +151,16 @@ class Transformer(nn.Module):
                 raise ValueError("context parallelism splits training sequences; cached decoding runs whole")
             input_ids, targets, layout, loss_tokens = sequence_shard.localize(input_ids, targets, layout)
         x = self.embed(input_ids)
+        n, skips = self.cfg.n_layers, []
         for i, block in enumerate(self.blocks):
             rope = self.local_rope if self.local_rope is not None and block.attn.window is not None else self.rope
-            x = block(x, rope, kv_cache.layers[i] if kv_cache is not None else None, start_pos, layout)
+            if self.skip_weights is not None and i >= n - n // 2:
+                x = x + self.skip_weights[n - 1 - i] * skips.pop()
+            value_embedding = self.value_embeds[i](input_ids) if self.value_embeds is not None else None
+            x = block(x, rope, kv_cache.layers[i] if kv_cache is not None else None, start_pos, layout,
+                      value_embedding)
+            if self.skip_weights is not None and i < n // 2:
+                skips.append(x)
         if kv_cache is not None:
             kv_cache.length = start_pos + input_ids.shape[1]
         return self.output(x, targets, loss_tokens)
@@ -173,10 +195,12 @@ class Transformer(nn.Module):
         if (self.cfg.fused_cross_entropy and targets is not None and loss_tokens is None
                 and torch.is_grad_enabled()):
             # A training step: the loss without the logits (nn/cross_entropy.py); no logits come back.
-            loss = linear_cross_entropy(self.norm(x), self.lm_head.weight, targets)
+            loss = linear_cross_entropy(self.norm(x), self.lm_head.weight, targets, softcap=self.cfg.logit_softcap)
             aux_loss, metrics = self._moe_losses(x.device)
             return ModelOutput(logits=x.new_empty(0), loss=loss, aux_loss=aux_loss, moe_metrics=metrics)
         logits = self.lm_head(self.norm(x))
+        if self.cfg.logit_softcap is not None:
+            logits = self.cfg.logit_softcap * torch.tanh(logits.float() / self.cfg.logit_softcap)
         loss = None
         if targets is not None:
             logits = logits.float()

@@ -1,0 +1,68 @@
+"""bench/train_throughput.py and the calibration of bench/speedrun.py: per-round ratios with their
+range, the CPU-time clock, Hugging Face's eager attention, and the refusal of architecture
+options Hugging Face Llama cannot represent."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import tiny_run_dict, write_config
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_MODEL = {"d_model": 32, "n_layers": 2, "n_heads": 2, "n_kv_heads": 1, "max_seq_len": 32}
+
+
+def _bench(script: str, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "LMFORGE_PROGRESS": "0", "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, str(ROOT / "bench" / script), *args],
+                          capture_output=True, text=True, env=env, timeout=600)
+
+
+def _tiny_config(tmp_path: Path, **model) -> Path:
+    return write_config(tmp_path / "tiny_model.yaml", {"model": {**TINY_MODEL, **model}})
+
+
+def _throughput(config: Path, *extra: str) -> subprocess.CompletedProcess:
+    return _bench("train_throughput.py", "--config", str(config), "--vocab-size", "256", "--batch-size", "2",
+                  "--seq-len", "16", "--steps", "1", "--rounds", "3", "--warmup", "1", *extra)
+
+
+def test_throughput_reports_per_round_ratios_on_the_process_clock(tmp_path):
+    pytest.importorskip("transformers")
+    result = _throughput(_tiny_config(tmp_path), "--clock", "process", "--hf-attention", "eager")
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout)
+    assert report["clock"] == "process" and report["lmforge_mfu"] is None  # no MFU against a wall-clock peak
+    assert report["hf_model"] == "LlamaForCausalLM (eager attention)"
+    spread = report["ratio_lmforge_over_hf_over_rounds"]
+    assert 0 < spread["min"] <= spread["median"] <= spread["max"]
+
+
+def test_throughput_refuses_a_hugging_face_row_for_options_llama_lacks(tmp_path):
+    result = _throughput(_tiny_config(tmp_path, mlp_activation="relu2", value_embeddings=True))
+    assert result.returncode != 0
+    assert "model.mlp_activation" in result.stderr and "model.value_embeddings" in result.stderr
+    assert "--no-hf" in result.stderr
+    alone = _throughput(_tiny_config(tmp_path, mlp_activation="relu2", value_embeddings=True), "--no-hf")
+    assert alone.returncode == 0, alone.stderr[-3000:]
+    assert json.loads(alone.stdout)["lmforge_tokens_per_s"] > 0
+
+
+@pytest.mark.slow
+def test_speedrun_calibrate_only_gives_every_config_its_rate(tmp_path, tiny_corpus):
+    config = write_config(tmp_path / "tiny.yaml", tiny_run_dict(tmp_path, tiny_corpus))
+    out = tmp_path / "calibration"
+    result = _bench("speedrun.py", f"a={config}", f"b={config}+model.attention.kernel=explicit", "--calibrate-only",
+                    "--calibration-rounds", "2", "--clock", "process", "--threads", "1", "--no-hf", "--out", str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((out / "calibration.json").read_text())
+    assert set(report["tokens_per_s"]) == {"a", "b"} and all(v > 0 for v in report["tokens_per_s"].values())
+    assert report["ratio_to_baseline"]["a"] == 1.0
+    missing = _bench("speedrun.py", str(config), "--out", str(out))
+    assert missing.returncode != 0 and "--seconds" in missing.stderr
