@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from lmforge.eval.facts import accuracy_interval
+from lmforge.retrieval.database import remove_database_folder
 
 CONFIG = "configs/retro_demo.yaml"
 # The rules compared. Neighbours never come from the chunk's own documents or its exclusion
@@ -59,17 +60,21 @@ def _run(cmd: list[str]) -> None:
     subprocess.run(cmd, check=True)
 
 
+def cell_name(args: argparse.Namespace, rule: str, seed: int) -> str:
+    return f"{args.recipe}_{rule}_s{seed}" if args.recipe else f"{rule}_s{seed}"
+
+
 def cell_commands(args: argparse.Namespace, rule: str, seed: int) -> dict[str, list[str]]:
-    name = f"{rule}_s{seed}"
+    name = cell_name(args, rule, seed)
     run = Path(args.out) / name
-    bench_db = Path(args.out) / "bench_db"
+    bench_db = Path(args.out) / f"bench_db_{name}"  # one per cell: cells may run in parallel processes
     overrides = [f"name={name}", f"runs_dir={args.out}", f"data.out_dir={args.data}", f"retrieval.db={args.db}",
                  f"train.steps={args.steps}", f"train.checkpoint_every={args.steps}", f"train.seed={seed}",
-                 *RULES[rule]]
+                 *args.override, *RULES[rule]]
     seeds = ",".join(str(s) for s in range(args.bench_seeds))
     verbatim_seeds = ",".join(str(s) for s in range(args.verbatim_seeds))
     return {
-        "train": LMFORGE + ["train", CONFIG, "--no-report"] + [a for o in overrides for a in ("--set", o)],
+        "train": LMFORGE + ["train", args.config, "--no-report"] + [a for o in overrides for a in ("--set", o)],
         "eval": LMFORGE + ["retrieval", "eval", str(run), "--db", args.db, "--fractions", "1.0"],
         "reading": LMFORGE + ["retrieval", "facts", str(run), "--db", str(bench_db), "--variant", "reading",
                               "--seeds", seeds, "--out", str(run / "eval" / "facts_reading.json")],
@@ -78,15 +83,15 @@ def cell_commands(args: argparse.Namespace, rule: str, seed: int) -> dict[str, l
     }
 
 
-def _fresh_bench_db(args: argparse.Namespace) -> None:
-    bench_db = Path(args.out) / "bench_db"
+def _fresh_bench_db(args: argparse.Namespace, name: str) -> None:
+    bench_db = Path(args.out) / f"bench_db_{name}"
     if bench_db.exists():
-        shutil.rmtree(bench_db)
+        remove_database_folder(bench_db)
     shutil.copytree(args.db, bench_db, ignore=shutil.ignore_patterns("neighbours_*", ".lock"))
 
 
 def _cell_result(args: argparse.Namespace, rule: str, seed: int) -> dict | None:
-    run = Path(args.out) / f"{rule}_s{seed}"
+    run = Path(args.out) / cell_name(args, rule, seed)
     files = {k: run / "eval" / f for k, f in (("eval", "retrieval.json"), ("reading", "facts_reading.json"),
                                                ("verbatim", "facts_verbatim.json"))}
     if not all(f.is_file() for f in files.values()):
@@ -99,7 +104,7 @@ def _cell_result(args: argparse.Namespace, rule: str, seed: int) -> dict | None:
             scores += result[cond]["scores"]
             clusters += [f"{result['seed']}:{e}" for e in result["entities_of_questions"]]
         pooled[cond] = {"scores": scores, "clusters": clusters}
-    return {"reading_scores": pooled, "rule": rule, "seed": seed, "bpb": data["eval"]["bpb"], "guard": data["eval"].get("guard"),
+    return {"reading_scores": pooled, "rule": f"{args.recipe}/{rule}" if args.recipe else rule, "seed": seed, "bpb": data["eval"]["bpb"], "guard": data["eval"].get("guard"),
             "reading": data["reading"]["summary"], "verbatim": data["verbatim"]["summary"],
             "commands": {k: _show(c) for k, c in cell_commands(args, rule, seed).items()}}
 
@@ -135,7 +140,7 @@ def write_table(args: argparse.Namespace, rules: list[str], seeds: list[int]) ->
               "reading after add | reading copy baseline | reading presence baseline | verbatim after add |",
               "|---|---|---|---|---|---|---|---|---|---|"]
     for rule in rules:
-        mine = [c for c in cells if c["rule"] == rule]
+        mine = [c for c in cells if c["rule"] == (f"{args.recipe}/{rule}" if args.recipe else rule)]
         if not mine:
             continue
         d = {dom: np.mean([c["guard"]["domains"][dom]["difference"] for c in mine]) for dom in ("code", "literature")}
@@ -147,7 +152,7 @@ def write_table(args: argparse.Namespace, rules: list[str], seeds: list[int]) ->
             clusters = [x for c in mine for x in c["reading_scores"][cond]["clusters"]]
             low, high = accuracy_interval(scores, clusters)
             reading[cond] = f"{np.mean(scores):.3f} [{low:.3f}, {high:.3f}]"
-        lines.append(f"| {rule} | {len(mine)} | {d['code']:+.4f} | {d['literature']:+.4f} | {hurts} of {2 * len(mine)} "
+        lines.append(f"| {mine[0]['rule']} | {len(mine)} | {d['code']:+.4f} | {d['literature']:+.4f} | {hurts} of {2 * len(mine)} "
                      f"| {reading['before_add']} | {reading['after_add']} | {reading['copy_baseline_after_add']} "
                      f"| {reading['presence_baseline_after_add']} | {mean['verbatim']:.3f} |")
     lines += ["", "Commands of each cell:", ""]
@@ -160,7 +165,12 @@ def write_table(args: argparse.Namespace, rules: list[str], seeds: list[int]) ->
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--data", required=True, help="prepared data directory (as configs/retro_demo.yaml's)")
+    parser.add_argument("--config", default=CONFIG, help=f"the run config the rules override (default {CONFIG})")
+    parser.add_argument("--recipe", default="",
+                        help="label of the config's recipe, prefixed to cell names (e.g. reading: reading_RULE_sSEED)")
+    parser.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
+                        help="a further config override of every cell (repeatable), e.g. data.tokenizer_from=DIR")
+    parser.add_argument("--data", required=True, help="prepared data directory (as the config's data section)")
     parser.add_argument("--db", required=True, help="chunk database with neighbours (lmforge retrieval build/neighbours)")
     parser.add_argument("--out", required=True, help="directory for the runs, results.json and table.md")
     parser.add_argument("--rules", default=",".join(RULES), help=f"comma-separated, of {', '.join(RULES)}")
@@ -181,7 +191,7 @@ def main() -> int:
     for rule in rules:
         for seed in seeds:
             commands = cell_commands(args, rule, seed)
-            run = Path(args.out) / f"{rule}_s{seed}"
+            run = Path(args.out) / cell_name(args, rule, seed)
             if args.phase in ("all", "train") and not (run / "eval" / "final.json").is_file():
                 _run(commands["train"])
             if args.phase in ("all", "eval") and (run / "eval" / "final.json").is_file():
@@ -191,8 +201,11 @@ def main() -> int:
                     if output.is_file() and not args.redo:
                         continue
                     if step != "eval":
-                        _fresh_bench_db(args)
+                        _fresh_bench_db(args, cell_name(args, rule, seed))
                     _run(commands[step])
+                bench_db = Path(args.out) / f"bench_db_{cell_name(args, rule, seed)}"
+                if bench_db.exists():
+                    remove_database_folder(bench_db)
     write_table(args, rules, seeds)
     return 0
 

@@ -44,7 +44,7 @@ def test_wrong_type_names_the_key():
     bad = _cfg()
     bad["sources"][1]["kind"] = "csv"
     known = (r"\(known: demo_code, demo_digits, demo_literature, files, hf, image_folder, image_hf, image_parquet, "
-             r"installed_packages, jsonl, kv_recall, parquet, synthetic\)")
+             r"installed_packages, invented_facts, jsonl, kv_recall, parquet, prepared_heldout, synthetic\)")
     with pytest.raises(ConfigError, match=r"sources\[1\]\.kind: unknown source kind 'csv' " + known):
         DataConfig.from_dict(bad)
 

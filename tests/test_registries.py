@@ -58,7 +58,7 @@ def test_unknown_optimizer_from_the_command_line_is_one_line(tmp_path):
 
 def test_unknown_source_and_eval_set_kinds_name_the_key():
     known = (r"\(known: demo_code, demo_digits, demo_literature, files, hf, image_folder, image_hf, image_parquet, "
-             r"installed_packages, jsonl, kv_recall, parquet, synthetic\)")
+             r"installed_packages, invented_facts, jsonl, kv_recall, parquet, prepared_heldout, synthetic\)")
     with pytest.raises(ConfigError, match=r"^sources\[0\]\.kind: unknown source kind 'csv' " + known):
         DataConfig.from_dict({"sources": [{"name": "a", "kind": "csv", "path": "x"}]})
     eval_set = {"name": "e", "kind": "xml", "path": "x"}
@@ -67,7 +67,7 @@ def test_unknown_source_and_eval_set_kinds_name_the_key():
                               "decontamination": {"eval_sets": [eval_set]}})
     # An eval set is read from its path: a demo kind has none.
     with pytest.raises(ConfigError, match=r"^kind: .*'demo_code' reads none \(kinds with a path: files, hf, image_folder, "
-                                          r"image_hf, image_parquet, jsonl, parquet, synthetic\)"):
+                                          r"image_hf, image_parquet, jsonl, parquet, prepared_heldout, synthetic\)"):
         EvalSetConfig.from_dict({"name": "e", "kind": "demo_code", "path": "x"})
     with pytest.raises(ConfigError, match="of kind 'files' needs a path"):
         SourceConfig.from_dict({"name": "a", "kind": "files"})

@@ -1,4 +1,4 @@
-"""``lmforge retrieval build|add|remove|neighbours|info|train|eval|facts|train-query-encoder``.
+"""``lmforge retrieval build|add|remove|neighbours|info|train|eval|facts|train-query-encoder|train-retriever``.
 
 Parsing, a call into the library with typed arguments, printing. ``retrieval train`` is an
 alias of ``lmforge train`` (same handler, same options)::
@@ -26,17 +26,25 @@ def add_retrieval_parser(subparsers: argparse._SubParsersAction) -> argparse.Arg
                     "neighbours, and evaluate models with and without retrieval. See docs/retrieval.md.")
     verbs = retrieval.add_subparsers(dest="retrieval_verb", required=True, metavar="ACTION")
 
-    build = verbs.add_parser("build", help="chunk a prepared data directory's training split, embed, index",
+    build = verbs.add_parser("build", help="chunk prepared data directories' training splits, embed, index",
                              description="Cut each training source into chunks of --chunk-len tokens, keep each "
                                          "chunk's continuation and document, embed with a frozen encoder and "
-                                         "index with FAISS. Writes DIR (default SOURCE/retrieval).")
-    build.add_argument("source", metavar="SOURCE", help="prepared data directory (lmforge data prepare)")
+                                         "index with FAISS. Writes DIR (default SOURCE/retrieval). The first "
+                                         "SOURCE's chunks are the training chunks; further SOURCEs (prepared with "
+                                         "data.tokenizer_from: SOURCE) add chunks that are retrieved from but never "
+                                         "trained on. Resumable: rerun the same command after a crash or kill.")
+    build.add_argument("source", metavar="SOURCE", nargs="+",
+                       help="prepared data directories (lmforge data prepare); the first is the training data")
     build.add_argument("--out", default=None, metavar="DIR", help="database directory (default SOURCE/retrieval)")
     build.add_argument("--chunk-len", type=positive_int, default=64, help="tokens per chunk (default 64)")
-    build.add_argument("--embedder", default="minilm",
-                       help="minilm (default), model:CHECKPOINT (mean token embeddings), bag_of_tokens[:DIM]")
+    build.add_argument("--embedder", default="auto",
+                       help="auto (default: minilm below 200k chunks, bag_of_tokens:128 from there), minilm, "
+                            "model:CHECKPOINT (mean token embeddings), bag_of_tokens[:DIM]")
     build.add_argument("--index", default="auto", choices=INDEX_KINDS,
                        help="FAISS index kind; auto picks flat (exact) below 200k chunks, IVF above")
+    build.add_argument("--recall-queries", type=non_negative_int, default=1000, metavar="N",
+                       help="sampled chunks on which the index's recall against exact search is measured "
+                            "(default 1000; 0: skip)")
     build.add_argument("--sources", type=name_list, default=None,
                        help="comma-separated training sources (default: all)")
     build.add_argument("--max-tokens-per-source", type=positive_int, default=None, metavar="N",
@@ -67,6 +75,8 @@ def add_retrieval_parser(subparsers: argparse._SubParsersAction) -> argparse.Arg
     nb.add_argument("--block-size", type=positive_int, default=4096, help="queries per resumable block (default 4096)")
     nb.add_argument("--exclusion-radius", type=non_negative_int, default=8, metavar="CHUNKS",
                     help="also exclude chunks this close in the same source stream (default 8)")
+    nb.add_argument("--workers", type=positive_int, default=1, metavar="N",
+                    help="processes searching blocks in parallel (default 1; the result is the same)")
 
     info = verbs.add_parser("info", help="print what a database holds")
     info.add_argument("db", metavar="DB", help="database directory")
@@ -135,7 +145,47 @@ def add_retrieval_parser(subparsers: argparse._SubParsersAction) -> argparse.Arg
                     help="training queries never get candidates this close in their own source (default 8)")
     qe.add_argument("--device", default="auto", help="device for the RETRO model: auto (cuda if available), cpu, cuda")
     qe.add_argument("--seed", type=non_negative_int, default=0)
+    _add_train_retriever_parser(verbs)
     return retrieval
+
+
+def _add_train_retriever_parser(verbs: argparse._SubParsersAction) -> None:
+    jr = verbs.add_parser("train-retriever",
+                          help="train query and document encoders end to end (distractor facts task)",
+                          description="End-to-end retrieval training (docs/retrieval.md): on the distractor facts "
+                                      "task, a query encoder and a document encoder learn by perplexity distillation "
+                                      "from the frozen RETRO model; the database is re-embedded by the document "
+                                      "encoder and the index refreshed every --refresh-every steps, in OUT (the "
+                                      "task's databases are built in OUT too). Resumable (--resume auto). Reports "
+                                      "held-out recall@1 of the fact document and answer accuracy per retriever; "
+                                      "writes OUT/distractor_facts.json.")
+    jr.add_argument("target", metavar="RUN_OR_CHECKPOINT", help="a RETRO run or checkpoint")
+    jr.add_argument("--out", required=True, metavar="DIR", help="output folder (databases, runs, results)")
+    jr.add_argument("--data", default=None, metavar="DIR",
+                    help="prepared data directory for the task databases' tokenizer (default: the run's)")
+    jr.add_argument("--retrievers", type=name_list, default=["frozen_bag_of_tokens", "joint"],
+                    help="comma-separated: frozen_minilm, frozen_bag_of_tokens, query_only, joint "
+                         "(default frozen_bag_of_tokens,joint)")
+    jr.add_argument("--seeds", type=_seed_list, default=[0], help="comma-separated task seeds (entity sets; default 0)")
+    jr.add_argument("--train-entities", type=positive_int, default=200, help="training entities (default 200)")
+    jr.add_argument("--eval-entities", type=positive_int, default=60, help="held-out entities (default 60)")
+    jr.add_argument("--embedder", default="bag_of_tokens:128",
+                    help="embedder of the trainable database (default bag_of_tokens:128; minilm works too)")
+    jr.add_argument("--steps", type=non_negative_int, default=150, help="AdamW steps (default 150)")
+    jr.add_argument("--refresh-every", type=positive_int, default=25, metavar="N",
+                    help="re-embed the database and refresh the index every N steps (default 25)")
+    jr.add_argument("--checkpoint-every", type=non_negative_int, default=25, metavar="N",
+                    help="checkpoint every N steps (default 25; 0: at the end only)")
+    jr.add_argument("--resume", choices=("auto", "never"), default="auto",
+                    help="auto: continue from the newest checkpoint in OUT (default); never: refuse if one exists")
+    jr.add_argument("--candidates", type=positive_int, default=16, metavar="K",
+                    help="candidates retrieved per query from the current index (default 16)")
+    jr.add_argument("--batch-size", type=positive_int, default=32, help="queries per step (default 32)")
+    jr.add_argument("--lr", type=positive_float, default=0.01, help="learning rate (default 0.01)")
+    jr.add_argument("--tau-lm", type=positive_float, default=0.1, help="LM target temperature, nats (default 0.1)")
+    jr.add_argument("--tau-q", type=positive_float, default=0.05, help="retriever temperature (default 0.05)")
+    jr.add_argument("--random-negatives", type=non_negative_int, default=0, metavar="R",
+                    help="random database chunks added to each query's candidates as irrelevant (default 0)")
 
 
 def run_retrieval(args: argparse.Namespace) -> int:
@@ -147,6 +197,7 @@ def run_retrieval(args: argparse.Namespace) -> int:
     return {
         "build": _build, "add": _add, "remove": _remove, "neighbours": _neighbours, "info": _info,
         "eval": _eval, "facts": _facts, "train-query-encoder": _train_query_encoder,
+        "train-retriever": _train_retriever,
     }[verb](args)
 
 
@@ -155,9 +206,10 @@ def run_retrieval(args: argparse.Namespace) -> int:
 def _build(args: argparse.Namespace) -> int:
     from lmforge.retrieval.database import build_database, database_info
 
-    out = args.out or str(Path(args.source) / "retrieval")
+    out = args.out or str(Path(args.source[0]) / "retrieval")
     build_database(args.source, out, chunk_len=args.chunk_len, embedder=args.embedder, index_kind=args.index,
-                   sources=args.sources, max_tokens_per_source=args.max_tokens_per_source, overwrite=args.overwrite)
+                   sources=args.sources, max_tokens_per_source=args.max_tokens_per_source, overwrite=args.overwrite,
+                   recall_queries=args.recall_queries)
     print_database_info(database_info(out))
     return 0
 
@@ -184,8 +236,11 @@ def _neighbours(args: argparse.Namespace) -> int:
     from lmforge.retrieval.neighbours import precompute_neighbours
 
     out = precompute_neighbours(ChunkDatabase(args.db), k=args.k, out=args.out, block_size=args.block_size,
-                                exclusion_radius=args.exclusion_radius)
-    print(f"neighbours: {out / 'neighbours.npy'}")
+                                exclusion_radius=args.exclusion_radius, workers=args.workers)
+    run = json.loads((out / "manifest.json").read_text())["last_run"]
+    print(f"neighbours: {out / 'neighbours.npy'}; searched {run['chunks_searched']} chunks in {run['seconds']:.1f} s "
+          f"({run['chunks_per_second']:.0f} chunks/s, {run['workers']} worker{'s' if run['workers'] > 1 else ''}), "
+          f"{run['blocks_skipped']} blocks done before")
     return 0
 
 
@@ -203,6 +258,17 @@ def print_database_info(info: dict[str, Any], documents: list | None = None) -> 
     for name, src in info["sources"].items():
         print(f"  {name:<16}{src['kind']:<8}{src['n_chunks']:>10} chunks{src['tokens']:>12} tokens")
     print(f"on disk: {sum(info['bytes'].values()) / 1e6:.1f} MB")
+    build, recall = info.get("build"), info.get("recall")
+    if build:
+        stages = ", ".join(f"{name} {sec:.1f} s" for name, sec in build["seconds_by_stage"].items())
+        print(f"built in {build['seconds']:.1f} s ({stages}){'; resumed' if build['resumed'] else ''}; "
+              f"{build['bytes_on_disk_per_chunk']:.0f} bytes on disk and {build['peak_rss_bytes_per_chunk']:.0f} "
+              f"bytes of peak memory per chunk; embedding {build['embed_chunks_per_second']:.0f} chunks/s")
+    if recall and recall.get("queries"):
+        by = recall.get("recall_by_nprobe")
+        print(f"index recall@{recall['k']} against exact search: {recall['recall']:.4f} (recall@1 "
+              f"{recall['recall_at_1']:.4f}; {recall['queries']} sampled chunks)"
+              + (f"; by nprobe {json.dumps(by)}" if by else ""))
     for d in documents or []:
         print(f"  doc {d['id']:>6}  {d['source']:<14}{'alive' if d['alive'] else 'removed':<9}{d['n_chunks']:>6} "
               f"chunks  {d['name']}")
@@ -234,6 +300,15 @@ def print_retrieval_result(result: dict[str, Any]) -> None:
         if b["tokens"]:
             print(f"overlap {name:<10}{b['tokens']:>8} tokens  without {b['bpb_without']:.4f}  "
                   f"with {b['bpb_with']:.4f}")
+    overlap = result.get("chunk_overlap", {})
+    if overlap.get("chunks"):
+        print(f"chunk overlap with the database r(C) (longest common run with the {overlap['neighbours']} nearest "
+              "chunks, as RETRO §2.6):")
+        for group in ("buckets", "cumulative"):
+            for name, b in overlap[group].items():
+                if b["chunks"]:
+                    print(f"  r {name:<10}{b['chunks']:>7} chunks  without {b['bpb_without']:.4f}  with "
+                          f"{b['bpb_with']:.4f}  gain {b['bpb_without'] - b['bpb_with']:+.4f}")
 
 
 def _seed_list(text: str) -> list[int]:
@@ -289,6 +364,45 @@ def _train_query_encoder(args: argparse.Namespace) -> int:
     print_relevance(result)
     encoder = Path(result["encoder"])
     print(f"written: {encoder / 'query_encoder.safetensors'}, {encoder / 'relevance.json'}")
+    return 0
+
+
+def _train_retriever(args: argparse.Namespace) -> int:
+    from lmforge.core.logging import get_logger
+    from lmforge.core.run_marker import resolve_data_dir
+    from lmforge.data.tokenizer import Tokenizer
+    from lmforge.core.errors import ConfigError
+    from lmforge.eval.distractor_facts import RETRIEVERS, run_distractor_experiment
+    from lmforge.nn.loading import load_model
+    from lmforge.retrieval.joint import JointConfig
+
+    unknown = sorted(set(args.retrievers) - set(RETRIEVERS))
+    if unknown:
+        raise ConfigError(f"--retrievers: unknown {', '.join(unknown)} (known: {', '.join(RETRIEVERS)})")
+    cfg = JointConfig(steps=args.steps, lr=args.lr, batch_size=args.batch_size, candidates=args.candidates,
+                      tau_lm=args.tau_lm, tau_q=args.tau_q, refresh_every=args.refresh_every,
+                      checkpoint_every=args.checkpoint_every, random_negatives=args.random_negatives)
+    model, config, checkpoint = load_model(args.target)
+    tokenizer = Tokenizer.load(checkpoint / "tokenizer.json")
+    data_dir = Path(args.data) if args.data else resolve_data_dir(checkpoint, config["data"]["out_dir"])
+    result = run_distractor_experiment(model, tokenizer, data_dir, args.out, args.seeds, cfg,
+                                       train_entities=args.train_entities, eval_entities=args.eval_entities,
+                                       embedder=args.embedder, retrievers=tuple(args.retrievers),
+                                       log=get_logger("lmforge.retrieval.joint").info, resume=args.resume)
+    print(f"held-out: {args.eval_entities} entities x 3 questions per seed, seeds {result['seeds']}; "
+          "95% entity-bootstrap intervals")
+    print(f"{'retriever':<22}{'recall@1':>10}{'interval':>16}{'accuracy':>10}{'interval':>16}")
+    for name, entry in result["summary"].items():
+        r, a = entry["recall_at_1"], entry["accuracy"]
+        print(f"{name:<22}{r['mean']:>10.3f}  [{r['interval'][0]:.3f}, {r['interval'][1]:.3f}]"
+              f"{a['mean']:>10.3f}  [{a['interval'][0]:.3f}, {a['interval'][1]:.3f}]")
+    for seed_result in result["per_seed"]:
+        for name in ("query_only", "joint"):
+            if name in seed_result:
+                costs = seed_result[name]["training"]["refreshes"]
+                print(f"seed {seed_result['seed']} {name}: {len(costs)} index refreshes, "
+                      f"{costs[-1]['chunks']} chunks each, {sum(c['seconds'] for c in costs):.2f} s in all")
+    print(f"written: {Path(args.out) / 'distractor_facts.json'}")
     return 0
 
 

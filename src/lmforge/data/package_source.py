@@ -10,16 +10,24 @@ in sorted order, ``doc_id`` its path relative to the folder; files over ``MAX_FI
 
 Installed packages vendor copies of standard-library modules, so a database built from them is
 decontaminated against held-out documents by the data pipeline's own steps (exact and near
-dedup, 13-gram decontamination) when it is prepared as a source.
+dedup, 13-gram decontamination) when it is prepared as a source. The held-out documents of
+another prepared data directory are an eval set of kind ``prepared_heldout`` (``path``: that
+directory): its held-out shards decoded back to text, one document each, so that
+``decontamination.eval_sets: [{name: demo_heldout, kind: prepared_heldout, path: data/demo,
+role: heldout}]`` keeps every 13-gram of data/demo's held-out text out of the new data
+(configs/retro_packages.yaml).
 """
 
 from __future__ import annotations
 
+import json
 import sysconfig
 from pathlib import Path
 from typing import Iterator
 
 from lmforge.core.errors import DataError
+from lmforge.data.shards import ShardSet, load_manifest
+from lmforge.data.tokenizer import Tokenizer
 from lmforge.data.config import SourceConfig
 from lmforge.data.demo_corpus import python_files
 from lmforge.data.documents import Document
@@ -67,3 +75,32 @@ def _iter_installed_packages(source: SourceConfig, problems: InputProblems) -> I
             continue
         yield Document(text=_decode(raw, path, problems), source=source.name,
                        doc_id=path.relative_to(root).as_posix())
+
+
+def _prepared_heldout_signature(source: SourceConfig) -> str:
+    data_dir = Path(source.path or "")
+    manifest = load_manifest(data_dir)
+    return _hashed([json.dumps(manifest["tokenizer"], sort_keys=True)] + [
+        f"{name}:{shard['sha256']}" for name, info in sorted(manifest["sources"].items())
+        for shard in info.get("heldout", {}).get("shards", [])])
+
+
+@register_source_kind("prepared_heldout", signature=_prepared_heldout_signature)
+def _iter_prepared_heldout(source: SourceConfig, problems: InputProblems) -> Iterator[Document]:
+    """The held-out documents of the prepared data directory ``path``, decoded from its shards.
+
+    Byte-level BPE decodes exactly, so each document is the text that was held out (without
+    its end-of-text token); ``doc_id`` is ``SOURCE:N``, the N-th held-out document of SOURCE.
+    """
+    data_dir = Path(source.path or "")
+    manifest = load_manifest(data_dir)
+    tokenizer = Tokenizer.load(data_dir / "tokenizer.json")
+    for name in sorted(manifest["sources"]):
+        if not manifest["sources"][name].get("heldout", {}).get("shards"):
+            continue
+        stream = ShardSet(data_dir, "heldout", name, manifest)
+        bounds = [*stream.doc_offsets.tolist(), len(stream)]
+        for j, (start, stop) in enumerate(zip(bounds[:-1], bounds[1:])):
+            text = tokenizer.decode(stream.get(start, stop - start))
+            if text.strip():
+                yield Document(text=text, source=source.name, doc_id=f"{name}:{j}")

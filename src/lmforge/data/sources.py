@@ -28,7 +28,7 @@ from lmforge.core.errors import DataError
 from lmforge.core.logging import get_logger
 from lmforge.core.registry import Registry
 from lmforge.core.run_lock import describe_holder, live_holder
-from lmforge.data import kv_recall
+from lmforge.data import invented_facts, kv_recall
 from lmforge.data.config import SourceConfig
 from lmforge.data.demo_corpus import SHAKESPEARE_SHA256, iter_literature, iter_stdlib_code, stdlib_files
 from lmforge.data.documents import Document
@@ -172,6 +172,18 @@ def _iter_kv_recall(source: SourceConfig, problems: InputProblems) -> Iterator[D
     """Synthetic key-value recall documents (lmforge/data/kv_recall.py), training keys only."""
     assert source.kv_recall is not None  # SourceConfig fills in the defaults
     return kv_recall.recall_documents(source.kv_recall, source.name)
+
+
+def _invented_facts_signature(source: SourceConfig) -> str:
+    # The documents are a function of the generator's code and settings alone.
+    return _hashed(["invented_facts", invented_facts.GENERATOR_VERSION, str(invented_facts.PEOPLE),
+                    str(invented_facts.SEED)])
+
+
+@register_source_kind("invented_facts", signature=_invented_facts_signature, needs_path=False)
+def _iter_invented_facts(source: SourceConfig, problems: InputProblems) -> Iterator[Document]:
+    """Fact and question documents about invented people (lmforge/data/invented_facts.py)."""
+    return invented_facts.invented_fact_documents(source.name)
 
 
 def _limit(docs: Iterable[Document], max_documents: int | None, max_bytes: int | None) -> Iterator[Document]:

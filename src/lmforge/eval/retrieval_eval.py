@@ -13,6 +13,14 @@ Three views, all on the same held-out windows (``heldout_eval_windows``, chunk-a
   C_{u-1}; its overlap is the longest run of tokens it shares with any of those
   neighbours (chunk + continuation), as a fraction of chunk_len. Bits-per-byte per bucket
   shows how much of the gain is copying versus generalising (RETRO paper, §4).
+- **chunk overlap with the database** (``result["chunk_overlap"]``, the RETRO paper's leakage
+  analysis, §2.6 and its figure of bpb against chunk overlap): each evaluated chunk C_u (u >= 1)
+  is itself a query for its ``OVERLAP_NEIGHBOURS`` = 10 nearest database chunks (same embedder
+  and index, each read with its continuation, 2·chunk_len tokens); r(C_u) = the longest run of
+  consecutive tokens C_u shares with any of them, over chunk_len. It measures how much of the
+  chunk the database repeats, whether or not the model got to read it (the model reads the
+  neighbours of C_{u-1}). bpb with and without retrieval per bucket of r, and over the chunks
+  with r <= alpha (the paper's cumulative filter).
 
 With a trained query encoder (``--query-encoder``, see
 :mod:`lmforge.retrieval.query_encoder`), each chunk's neighbours are the encoder's top k of
@@ -46,6 +54,7 @@ from lmforge.retrieval.database import ChunkDatabase
 from lmforge.retrieval.query_encoder import QueryEncoder, load_query_encoder, rerank
 
 BUCKETS = (0.0, 0.125, 0.25, 0.5, 0.75, 1.01)
+OVERLAP_NEIGHBOURS = 10  # database chunks searched per evaluated chunk for its overlap r(C) (RETRO §2.6)
 
 
 def longest_common_run(chunks: np.ndarray, neighbours: np.ndarray) -> np.ndarray:
@@ -68,7 +77,9 @@ def _bucket_names() -> list[str]:
 class HeldoutRetrieval:
     """Held-out windows of every domain with their chunk embeddings computed once."""
 
-    def __init__(self, db: ChunkDatabase, data_dir: Path, seq_len: int, max_tokens: int, batch_size: int = 8):
+    def __init__(self, db: ChunkDatabase, data_dir: Path, seq_len: int, max_tokens: int, batch_size: int = 8,
+                 only_domains: list[str] | None = None):
+        """``only_domains``: evaluate these held-out domains only (default: all of them)."""
         m = db.chunk_len
         if seq_len % m:
             raise DataError(f"seq_len ({seq_len}) must be a multiple of the database chunk_len ({m})")
@@ -80,7 +91,11 @@ class HeldoutRetrieval:
         self.domains: dict[str, list[tuple[torch.Tensor, torch.Tensor, np.ndarray]]] = {}
         # the held-out document of every target token [b, n] per batch, for the paired guard
         self.target_documents: dict[str, list[np.ndarray]] = {}
-        for domain in heldout_domains(Path(data_dir)):
+        available = heldout_domains(Path(data_dir))
+        missing = sorted(set(only_domains or []) - set(available))
+        if missing:
+            raise DataError(f"{data_dir}: no held-out domain {missing[0]!r} (domains: {', '.join(available)})")
+        for domain in [d for d in available if only_domains is None or d in only_domains]:
             windows, documents = [], []
             stream = ShardSet(Path(data_dir), "heldout", domain)
             # heldout_eval_windows yields these windows in this order (full ones batched, a partial one alone)
@@ -91,7 +106,7 @@ class HeldoutRetrieval:
                 n_complete = inputs.shape[1] // m
                 chunks = inputs[:, : n_complete * m].numpy().reshape(-1, m)
                 vectors = db.embedder.embed(chunks) if len(chunks) else np.zeros((0, db.embedder.dim), np.float32)
-                windows.append((inputs, targets, vectors.reshape(inputs.shape[0], n_complete, -1)))
+                windows.append((inputs, targets, vectors.reshape(inputs.shape[0], n_complete, db.embedder.dim)))
                 first = np.asarray(starts[done:done + inputs.shape[0]], dtype=np.int64)
                 done += inputs.shape[0]
                 positions = first[:, None] + 1 + np.arange(targets.shape[1])
@@ -108,11 +123,15 @@ class HeldoutRetrieval:
 @torch.no_grad()
 def evaluate_retrieval(model: RetroTransformer, heldout: HeldoutRetrieval, k: int | None = None,
                        fractions: tuple[float, ...] = (1.0,), buckets: bool = True, seed: int = 0,
-                       query_encoder: QueryEncoder | None = None, candidates: int = 8) -> dict[str, Any]:
+                       query_encoder: QueryEncoder | None = None, candidates: int = 8,
+                       per_document: bool = False) -> dict[str, Any]:
     """bpb per domain without retrieval and with retrieval at each database fraction (+ overlap buckets).
 
     With ``query_encoder``, each chunk's ``candidates`` nearest chunks under the frozen
-    index are re-ranked by the encoder and its top k are the neighbours.
+    index are re-ranked by the encoder and its top k are the neighbours. With ``per_document``,
+    ``result["per_document"][domain]`` holds each held-out document's id, bytes and summed loss
+    without and with retrieval (largest fraction), to pair evaluations run separately
+    (bench/retro_db_size.py pairs one model over several databases and against dense models).
     """
     device = next(model.parameters()).device
     k = k or model.retro.n_neighbours
@@ -129,6 +148,7 @@ def evaluate_retrieval(model: RetroTransformer, heldout: HeldoutRetrieval, k: in
         result["reranking"] = {"candidates": candidates, "encoder": query_encoder.kind}
     bucket_stats: dict[str, dict[str, list[float]]] = {c: {b: [0.0, 0.0, 0] for b in _bucket_names()}
                                                        for c in ("none", "retrieval")}
+    overlap_stats = _overlap_stats()
     full = f"db_{max(fractions):g}"
     paired: dict[str, dict[str, np.ndarray]] = {}
     for domain, windows in heldout.domains.items():
@@ -159,18 +179,24 @@ def evaluate_retrieval(model: RetroTransformer, heldout: HeldoutRetrieval, k: in
                         none_nll = nll
                     else:
                         _bucket(bucket_stats, inputs.numpy(), nb.cpu().numpy(), none_nll, nll, nbytes, m)
+                        _chunk_overlap(overlap_stats, db, inputs.numpy(), vectors, none_nll, nll, nbytes, m, allowed)
         for cond, (nll_sum, count) in sums.items():
             result["loss"][cond][domain] = nll_sum / max(count, 1)
             result["bpb"][cond][domain] = nll_sum / (math.log(2) * max(n_bytes, 1))
         if per_window["bytes"]:
             paired[domain] = _paired_sums(per_window, full)
     result["guard"] = retrieval_guard(paired, seed=seed)
+    if per_document:
+        result["per_document"] = {domain: {key: sums[key].tolist() for key in ("doc_ids", "doc_bytes", "doc_without",
+                                                                                 "doc_with")}
+                                  for domain, sums in paired.items()}
     result["guard"]["condition"] = full
     if buckets:
         result["overlap_buckets"] = {
             name: {"tokens": int(bucket_stats["none"][name][2]),
                    "bpb_without": _ratio(bucket_stats["none"][name]), "bpb_with": _ratio(bucket_stats["retrieval"][name])}
             for name in _bucket_names()}
+        result["chunk_overlap"] = _overlap_result(overlap_stats)
     model.train(was_training)
     return result
 
@@ -184,6 +210,7 @@ def _paired_sums(per_window: dict[str, list[np.ndarray]], full: str) -> dict[str
             for key, cond in (("without", "none"), ("with", full), ("bytes", "bytes"))}
     ids, inverse = np.unique(docs, return_inverse=True)
     out = {f"doc_{key}": np.bincount(inverse, weights=flat[key], minlength=len(ids)) for key in flat}
+    out["doc_ids"] = ids
     out.update({f"window_{key}": rows[key] for key in rows})
     return out
 
@@ -231,6 +258,72 @@ def _bucket(stats: dict, inputs: np.ndarray, neighbours: np.ndarray, nll_none: n
             for cond in ("none", "retrieval"):
                 stats[cond][name][1] += int(nbytes[row, positions].sum())
             stats["none"][name][2] += len(range(*positions.indices(n)))
+
+
+def _overlap_stats() -> dict[str, Any]:
+    return {"r": [], "without": [], "with": [], "bytes": [], "tokens": []}
+
+
+def database_overlap(db: ChunkDatabase, chunks: np.ndarray, vectors: np.ndarray, allowed: np.ndarray | None = None,
+                     k: int = OVERLAP_NEIGHBOURS) -> np.ndarray:
+    """r(C) per chunk [P]: longest token run each chunk [P, m] shares with its k nearest database
+    chunks (embeddings ``vectors`` [P, dim] as queries; each neighbour with its continuation), over m."""
+    if len(chunks) == 0:
+        return np.zeros(0)
+    neighbours = db.neighbour_tokens(db.search(vectors, k, allowed=allowed))  # [P, k, 2m]
+    runs = np.stack([longest_common_run(chunks, neighbours[:, j]) for j in range(neighbours.shape[1])], 1)
+    return runs.max(1) / chunks.shape[1]
+
+
+def _chunk_overlap(stats: dict[str, Any], db: ChunkDatabase, inputs: np.ndarray, vectors: np.ndarray,
+                   nll_none: np.ndarray, nll_with: np.ndarray, nbytes: np.ndarray, m: int,
+                   allowed: np.ndarray | None) -> None:
+    """Per evaluated complete chunk C_u (u >= 1): r(C_u), and its summed loss without / with retrieval and bytes."""
+    b, n_complete = vectors.shape[:2]
+    if n_complete < 2:
+        return
+    chunks = inputs[:, m:n_complete * m].reshape(b, n_complete - 1, m).reshape(-1, m).astype(np.int64)
+    r = database_overlap(db, chunks, vectors[:, 1:].reshape(-1, vectors.shape[-1]), allowed)
+    # the targets that are C_u's tokens: positions u*m - 1 .. u*m + m - 2
+
+    def cut(a: np.ndarray) -> np.ndarray:
+        return a[:, m - 1:n_complete * m - 1].reshape(b, n_complete - 1, m).reshape(-1, m)
+
+    stats["r"].append(r)
+    stats["without"].append(cut(nll_none).sum(1))
+    stats["with"].append(cut(nll_with).sum(1))
+    stats["bytes"].append(cut(nbytes).sum(1))
+    stats["tokens"].append(np.full(len(r), m))
+
+
+def _overlap_result(stats: dict[str, Any]) -> dict[str, Any]:
+    """bpb with and without retrieval per bucket of r(C) and over the chunks with r(C) <= alpha."""
+    if not stats["r"]:
+        return {"chunks": 0}
+    r, without, with_, nbytes = (np.concatenate(stats[key]) for key in ("r", "without", "with", "bytes"))
+    rng = np.random.default_rng(0)
+
+    def entry(chosen: np.ndarray) -> dict[str, Any]:
+        n_bytes = float(nbytes[chosen].sum())
+        out = {"chunks": int(chosen.sum()), "bytes": int(n_bytes),
+               "bpb_without": float(without[chosen].sum() / (math.log(2) * n_bytes)) if n_bytes else None,
+               "bpb_with": float(with_[chosen].sum() / (math.log(2) * n_bytes)) if n_bytes else None}
+        if chosen.sum() >= 2:  # 95% bootstrap interval of the gain, chunks resampled with their bytes
+            rows = np.flatnonzero(chosen)
+            draws = rows[rng.integers(0, len(rows), size=(1000, len(rows)))]
+            gains = (without[draws] - with_[draws]).sum(1) / (math.log(2) * nbytes[draws].sum(1))
+            out["gain_interval"] = [float(np.percentile(gains, 2.5)), float(np.percentile(gains, 97.5))]
+        return out
+
+    names = _bucket_names()
+    which = np.clip(np.searchsorted(BUCKETS, r, side="right") - 1, 0, len(names) - 1)
+    return {"definition": f"r(C) = longest run of tokens C shares with its {OVERLAP_NEIGHBOURS} nearest database "
+                          "chunks (each with its continuation), over chunk_len; C_u for u >= 1 of each window",
+            "interval": "95% bootstrap over the bucket's chunks (chunks of one document are not independent: "
+                        "a lower bound on the real spread)",
+            "neighbours": OVERLAP_NEIGHBOURS, "chunks": int(len(r)),
+            "buckets": {name: entry(which == j) for j, name in enumerate(names)},
+            "cumulative": {f"<={alpha:g}": entry(r <= alpha + 1e-9) for alpha in (0.125, 0.25, 0.5, 0.75, 1.0)}}
 
 
 def evaluate_retrieval_for_checkpoint(target: str | Path, db_path: str | Path, *, k: int | None = None,

@@ -18,6 +18,14 @@ one document and the start of the next; ``doc`` records both, and neighbour sear
 excludes either. The final partial chunk of a source is dropped. Chunks from ``add`` are
 cut per document, the last one padded with end-of-text.
 
+``build`` takes one prepared data directory or several: the first one's sources are the
+``train`` chunks (RETRO training samples them, neighbours are precomputed for them), later
+ones' are ``extra`` chunks, retrieved from but never trained on (a large database such as the
+installed packages' source, prepared with the first directory's tokenizer). A build is
+resumable: its finished parts leave markers in ``.build/`` (chunk arrays, each block of
+embeddings, the index, the recall measurement) and a rerun skips them; the manifest, written
+last, records build time, memory per chunk and the index's recall against exact search.
+
 Updates never modify a file in place: they write the changed arrays under a new
 generation number, then the manifest, then delete files no manifest names. A reader holds
 the old generation's memory maps until it reopens; a crash mid-update leaves the old
@@ -30,7 +38,9 @@ import contextlib
 import fcntl
 import os
 import re
+import resource
 import shutil
+import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -43,8 +53,8 @@ from lmforge.data.shards import ShardSet, load_manifest, token_dtype
 from lmforge.data.tokenizer import Tokenizer
 from lmforge.retrieval.alignment import aligned_windows
 from lmforge.retrieval.embedders import Embedder, build_embedder
-from lmforge.retrieval.index import (add_to_index, build_index, load_index, remove_from_index, save_index,
-                                     search_filtered)
+from lmforge.retrieval.index import (add_to_index, build_index, load_index, measure_recall, remove_from_index,
+                                     save_index, search_filtered)
 
 log = get_logger(__name__)
 FORMAT = "lmforge-chunkdb-1"
@@ -244,99 +254,293 @@ class ChunkDatabase:
         return chosen[docs[:, 0]] & chosen[docs[:, 1]]
 
 
-# ---- building from a prepared data directory ----------------------------------------------
-def build_database(data_dir: str | Path, out: str | Path, chunk_len: int = 64, embedder: str | Embedder = "minilm",
-                   index_kind: str = "auto", sources: list[str] | None = None,
-                   max_tokens_per_source: int | None = None, overwrite: bool = False) -> ChunkDatabase:
-    """Chunk the training split of ``data_dir``, embed, index; write the database to ``out``."""
-    data_dir, out = Path(data_dir), Path(out)
+# ---- building from prepared data directories ----------------------------------------------
+BUILD_DIR = ".build"          # a build's unfinished work, removed once the manifest is written
+EMBED_BLOCK = 65536           # chunks per resumable embedding block
+AUTO_EMBEDDER_MAX = 200_000   # embedder "auto": minilm below this many chunks, bag_of_tokens:128 from it
+LARGE_EMBEDDER = "bag_of_tokens:128"
+
+
+def _plan_chunks(data_dirs: list[Path], chunk_len: int, sources: list[str] | None,
+                 max_tokens_per_source: int | None) -> tuple[list[tuple], list[dict[str, Any]], int]:
+    """Cut each source of each data directory into chunks (no tokens read yet).
+
+    Returns (plan rows ``(name, kind, data_dir, tokens, n, doc, first)``, documents, n_total).
+    The first directory's sources are ``train`` chunks (the model's own training data: neighbours
+    are precomputed for them and RETRO training samples them); later directories' sources are
+    ``extra``: retrieved from, never trained on.
+    """
+    manifests = [load_manifest(d) for d in data_dirs]
+    seen: dict[str, Path] = {}
+    for data_dir, manifest in zip(data_dirs, manifests):
+        for name in manifest["sources"]:
+            if name in seen:
+                raise DataError(f"source {name!r} is in both {seen[name]} and {data_dir}; a database needs "
+                                "distinct source names (rename one in its data config)")
+            seen[name] = data_dir
+    unknown = [s for s in (sources or []) if s not in seen]
+    if unknown:
+        raise DataError(f"{', '.join(map(str, data_dirs))}: no source {unknown[0]!r} (sources: {', '.join(seen)})")
+    plan, documents, n_total, doc_base = [], [], 0, 0
+    for d, (data_dir, manifest) in enumerate(zip(data_dirs, manifests)):
+        kind = "train" if d == 0 else "extra"
+        for name in sorted(manifest["sources"]):
+            if sources is not None and name not in sources:
+                continue
+            tokens = ShardSet(data_dir, "train", name, manifest)
+            usable = len(tokens) if max_tokens_per_source is None else min(len(tokens), max_tokens_per_source)
+            n = usable // chunk_len
+            offsets = tokens.doc_offsets[tokens.doc_offsets < max(usable, 1)]
+            if n == 0:
+                log.warning("source %r: %d training tokens, fewer than one chunk of %d; skipped", name, usable,
+                            chunk_len)
+                continue
+            starts = np.arange(n, dtype=np.int64) * chunk_len
+            doc = np.stack([np.searchsorted(offsets, starts, side="right") - 1,
+                            np.searchsorted(offsets, starts + chunk_len - 1, side="right") - 1], axis=1) + doc_base
+            chunk_doc_first = np.searchsorted(doc[:, 1], np.arange(doc_base, doc_base + len(offsets)), side="left")
+            chunk_doc_last = np.searchsorted(doc[:, 0], np.arange(doc_base, doc_base + len(offsets)), side="right")
+            for j in range(len(offsets)):
+                first, last = int(chunk_doc_first[j]), int(chunk_doc_last[j])
+                documents.append({"id": doc_base + j, "source": name, "name": f"{name}:{j}",
+                                  "first_chunk": n_total + first, "n_chunks": max(last - first, 0), "alive": True})
+            plan.append((name, kind, data_dir, tokens, n, doc, n_total))
+            n_total += n
+            doc_base += len(offsets)
+    return plan, documents, n_total
+
+
+def _resolve_embedder(embedder: str | Embedder, tokenizer: Tokenizer, n_chunks: int) -> Embedder:
+    if not isinstance(embedder, str):
+        return embedder
+    if embedder == "auto":
+        embedder = "minilm" if n_chunks < AUTO_EMBEDDER_MAX else LARGE_EMBEDDER
+        log.info("embedder auto: %s for %d chunks (minilm below %d chunks, %s from there: MiniLM embeds "
+                 "about 50 chunks/s on a CPU core)", embedder, n_chunks, AUTO_EMBEDDER_MAX, LARGE_EMBEDDER)
+    return build_embedder(embedder, tokenizer)
+
+
+def _peak_rss_bytes() -> int:
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
+
+
+class _BuildState:
+    """Markers of a resumable build in ``out/.build``: each finished stage or block leaves a file.
+
+    ``plan.json`` holds the build's settings; a rerun with other settings stops with a clear
+    error (or, with ``overwrite``, starts over) instead of mixing two builds' parts.
+    """
+
+    def __init__(self, out: Path, settings: dict[str, Any], overwrite: bool):
+        self.dir = out / BUILD_DIR
+        plan = self.dir / "plan.json"
+        if plan.is_file():
+            previous = read_json(plan)
+            if previous != settings:
+                if not overwrite:
+                    changed = sorted(k for k in set(previous) | set(settings) if previous.get(k) != settings.get(k))
+                    raise DataError(f"{out} holds an unfinished build with other settings ({', '.join(changed)} "
+                                    "differ); rerun with the same arguments to resume it, or pass --overwrite "
+                                    "to start over")
+                shutil.rmtree(self.dir)
+        self.resumed = plan.is_file()
+        self.dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(plan, settings)
+
+    def done(self, name: str) -> dict[str, Any] | None:
+        path = self.dir / f"{name}.done"
+        return read_json(path) if path.is_file() else None
+
+    def finish(self, name: str, record: dict[str, Any]) -> None:
+        atomic_write_json(self.dir / f"{name}.done", record)
+
+    def seconds(self) -> dict[str, float]:
+        """Seconds each stage took (summed over the runs that did its parts)."""
+        out: dict[str, float] = {}
+        for path in sorted(self.dir.glob("*.done")):
+            record = read_json(path)
+            stage = record.get("stage", path.stem)
+            out[stage] = round(out.get(stage, 0.0) + float(record.get("seconds", 0.0)), 3)
+        return out
+
+
+def build_database(data_dir: str | Path | list[str | Path], out: str | Path, chunk_len: int = 64,
+                   embedder: str | Embedder = "minilm", index_kind: str = "auto", sources: list[str] | None = None,
+                   max_tokens_per_source: int | None = None, overwrite: bool = False,
+                   recall_queries: int = 1000, recall_k: int = 10, embed_block: int = EMBED_BLOCK) -> ChunkDatabase:
+    """Chunk the training split of ``data_dir`` (one prepared data directory or several), embed, index.
+
+    Several directories make one database: the first one's sources are its ``train`` chunks,
+    the others' are ``extra`` chunks (retrieved from, never trained on; all must share the
+    first one's tokenizer). The build is resumable: chunk arrays, each block of
+    ``embed_block`` embeddings, the trained index and the recall measurement leave markers in
+    ``out/.build``, and a rerun after a crash or kill skips what they name. The manifest
+    (written last) records build time, memory per chunk and the index's recall@``recall_k``
+    against exact search on ``recall_queries`` sampled chunks.
+    """
+    data_dirs = [Path(d) for d in (data_dir if isinstance(data_dir, (list, tuple)) else [data_dir])]
+    out = Path(out)
     if chunk_len < 1:
         raise DataError(f"chunk_len must be >= 1, got {chunk_len}")
-    manifest = load_manifest(data_dir)
-    names = sorted(manifest["sources"]) if sources is None else sources
-    unknown = [s for s in names if s not in manifest["sources"]]
-    if unknown:
-        raise DataError(f"{data_dir}: no source {unknown[0]!r} (sources: {', '.join(manifest['sources'])})")
+    if not data_dirs:
+        raise DataError("retrieval build: no prepared data directory given")
     if (out / MANIFEST).exists() and not overwrite:
         raise DataError(f"{out} already holds a database; pass --overwrite to replace it")
-    tokenizer = Tokenizer.load(data_dir / "tokenizer.json")
-    if isinstance(embedder, str):
-        embedder = build_embedder(embedder, tokenizer)
-    dtype = token_dtype(tokenizer.vocab_size)
-
-    plan, documents, n_total, doc_base = [], [], 0, 0
-    for name in names:
-        tokens = ShardSet(data_dir, "train", name, manifest)
-        usable = len(tokens) if max_tokens_per_source is None else min(len(tokens), max_tokens_per_source)
-        n = usable // chunk_len
-        offsets = tokens.doc_offsets[tokens.doc_offsets < max(usable, 1)]
-        if n == 0:
-            log.warning("source %r: %d training tokens, fewer than one chunk of %d; skipped", name, usable, chunk_len)
-            continue
-        starts = np.arange(n, dtype=np.int64) * chunk_len
-        doc = np.stack([np.searchsorted(offsets, starts, side="right") - 1,
-                        np.searchsorted(offsets, starts + chunk_len - 1, side="right") - 1], axis=1) + doc_base
-        chunk_doc_first = np.searchsorted(doc[:, 1], np.arange(doc_base, doc_base + len(offsets)), side="left")
-        for j in range(len(offsets)):
-            first = int(chunk_doc_first[j])
-            last = int(np.searchsorted(doc[:, 0], doc_base + j, side="right"))
-            documents.append({"id": doc_base + j, "source": name, "name": f"{name}:{j}", "first_chunk": n_total + first,
-                              "n_chunks": max(last - first, 0), "alive": True})
-        plan.append((name, tokens, n, doc, n_total))
-        n_total += n
-        doc_base += len(offsets)
+    tokenizer = Tokenizer.load(data_dirs[0] / "tokenizer.json")
+    for other in data_dirs[1:]:
+        if Tokenizer.load(other / "tokenizer.json").sha256 != tokenizer.sha256:
+            raise DataError(f"{other}: its tokenizer differs from {data_dirs[0]}'s; prepare it with "
+                            f"data.tokenizer_from: {data_dirs[0]} (one database holds one tokenizer's chunks)")
+    plan, documents, n_total = _plan_chunks(data_dirs, chunk_len, sources, max_tokens_per_source)
     if n_total == 0:
-        raise DataError(f"{data_dir}: no training tokens to chunk in sources {names}")
-
+        raise DataError(f"{', '.join(map(str, data_dirs))}: no training tokens to chunk")
+    embedder = _resolve_embedder(embedder, tokenizer, n_total)
+    dtype = token_dtype(tokenizer.vocab_size)
+    settings = {"data_dirs": [str(d.resolve()) for d in data_dirs],
+                "shards": [load_manifest(d)["sources"] for d in data_dirs], "chunk_len": chunk_len,
+                "embedder": embedder.spec(), "index_kind": index_kind, "sources": sources,
+                "max_tokens_per_source": max_tokens_per_source, "n_chunks": n_total, "embed_block": embed_block,
+                "recall_queries": recall_queries, "recall_k": recall_k}
+    started = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
     with _locked(out):
-        if (out / MANIFEST).exists():
+        if (out / MANIFEST).exists():  # overwrite: the old database goes first
             _remove_database_files(out)
+        state = _BuildState(out, settings, overwrite)
         gen = 0
         files = {name: f"{name}.g{gen}.npy" for name in ARRAYS} | {"index": f"index.g{gen}.faiss"}
-        shutil.copyfile(data_dir / "tokenizer.json", out / "tokenizer.json")
-
-        def token_pieces() -> Iterator[np.ndarray]:
-            for _, tokens, n, _, _ in plan:
-                for start in range(0, n, 65536):
-                    stop = min(n, start + 65536)
-                    yield tokens.get(start * chunk_len, (stop - start) * chunk_len).reshape(-1, chunk_len)
-
-        _write_array(out / files["tokens"], (n_total, chunk_len), dtype, token_pieces())
-        nexts = [np.where(np.arange(n) + 1 < n, np.arange(n) + 1 + first, -1) for _, _, n, _, first in plan]
-        _write_array(out / files["next"], (n_total,), np.int64, iter(nexts))
-        _write_array(out / files["doc"], (n_total, 2), np.int64, iter([d for _, _, _, d, _ in plan]))
-        _write_array(out / files["alive"], (n_total,), np.bool_, iter([np.ones(n_total, dtype=bool)]))
+        _write_chunk_arrays(out, state, files, plan, n_total, chunk_len, dtype, data_dirs[0])
         chunks = np.load(out / files["tokens"], mmap_mode="r")
-        _write_array(out / files["embeddings"], (n_total, embedder.dim), np.float32, _embed_blocks(embedder, chunks))
+        skipped_blocks = _write_embeddings(out, state, files, embedder, chunks, embed_block)
         embeddings = np.load(out / files["embeddings"], mmap_mode="r")
-        with RateProgress("index", n_total, unit="chunks") as bar:
-            index, index_spec = build_index(embeddings, np.arange(n_total, dtype=np.int64), index_kind,
-                                            progress=bar.advance)
-        save_index(index, out / files["index"])
-        sources_info = {name: {"kind": "train", "first_chunk": first, "n_chunks": n, "tokens": n * chunk_len}
-                        for name, _, n, _, first in plan}
+        index_spec = _write_index(out, state, files, embeddings, index_kind)
+        recall = state.done("recall")
+        if recall is None:
+            began = time.perf_counter()
+            index = load_index(out / files["index"], index_spec)
+            recall = measure_recall(index, embeddings, queries=recall_queries, k=recall_k)
+            recall_record = {"stage": "recall", "seconds": time.perf_counter() - began, "recall": recall}
+            state.finish("recall", recall_record)
+            recall = recall_record
+        recall = recall["recall"]
+        sources_info = {name: {"kind": kind, "first_chunk": first, "n_chunks": n, "tokens": n * chunk_len,
+                               "data_dir": str(source_dir)}
+                        for name, kind, source_dir, _, n, _, first in plan}
+        disk = {name: os.path.getsize(out / f) for name, f in files.items()}
+        stage_seconds = state.seconds()
+        build = {"seconds_this_run": round(time.perf_counter() - started, 3),
+                 "seconds_by_stage": stage_seconds, "seconds": round(sum(stage_seconds.values()), 3),
+                 "resumed": state.resumed, "embed_blocks_skipped": skipped_blocks, "bytes_on_disk": sum(disk.values()),
+                 "bytes_on_disk_per_chunk": round(sum(disk.values()) / n_total, 1),
+                 "peak_rss_bytes": _peak_rss_bytes(), "peak_rss_bytes_per_chunk": round(_peak_rss_bytes() / n_total, 1),
+                 "embed_chunks_per_second": round(n_total / max(stage_seconds.get("embed", 0.0), 1e-9), 1)}
         atomic_write_json(out / MANIFEST, {
             "format": FORMAT, "generation": gen, "chunk_len": chunk_len, "n_chunks": n_total,
-            "dtype": np.dtype(dtype).name, "data_dir": str(data_dir), "tokenizer_sha256": tokenizer.sha256,
-            "embedder": embedder.spec(), "index": index_spec, "files": files, "sources": sources_info,
-            "documents": documents, "removed_documents": 0,
+            "dtype": np.dtype(dtype).name, "data_dir": str(data_dirs[0]), "data_dirs": [str(d) for d in data_dirs],
+            "tokenizer_sha256": tokenizer.sha256, "embedder": embedder.spec(), "index": index_spec, "files": files,
+            "sources": sources_info, "documents": documents, "removed_documents": 0, "build": build,
+            "recall": recall,
         })
-    log.info("chunk database %s: %d chunks of %d tokens from %s, %s index, %s embedder",
-             out, n_total, chunk_len, ", ".join(sources_info), index_spec["kind"], embedder.name)
+        shutil.rmtree(state.dir, ignore_errors=True)
+    log.info("chunk database %s: %d chunks of %d tokens from %s, %s index, %s embedder; built in %.1f s "
+             "(%.0f bytes on disk and %.0f bytes of peak memory per chunk); recall@%d against exact search %.4f",
+             out, n_total, chunk_len, ", ".join(sources_info), index_spec["kind"], embedder.name, build["seconds"],
+             build["bytes_on_disk_per_chunk"], build["peak_rss_bytes_per_chunk"], recall["k"], recall["recall"])
     db = ChunkDatabase(out)
     db.set_embedder(embedder)
     return db
 
 
-def _embed_blocks(embedder: Embedder, chunks: np.ndarray) -> Iterator[np.ndarray]:
+def _write_chunk_arrays(out: Path, state: _BuildState, files: dict[str, str], plan: list[tuple], n_total: int,
+                        chunk_len: int, dtype: Any, tokenizer_dir: Path) -> None:
+    if state.done("chunks") and all((out / files[n]).is_file() for n in ("tokens", "next", "doc", "alive")):
+        return
+    began = time.perf_counter()
+    shutil.copyfile(tokenizer_dir / "tokenizer.json", out / "tokenizer.json")
+
+    def token_pieces() -> Iterator[np.ndarray]:
+        with RateProgress("chunks", n_total, unit="chunks") as bar:
+            for _, _, _, tokens, n, _, _ in plan:
+                for start in range(0, n, 65536):
+                    stop = min(n, start + 65536)
+                    bar.advance(stop - start)
+                    yield tokens.get(start * chunk_len, (stop - start) * chunk_len).reshape(-1, chunk_len)
+
+    _write_array(out / files["tokens"], (n_total, chunk_len), dtype, token_pieces())
+    nexts = [np.where(np.arange(n) + 1 < n, np.arange(n) + 1 + first, -1) for *_, n, _, first in plan]
+    _write_array(out / files["next"], (n_total,), np.int64, iter(nexts))
+    _write_array(out / files["doc"], (n_total, 2), np.int64, iter([row[5] for row in plan]))
+    _write_array(out / files["alive"], (n_total,), np.bool_, iter([np.ones(n_total, dtype=bool)]))
+    state.finish("chunks", {"stage": "chunks", "seconds": time.perf_counter() - began})
+
+
+def _write_embeddings(out: Path, state: _BuildState, files: dict[str, str], embedder: Embedder, chunks: np.ndarray,
+                      block: int) -> int:
+    """Embed ``chunks`` block by block into a memory map; each finished block leaves a marker.
+
+    Returns how many blocks an earlier run had finished (skipped here)."""
+    final = out / files["embeddings"]
+    n_blocks = -(-len(chunks) // block)
+    if state.done("embeddings") and final.is_file():
+        return n_blocks
+    n = len(chunks)
+    partial = state.dir / "embeddings.npy"
+    if not partial.is_file():
+        np.lib.format.open_memmap(partial, mode="w+", dtype=np.float32, shape=(n, embedder.dim)).flush()
+        for old in state.dir.glob("embed_*.done"):  # blocks of an array that no longer exists
+            old.unlink()
+    vectors_out = np.lib.format.open_memmap(partial, mode="r+")
     size = embedder.batch_size()
-    with RateProgress(f"embed ({embedder.name})", len(chunks), unit="chunks") as bar:
-        for start in range(0, len(chunks), size):
-            block = np.asarray(chunks[start:start + size])
-            vectors = embedder.embed(block)
-            bar.advance(len(block))
-            yield vectors
+    skipped = 0
+    with RateProgress(f"embed ({embedder.name})", n, unit="chunks") as bar:
+        for b in range(n_blocks):
+            start, stop = b * block, min(n, (b + 1) * block)
+            if state.done(f"embed_{b:05d}"):
+                bar.advance(stop - start, units=0)  # done by an earlier run: not part of this run's rate
+                skipped += 1
+                continue
+            began = time.perf_counter()
+            for s in range(start, stop, size):
+                piece = np.asarray(chunks[s:min(stop, s + size)])
+                vectors_out[s:s + len(piece)] = embedder.embed(piece)
+                bar.advance(len(piece))
+            vectors_out.flush()
+            state.finish(f"embed_{b:05d}", {"stage": "embed", "seconds": time.perf_counter() - began})
+    if skipped:
+        log.info("embed: %d of %d blocks were done by an earlier run; skipped", skipped, n_blocks)
+    del vectors_out
+    os.replace(partial, final)
+    state.finish("embeddings", {"stage": "embed_assemble", "seconds": 0.0})
+    return skipped
+
+
+def _write_index(out: Path, state: _BuildState, files: dict[str, str], embeddings: np.ndarray,
+                 index_kind: str) -> dict[str, Any]:
+    done = state.done("index")
+    if done and (out / files["index"]).is_file():
+        return done["spec"]
+    began = time.perf_counter()
+    n = len(embeddings)
+    with RateProgress("index", n, unit="chunks") as bar:
+        index, index_spec = build_index(embeddings, np.arange(n, dtype=np.int64), index_kind, progress=bar.advance)
+    save_index(index, out / files["index"])
+    state.finish("index", {"stage": "index", "seconds": time.perf_counter() - began, "spec": index_spec})
+    return index_spec
+
+
+def remove_database_folder(path: str | Path) -> None:
+    """Delete a whole folder that a database build wrote (benchmarks' scratch copies), only if its
+    manifest proves it: a folder without an lmforge chunk-database manifest is refused."""
+    path = Path(path)
+    manifest = path / MANIFEST
+    try:
+        ours = manifest.is_file() and read_json(manifest).get("format") == FORMAT
+    except (OSError, ValueError):
+        ours = False
+    if not ours:
+        raise DataError(f"{path} exists but holds no lmforge chunk database ({MANIFEST} with format {FORMAT!r}); "
+                        "not deleting it: choose another folder or remove it yourself")
+    shutil.rmtree(path)
 
 
 def _remove_database_files(out: Path) -> None:
@@ -471,4 +675,5 @@ def database_info(path: str | Path) -> dict[str, Any]:
     return {"path": str(db.path), "generation": db.generation, "chunk_len": db.chunk_len, "chunks": len(db),
             "alive_chunks": int(np.asarray(db.alive).sum()), "documents": len(db.documents),
             "alive_documents": alive_docs, "embedder": db.manifest["embedder"], "index": db.manifest["index"],
-            "sources": db.sources, "bytes": sizes}
+            "sources": db.sources, "bytes": sizes, "build": db.manifest.get("build"),
+            "recall": db.manifest.get("recall")}

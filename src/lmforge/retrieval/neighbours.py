@@ -9,12 +9,19 @@ document) would hand the model the text it is asked to predict.
 
 Work is split in blocks of ``block_size`` queries; each finished block leaves
 ``block_NNNNN.npy`` and a ``.done`` marker naming the database generation and settings,
-so an interrupted run resumes where it stopped and a rerun skips everything. FAISS
-searches a block with all cores (OpenMP), which is the cheap parallelism here.
+so an interrupted run resumes where it stopped and a rerun skips everything. With
+``workers > 1`` the unfinished blocks are shared among that many processes (each opens the
+database and its index once and searches with one thread); the blocks and markers are the same
+files, so a parallel run's result is identical to a serial one's and either resumes the other.
+FAISS searches a block with all cores (OpenMP) in a serial run; worker processes help most where
+the per-query filtering in Python, not the index search, is the cost (an IVF index).
 """
 
 from __future__ import annotations
 
+import multiprocessing
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
@@ -90,14 +97,15 @@ def search_training_neighbours(db: ChunkDatabase, rows: np.ndarray, k: int, excl
 
 
 def precompute_neighbours(db: ChunkDatabase, k: int = 2, out: str | Path | None = None, block_size: int = 4096,
-                          exclusion_radius: int = 8, max_blocks: int | None = None) -> Path:
+                          exclusion_radius: int = 8, max_blocks: int | None = None, workers: int = 1) -> Path:
     """Write ``out/neighbours.npy`` for every training chunk of ``db``; returns ``out``.
 
-    ``max_blocks`` stops after that many new blocks (for tests of resumption).
+    ``workers`` > 1 searches blocks in that many processes. ``max_blocks`` stops after that
+    many new blocks (for tests of resumption).
     """
-    if k < 1 or block_size < 1 or exclusion_radius < 0:
-        raise DataError(f"neighbours: k, block_size must be >= 1 and exclusion_radius >= 0 "
-                        f"(got {k}, {block_size}, {exclusion_radius})")
+    if k < 1 or block_size < 1 or exclusion_radius < 0 or workers < 1:
+        raise DataError(f"neighbours: k, block_size and workers must be >= 1 and exclusion_radius >= 0 "
+                        f"(got {k}, {block_size}, {workers}, {exclusion_radius})")
     out = Path(out) if out is not None else default_neighbours_dir(db.path, k)
     train = {name: info for name, info in db.sources.items() if info["kind"] == "train"}
     sources = training_chunk_sources(db)
@@ -108,29 +116,78 @@ def precompute_neighbours(db: ChunkDatabase, k: int = 2, out: str | Path | None 
                 "exclusion_radius": exclusion_radius, "embedder": db.manifest["embedder"], "n_queries": n_train}
     out.mkdir(parents=True, exist_ok=True)
     n_blocks = -(-n_train // block_size)
-    done_new = 0
-    with RateProgress("neighbours", n_train, unit="chunks") as bar:
-        for b in range(n_blocks):
-            start, stop = b * block_size, min(n_train, (b + 1) * block_size)
-            marker = out / f"block_{b:05d}.done"
-            if marker.is_file() and read_json(marker) == settings and (out / f"block_{b:05d}.npy").is_file():
-                bar.advance(stop - start)
-                continue
-            if max_blocks is not None and done_new >= max_blocks:
-                return out
-            ids = search_training_neighbours(db, np.arange(start, stop), k, exclusion_radius, sources)
-            atomic_write(out / f"block_{b:05d}.npy", _save_npy(ids))
-            atomic_write_json(marker, settings)
-            done_new += 1
-            bar.advance(stop - start)
+    bounds = [(b * block_size, min(n_train, (b + 1) * block_size)) for b in range(n_blocks)]
+
+    def finished(b: int) -> bool:
+        marker = out / f"block_{b:05d}.done"
+        return marker.is_file() and read_json(marker) == settings and (out / f"block_{b:05d}.npy").is_file()
+
+    todo = [b for b in range(n_blocks) if not finished(b)]
+    skipped = n_blocks - len(todo)
+    if max_blocks is not None:
+        todo = todo[:max_blocks]
+    began = time.perf_counter()
+    with RateProgress(f"neighbours ({workers} worker{'s' if workers > 1 else ''})", n_train, unit="chunks") as bar:
+        pending = set(todo)
+        bar.advance(sum(bounds[b][1] - bounds[b][0] for b in range(n_blocks) if b not in pending and finished(b)),
+                    units=0)  # done by an earlier run: not part of this run's rate
+        if workers == 1 or len(todo) <= 1:
+            for b in todo:
+                _write_block(db, out, b, bounds[b], k, exclusion_radius, settings, sources)
+                bar.advance(bounds[b][1] - bounds[b][0])
+        else:
+            context = multiprocessing.get_context("spawn")  # no forked OpenMP state inside FAISS
+            with ProcessPoolExecutor(min(workers, len(todo)), mp_context=context, initializer=_worker_start,
+                                     initargs=(str(db.path),)) as pool:
+                futures = [pool.submit(_worker_block, str(out), b, bounds[b], k, exclusion_radius, settings)
+                           for b in todo]
+                for future in as_completed(futures):
+                    bar.advance(future.result())
+    seconds = time.perf_counter() - began
+    searched = sum(bounds[b][1] - bounds[b][0] for b in todo)
+    if skipped:
+        log.info("neighbours: %d of %d blocks were done by an earlier run; skipped", skipped, n_blocks)
+    if not all(finished(b) for b in range(n_blocks)):
+        return out  # stopped early (max_blocks)
     blocks = [np.load(out / f"block_{b:05d}.npy") for b in range(n_blocks)]
     atomic_write(out / NEIGHBOURS, _save_npy(np.concatenate(blocks)))
     missing = int((np.concatenate(blocks) < 0).sum())
     atomic_write_json(out / MANIFEST, {**settings, "database": str(db.path), "missing": missing,
                                        "sources": {n: {"first_chunk": i["first_chunk"], "n_chunks": i["n_chunks"]}
-                                                   for n, i in train.items()}})
-    log.info("neighbours: %d training chunks x k=%d -> %s (%d empty slots)", n_train, k, out / NEIGHBOURS, missing)
+                                                   for n, i in train.items()},
+                                       "last_run": {"workers": workers, "blocks_searched": len(todo),
+                                                    "blocks_skipped": skipped, "chunks_searched": searched,
+                                                    "seconds": round(seconds, 3),
+                                                    "chunks_per_second": round(searched / max(seconds, 1e-9), 1)}})
+    log.info("neighbours: %d training chunks x k=%d -> %s (%d empty slots); searched %d chunks in %.1f s "
+             "(%.0f chunks/s, %d worker%s)", n_train, k, out / NEIGHBOURS, missing, searched, seconds,
+             searched / max(seconds, 1e-9), workers, "s" if workers > 1 else "")
     return out
+
+
+def _write_block(db: ChunkDatabase, out: Path, b: int, bounds: tuple[int, int], k: int, exclusion_radius: int,
+                 settings: dict[str, Any], sources: tuple[int, np.ndarray]) -> None:
+    ids = search_training_neighbours(db, np.arange(*bounds), k, exclusion_radius, sources)
+    atomic_write(out / f"block_{b:05d}.npy", _save_npy(ids))
+    atomic_write_json(out / f"block_{b:05d}.done", settings)
+
+
+_WORKER: dict[str, Any] = {}
+
+
+def _worker_start(db_path: str) -> None:
+    """Open the database once per worker process; one search thread per process."""
+    import faiss
+
+    faiss.omp_set_num_threads(1)
+    db = ChunkDatabase(db_path)
+    _WORKER.update(db=db, sources=training_chunk_sources(db))
+
+
+def _worker_block(out: str, b: int, bounds: tuple[int, int], k: int, exclusion_radius: int,
+                  settings: dict[str, Any]) -> int:
+    _write_block(_WORKER["db"], Path(out), b, bounds, k, exclusion_radius, settings, _WORKER["sources"])
+    return bounds[1] - bounds[0]
 
 
 def load_neighbours(path: str | Path, db: ChunkDatabase) -> tuple[np.ndarray, dict[str, Any]]:

@@ -112,8 +112,9 @@ class QueryEncoder(nn.Module):
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         """Unit query vectors [n, dim] from :meth:`features`' output."""
         if self.kind == "token_table":
-            weights = (self.token_weights * self.token_mask)[features].unsqueeze(-1)  # [n, m, 1]
-            pooled = (self.table[features] * weights).sum(dim=1)
+            weights = (self.token_weights * self.token_mask)[features]  # [n, m]
+            # A weighted sum of table rows per chunk, without materialising [n, m, dim].
+            pooled = F.embedding_bag(features, self.table, per_sample_weights=weights, mode="sum")
             if self.pooling == "mean":
                 pooled = pooled / features.shape[1]
         else:
