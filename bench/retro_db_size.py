@@ -53,7 +53,7 @@ from lmforge.eval.bootstrap import bpb_interval
 from lmforge.eval.retrieval_eval import HeldoutRetrieval, evaluate_retrieval
 from lmforge.eval.retrieval_guard import paired_difference_interval
 from lmforge.nn.loading import load_model
-from lmforge.retrieval.database import ARRAYS, ChunkDatabase, remove_database_folder
+from lmforge.retrieval.database import ARRAYS, ChunkDatabase, mark_scratch_database, remove_database_folder
 from lmforge.retrieval.index import build_index, measure_recall, save_index
 
 
@@ -145,6 +145,7 @@ def write_subset(db: ChunkDatabase, chunk_mask: np.ndarray, document_mask: np.nd
     if out.exists():
         remove_database_folder(out)
     out.mkdir(parents=True)
+    mark_scratch_database(out, "bench/retro_db_size.py")
     files = {name: f"{name}.g0.npy" for name in ARRAYS} | {"index": "index.g0.faiss"}
     for name, array in arrays.items():
         np.save(out / files[name], array)

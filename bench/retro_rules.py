@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from lmforge.eval.facts import accuracy_interval
-from lmforge.retrieval.database import remove_database_folder
+from lmforge.retrieval.database import SCRATCH_MARKER, mark_scratch_database, remove_database_folder
 
 CONFIG = "configs/retro_demo.yaml"
 # The rules compared. Neighbours never come from the chunk's own documents or its exclusion
@@ -87,7 +87,8 @@ def _fresh_bench_db(args: argparse.Namespace, name: str) -> None:
     bench_db = Path(args.out) / f"bench_db_{name}"
     if bench_db.exists():
         remove_database_folder(bench_db)
-    shutil.copytree(args.db, bench_db, ignore=shutil.ignore_patterns("neighbours_*", ".lock"))
+    shutil.copytree(args.db, bench_db, ignore=shutil.ignore_patterns("neighbours_*", ".lock", SCRATCH_MARKER))
+    mark_scratch_database(bench_db, "bench/retro_rules.py")
 
 
 def _cell_result(args: argparse.Namespace, rule: str, seed: int) -> dict | None:

@@ -165,6 +165,8 @@ def main() -> None:
                         help="MoE configs: skip the dense model of equal active parameters")
     parser.add_argument("--vocab-size", type=int, default=4096)
     args = parser.parse_args()
+    if args.compile_variants and args.compile != "none":
+        parser.error("--compile-variants trains every model both eager and compiled; leave out --compile")
 
     raw = apply_overrides(read_yaml(args.config), args.overrides)
     model_raw = {**raw.get("model", {}), "vocab_size": args.vocab_size,
@@ -178,7 +180,8 @@ def main() -> None:
     def built(name: str) -> Callable[[], None]:
         torch.manual_seed(0)
         base, compiled = name.removesuffix("_compiled"), name.endswith("_compiled")
-        compiled = compiled or args.compile in ("both", "dense" if base == "dense" else base)
+        # the dense model of equal active parameters is lmforge's: compiled whenever lmforge is
+        compiled = compiled or args.compile in ("both", "lmforge" if base == "dense" else base)
         if base == "hf":
             return make_step(hf_model(cfg, args.hf_attention), True, args, cfg.vocab_size, device, compiled)
         model_cfg = dense if base == "dense" else cfg

@@ -107,6 +107,7 @@ def test_value_embeddings_and_skips_change_the_model_and_decode_as_the_whole_seq
     ({"mlp_activation": "relu2", "moe": {"n_experts": 4, "top_k": 2}}, "mlp_activation"),
     ({"logit_softcap": 0.0}, "logit_softcap"),
     ({"logit_softcap": -3.0}, "logit_softcap"),
+    ({"skip_connections": True, "n_layers": 1}, "skip_connections"),
 ])
 def test_bad_settings_are_refused_naming_the_key(raw, key):
     with pytest.raises((ConfigError, ValueError), match=key):

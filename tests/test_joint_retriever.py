@@ -20,8 +20,10 @@ import pytest
 import torch
 
 from conftest import tiny_run_dict
+from lmforge.core.errors import DataError
 from lmforge.data.config import DataConfig
 from lmforge.data.prepare import prepare_data
+from lmforge.retrieval.database import mark_scratch_database
 from lmforge.eval.distractor_facts import (build_facts_database, fact_document_ids, make_distractor_setting,
                                            query_chunks)
 from lmforge.retrieval.joint import (EncoderRetriever, JointConfig, JointRetrieverTrainer, RefreshedIndex,
@@ -52,7 +54,7 @@ def task(tmp_path_factory, tiny_corpus):
     db = build_facts_database(base["data"]["out_dir"], tmp / "db", "bag_of_tokens:32", setting["documents"],
                               chunk_len=M)
     train_items, eval_items = setting["train_questions"], setting["eval_questions"]
-    return {"tmp": tmp, "db": db, "setting": setting, "train_items": train_items, "eval_items": eval_items,
+    return {"tmp": tmp, "data": base["data"]["out_dir"], "db": db, "setting": setting, "train_items": train_items, "eval_items": eval_items,
             "train_chunks": query_chunks(db.tokenizer, train_items, M),
             "train_facts": fact_document_ids(db, train_items)}
 
@@ -205,3 +207,27 @@ def test_random_negatives_join_the_softmax_without_language_model_calls(task, tm
     assert np.isfinite(loss) and sum(scored) <= 16 * 8  # the negatives are never sent to the scorer
     with pytest.raises(Exception, match="random_negatives"):
         JointConfig(random_negatives=-1).check()
+
+
+def test_task_database_is_reused_only_when_it_matches_and_an_unfinished_one_is_rebuilt(task):
+    tmp, setting = task["tmp"], task["setting"]
+    data = task["data"]
+    sha = task["db"].tokenizer.sha256
+    same = build_facts_database(data, tmp / "db", "bag_of_tokens:32", setting["documents"], M, sha)
+    assert same.manifest == task["db"].manifest  # reused as it is
+    with pytest.raises(DataError, match="holds another database"):
+        build_facts_database(data, tmp / "db", "bag_of_tokens:16", setting["documents"], M, sha)
+    with pytest.raises(DataError, match="tokenizer is not the model's"):
+        build_facts_database(data, tmp / "other_tok", "bag_of_tokens:32", setting["documents"], M, "0" * 64)
+    partial = tmp / "crashed.partial"  # a build killed before the rename: its scratch folder is cleared
+    partial.mkdir()
+    mark_scratch_database(partial, "a test")
+    (partial / "embeddings.g0.npy").write_bytes(b"torn")
+    db = build_facts_database(data, tmp / "crashed", "bag_of_tokens:32", setting["documents"], M, sha)
+    assert not partial.exists() and np.array_equal(np.asarray(db.tokens), np.asarray(task["db"].tokens))
+    assert not (tmp / "crashed" / ".lmforge-scratch-database").exists()
+    foreign = tmp / "mine.partial"  # not marked: never deleted
+    foreign.mkdir()
+    with pytest.raises(DataError, match="remove it yourself"):
+        build_facts_database(data, tmp / "mine", "bag_of_tokens:32", setting["documents"], M, sha)
+    assert foreign.is_dir()

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from conftest import _code, run_cli, tiny_run_dict
-from lmforge.core.errors import DataError
+from lmforge.core.errors import ConfigError, DataError
 from lmforge.data.config import DataConfig
 from lmforge.data.package_source import package_files
 from lmforge.data.prepare import prepare_data
@@ -246,3 +246,43 @@ def test_build_and_neighbours_through_the_cli_report_time_memory_recall_and_rate
     neighbours = run_cli("retrieval", "neighbours", str(out), "--workers", "2", "--block-size", "64")
     assert neighbours.returncode == 0, neighbours.stderr
     assert "2 workers" in neighbours.stdout and "chunks/s" in neighbours.stdout
+
+
+def test_a_second_build_into_a_database_being_written_is_refused_and_a_finished_one_kept(base, tmp_path):
+    import fcntl
+
+    out = tmp_path / "db"
+    out.mkdir()
+    with open(out / ".lock", "w") as held:  # another writer (a build, add or remove) holds the database
+        fcntl.flock(held, fcntl.LOCK_EX)
+        with pytest.raises(DataError, match="another lmforge process is writing this database"):
+            build_database(base, out, chunk_len=M, embedder="bag_of_tokens:16")
+    assert not (out / "manifest.json").exists() and not (out / ".build").exists()
+    db = build_database(base, out, chunk_len=M, embedder="bag_of_tokens:16")
+    manifest = (out / "manifest.json").read_bytes()
+    with pytest.raises(DataError, match="already holds a database"):
+        build_database(base, out, chunk_len=M, embedder="bag_of_tokens:16")
+    assert (out / "manifest.json").read_bytes() == manifest and len(ChunkDatabase(out)) == len(db)
+
+
+def test_only_a_marked_scratch_database_is_deleted_by_the_benchmarks(base, tmp_path):
+    from lmforge.retrieval.database import mark_scratch_database, remove_database_folder
+
+    users = tmp_path / "users_db"
+    build_database(base, users, chunk_len=M, embedder="bag_of_tokens:16")
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    (plain / "notes.txt").write_text("mine")
+    for folder in (users, plain):  # a real database without the marker, and no database at all
+        with pytest.raises(DataError, match="not deleting it"):
+            remove_database_folder(folder)
+    assert (users / "manifest.json").is_file() and (plain / "notes.txt").read_text() == "mine"
+    mark_scratch_database(users, "a test")
+    remove_database_folder(users)
+    assert not users.exists()
+
+
+def test_prepared_heldout_is_refused_as_a_training_source(base, tmp_path):
+    with pytest.raises(ConfigError, match="decontamination.eval_sets only"):
+        DataConfig.from_dict({"out_dir": str(tmp_path / "d"), "sources": [
+            {"name": "leak", "kind": "prepared_heldout", "path": str(base)}]})

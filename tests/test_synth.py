@@ -131,6 +131,23 @@ def test_a_folder_that_synth_is_still_writing_is_refused_until_its_writer_stops(
     assert [d.doc_id for d in iter_documents(source, InputProblems())] == ["synth-00000-00000"]
 
 
+def test_a_synth_started_while_data_prepare_reads_the_folder_is_refused(tmp_path, tiny_corpus):
+    from lmforge.core.errors import LmforgeError
+    from lmforge.core.run_lock import RunLock
+    from lmforge.data.config import SourceConfig
+    from lmforge.data.sources import InputProblems, iter_documents
+
+    folder = tmp_path / "synth"
+    _synth_folder(folder, [_prose(1), _prose(2)])
+    RunLock(folder, purpose="lmforge synth").acquire().release()  # a finished synth leaves its (empty) lock file
+    reader = iter_documents(SourceConfig(name="s", kind="synthetic", path=str(folder)), InputProblems())
+    assert next(reader).doc_id == "synth-00000-00000"  # mid-read: the shared lock is held
+    with pytest.raises(LmforgeError, match="in use by another process .a reader"):
+        RunLock(folder, purpose="lmforge synth").acquire()
+    assert [d.doc_id for d in reader] == ["synth-00000-00001"]  # the read finishes, then lets go
+    RunLock(folder, purpose="lmforge synth").acquire().release()
+
+
 @pytest.mark.parametrize("section, message", [
     ({"out_dir": "x", "teacher": {"path": "r"}, "mode": "unconditional"}, "documents"),
     ({"out_dir": "x", "teacher": {"path": "r"}, "mode": "continuation"}, "prompts.data_dir"),

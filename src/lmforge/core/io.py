@@ -125,6 +125,16 @@ def atomic_write_json(path: str | Path, obj: Any) -> Path:
     return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
+def atomic_write_npy(path: str | Path, array: Any) -> Path:
+    """``array`` as a ``.npy`` file, atomically (no pickled objects)."""
+    import numpy as np  # (numpy stays out of this module's import cost for callers without arrays)
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as handle:  # a handle: np.save(path) would append ".npy" to the temporary name
+            np.save(handle, np.asarray(array), allow_pickle=False)
+    return atomic_write(path, write)
+
+
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 

@@ -13,6 +13,7 @@ work across hosts; on filesystems without locking, ``flock`` fails and the error
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import errno
 import fcntl
@@ -21,7 +22,7 @@ import os
 import socket
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from lmforge.core.errors import LmforgeError
 from lmforge.core.logging import get_logger
@@ -32,7 +33,7 @@ log = get_logger(__name__)
 
 def _describe(holder: dict[str, Any] | None) -> str:
     if not holder:
-        return "another process (it has not yet written its details)"
+        return "another process (a reader such as `lmforge data prepare`, or a writer that has not yet written its details)"
     text = f"process {holder.get('pid', '?')} on {holder.get('host', '?')}"
     if holder.get("started"):
         text += f", running since {holder['started']}"
@@ -167,3 +168,32 @@ def _write(fd: int, data: bytes) -> None:
     os.ftruncate(fd, 0)
     os.pwrite(fd, data, 0)
     os.fsync(fd)
+
+
+class FolderBusy(LmforgeError):
+    """A folder's writer still holds its lock (raised by :func:`reading`)."""
+
+
+@contextlib.contextmanager
+def reading(run_dir: str | Path) -> Iterator[None]:
+    """Hold a shared lock on ``run_dir`` while reading it: refused at once (FolderBusy naming the
+    holder) while a writer holds its :class:`RunLock`, and a writer that starts meanwhile is
+    refused in turn, so the folder cannot change under the reader. No lock file, no lock: a
+    folder no lmforge writer ever locked is read as it is."""
+    path = Path(run_dir) / LOCK_FILE
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        yield
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise FolderBusy(f"{run_dir} is being written by {_describe(_read(fd))}; read it after that "
+                                   "finishes, or stop it") from None
+            raise
+        yield
+    finally:
+        os.close(fd)  # releases the shared lock

@@ -270,6 +270,10 @@ class SourceConfig(Config):
         return "prose" if self.kind == "demo_literature" else "auto"
 
 
+# Source kinds that only eval sets may use (decontamination.eval_sets), never training sources.
+EVAL_ONLY_KINDS = ("prepared_heldout",)
+
+
 @dataclass
 class DataConfig(Config):
     sources: list[SourceConfig]
@@ -305,6 +309,11 @@ class DataConfig(Config):
     def __post_init__(self) -> None:
         if not self.sources:
             raise ValueError("sources: at least one source is needed")
+        for source in self.sources:
+            if source.kind in EVAL_ONLY_KINDS:
+                raise FieldValueError("sources", f"source {source.name!r} is of kind {source.kind!r}, which is for "
+                                      "decontamination.eval_sets only: training on another directory's held-out "
+                                      "documents would contaminate its evaluation")
         names = [s.name for s in self.sources]
         duplicated = sorted({n for n in names if names.count(n) > 1})
         if duplicated:

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from lmforge.core.errors import DataError
-from lmforge.core.io import atomic_write, atomic_write_json, read_json, sha256_file
+from lmforge.core.io import atomic_write, atomic_write_json, atomic_write_npy, read_json, sha256_file
 from lmforge.data.image_records import text_for_tokenizer
 from lmforge.data.tokenizer import Tokenizer
 
@@ -107,7 +107,7 @@ def write_shard(task: ShardTask, data_dir: str, tokenizer_sha256: str) -> dict:
     stem = data_dir_path / task.stem
     payload = tokens.tobytes()
     atomic_write(stem.with_suffix(".bin"), lambda tmp: tmp.write_bytes(payload))
-    atomic_write(stem.with_suffix(".idx.npy"), lambda tmp: _save_npy(tmp, offsets))
+    atomic_write_npy(stem.with_suffix(".idx.npy"), offsets)
     record = {
         "sha256": hashlib.sha256(payload).hexdigest(), "tokens": len(tokens), "documents": len(ids),
         "bytes": sum(len(text_for_tokenizer(t).encode("utf-8")) for t in task.texts),
@@ -116,11 +116,6 @@ def write_shard(task: ShardTask, data_dir: str, tokenizer_sha256: str) -> dict:
     }
     atomic_write_json(stem.with_suffix(".done"), record)
     return record
-
-
-def _save_npy(path: Path, array: np.ndarray) -> None:
-    with open(path, "wb") as handle:  # np.save(path) would append ".npy" to the temp name
-        np.save(handle, array)
 
 
 def finished_record(task: ShardTask, data_dir: Path, tokenizer_sha256: str) -> dict | None:

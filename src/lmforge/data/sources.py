@@ -27,7 +27,7 @@ from typing import Any, Callable, Iterable, Iterator
 from lmforge.core.errors import DataError
 from lmforge.core.logging import get_logger
 from lmforge.core.registry import Registry
-from lmforge.core.run_lock import describe_holder, live_holder
+from lmforge.core.run_lock import FolderBusy, describe_holder, live_holder, reading
 from lmforge.data import invented_facts, kv_recall
 from lmforge.data.config import SourceConfig
 from lmforge.data.demo_corpus import SHAKESPEARE_SHA256, iter_literature, iter_stdlib_code, stdlib_files
@@ -436,14 +436,18 @@ def _iter_synthetic(source: SourceConfig, problems: InputProblems) -> Iterator[D
     folder = _synthetic_folder(source)
     if not (folder / SYNTH_SUMMARY).is_file():
         log.warning("%s: `lmforge synth` has not finished this folder; reading its finished shards only", folder)
-    for shard, marker in synthetic_shards(folder):
-        if finished_synthetic_shard(shard, marker) is None:
-            problems.add(shard, "unfinished_synthetic_shard", "no matching .done marker")
-            continue
-        for raw in shard.read_text(encoding="utf-8").splitlines():
-            record = json.loads(raw)
-            yield Document(text=record["text"], source=source.name, doc_id=record["id"],
-                           meta={"provenance": {k: v for k, v in record.items() if k != "text"}})
+    try:
+        with reading(folder):  # a synth started now is refused until this read ends
+            for shard, marker in synthetic_shards(folder):
+                if finished_synthetic_shard(shard, marker) is None:
+                    problems.add(shard, "unfinished_synthetic_shard", "no matching .done marker")
+                    continue
+                for raw in shard.read_text(encoding="utf-8").splitlines():
+                    record = json.loads(raw)
+                    yield Document(text=record["text"], source=source.name, doc_id=record["id"],
+                                   meta={"provenance": {k: v for k, v in record.items() if k != "text"}})
+    except FolderBusy as exc:
+        raise DataError(f"source {source.name!r}: {exc}") from None
 
 
 # The image source kinds (image_folder, image_parquet, image_hf, demo_digits) register themselves.

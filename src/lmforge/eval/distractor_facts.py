@@ -36,6 +36,8 @@ the query-only and the jointly trained (query + document encoder) ones of
 
 from __future__ import annotations
 
+import os
+import shutil
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -46,16 +48,18 @@ import torch
 import torch.nn.functional as F
 
 from lmforge.core.errors import ConfigError, DataError
-from lmforge.core.io import atomic_write_json
+from lmforge.core.io import atomic_write_json, read_json
 from lmforge.core.logging import RateProgress
 from lmforge.data.tokenizer import Tokenizer
 from lmforge.eval.facts import FACT_TEMPLATES, QUESTIONS, _word, accuracy_interval, make_entities, questions, score_questions
 from lmforge.nn.retro import RetroTransformer
 from lmforge.retrieval.alignment import window_neighbour_tokens
-from lmforge.retrieval.database import ChunkDatabase, add_documents, build_database, remove_documents
+from lmforge.retrieval.database import (MANIFEST, SCRATCH_MARKER, ChunkDatabase, add_documents, build_database,
+                                        mark_scratch_database, remove_documents)
 from lmforge.retrieval.joint import JointConfig, JointRetrieverTrainer
 
 SOURCE = "distractor_facts"
+TASK_FILE = "task.json"  # what a task database holds; written last, before the rename into place
 VOWELS = "aeiouy"
 
 
@@ -111,25 +115,46 @@ def make_distractor_setting(train_entities: int, eval_entities: int, seed: int =
 
 
 def build_facts_database(data_dir: str | Path, out: str | Path, embedder: str,
-                         documents: list[tuple[str, str]], chunk_len: int = 64) -> ChunkDatabase:
-    """A database holding only ``documents`` (reused when ``out`` already holds them).
+                         documents: list[tuple[str, str]], chunk_len: int = 64,
+                         tokenizer_sha256: str | None = None) -> ChunkDatabase:
+    """A database holding only ``documents`` (reused when ``out`` already holds exactly them).
 
     A database is built from prepared data, so the first chunk of each training source is
-    taken in, then removed again: only the task's documents stay live.
+    taken in, then removed again: only the task's documents stay live. It is built in
+    ``out.partial`` (marked as scratch, so a crash leaves nothing a rerun cannot safely clear)
+    and renamed to ``out`` when complete; ``out/task.json`` records what it holds.
+    ``tokenizer_sha256``: the model's tokenizer, which the prepared data's must be.
     """
     out = Path(out)
-    if (out / "manifest.json").is_file():
+    task = {"embedder": embedder, "chunk_len": chunk_len, "documents": [name for name, _ in documents]}
+    if (out / MANIFEST).is_file():
         db = ChunkDatabase(out)
-        names = [d["name"] for d in db.documents if d["source"] == SOURCE and d["alive"]]
-        if names == [name for name, _ in documents] and db.chunk_len == chunk_len:
+        try:
+            recorded = read_json(out / TASK_FILE)
+        except (OSError, ValueError):
+            recorded = None
+        if recorded == task and (tokenizer_sha256 is None or db.manifest["tokenizer_sha256"] == tokenizer_sha256):
             return db
-        raise DataError(f"{out} holds another database; remove it or choose another folder")
-    build_database(data_dir, out, chunk_len=chunk_len, embedder=embedder, index_kind="flat",
-                   max_tokens_per_source=chunk_len, recall_queries=0)
-    base = [name for name, info in ChunkDatabase(out).sources.items()]
-    add_documents(out, documents, source=SOURCE)
+        raise DataError(f"{out} holds another database (other documents, embedder, chunk length or tokenizer); "
+                        "remove it or choose another --out folder")
+    partial = out.with_name(out.name + ".partial")
+    if partial.exists():
+        if not (partial / SCRATCH_MARKER).is_file():
+            raise DataError(f"{partial} exists and is not an unfinished task database; remove it yourself")
+        shutil.rmtree(partial)  # an earlier run's unfinished build (marked scratch when it began)
+    partial.mkdir(parents=True)
+    mark_scratch_database(partial, "lmforge retrieval train-retriever")
+    db = build_database(data_dir, partial, chunk_len=chunk_len, embedder=embedder, index_kind="flat",
+                        max_tokens_per_source=chunk_len, recall_queries=0)
+    if tokenizer_sha256 is not None and db.manifest["tokenizer_sha256"] != tokenizer_sha256:
+        raise DataError(f"{data_dir}: its tokenizer is not the model's; give the model's own prepared data (--data)")
+    base = list(db.sources)
+    add_documents(partial, documents, source=SOURCE)
     for name in base:
-        remove_documents(out, source=name)
+        remove_documents(partial, source=name)
+    atomic_write_json(partial / TASK_FILE, task)
+    (partial / SCRATCH_MARKER).unlink()
+    os.replace(partial, out)
     return ChunkDatabase(out)
 
 
@@ -286,12 +311,14 @@ def run_distractor_experiment(model: RetroTransformer, tokenizer: Tokenizer, dat
         setting = make_distractor_setting(train_entities, eval_entities, seed)
         folder = out / f"seed{seed}"
         result: dict[str, Any] = {"seed": seed}
-        db = build_facts_database(data_dir, folder / "db_trainable", embedder, setting["documents"])
+        m = model.retro.chunk_len
+        db = build_facts_database(data_dir, folder / "db_trainable", embedder, setting["documents"], m, tokenizer.sha256)
         result["database"] = {"chunks": int(np.asarray(db.alive).sum()), "documents": len(setting["documents"]),
                               "embedder": db.manifest["embedder"]}
         if "frozen_minilm" in retrievers:
             start = time.perf_counter()
-            mini = build_facts_database(data_dir, folder / "db_minilm", "minilm", setting["documents"])
+            mini = build_facts_database(data_dir, folder / "db_minilm", "minilm", setting["documents"], m,
+                                        tokenizer.sha256)
             log(f"seed {seed}: minilm database ready in {time.perf_counter() - start:.1f} s")
             result["frozen_minilm"] = evaluate_retriever(model, tokenizer, mini, setting["eval_questions"])
         if "frozen_bag_of_tokens" in retrievers:

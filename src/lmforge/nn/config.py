@@ -175,6 +175,9 @@ class ModelConfig(Config):
                 if getattr(self, key):
                     raise FieldValueError(key, f"is an option of the 'transformer' family; family {self.family!r} "
                                           "runs its own forward pass without it")
+        if self.skip_connections and self.n_layers < 2:
+            raise FieldValueError("skip_connections", f"U-net skips pair block i with block n_layers-1-i and need "
+                                  f"n_layers >= 2, got {self.n_layers}")
         if self.rope_scaling is not None and self.rope_scaling.kind == "ntk" and self.head_dim <= 2:
             raise FieldValueError("rope_scaling.kind", f"'ntk' scales the base by factor^(d/(d-2)) and needs "
                                   f"head_dim > 2, got {self.head_dim}")
@@ -197,7 +200,13 @@ class ModelConfig(Config):
             return self.d_ff
         if self.mlp_activation == "relu2":
             return 4 * self.d_model
-        return math.ceil(8 * self.d_model / 3 / 64) * 64
+        return self.swiglu_d_ff
+
+    @property
+    def swiglu_d_ff(self) -> int:
+        """The width of a SwiGLU feed-forward: ``d_ff``, or 8/3 d_model rounded up to 64 (the
+        RETRO encoder is SwiGLU whatever ``mlp_activation`` the decoder uses)."""
+        return self.d_ff if self.d_ff is not None else math.ceil(8 * self.d_model / 3 / 64) * 64
 
     @property
     def d_expert(self) -> int:

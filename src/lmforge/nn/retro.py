@@ -137,7 +137,7 @@ class EncoderBlock(nn.Module):
         self.chunk_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.cross_attn = CrossAttention(cfg)
         self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.mlp = SwiGLU(cfg.d_model, cfg.resolved_d_ff)
+        self.mlp = SwiGLU(cfg.d_model, cfg.swiglu_d_ff)
 
     def forward(self, x: torch.Tensor, chunk: torch.Tensor, rope: RotaryEmbedding) -> torch.Tensor:
         h = self.self_norm(x)

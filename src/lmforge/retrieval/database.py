@@ -87,11 +87,16 @@ def _blocks(array: np.ndarray, size: int = 1 << 16) -> Iterator[np.ndarray]:
 
 
 @contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    """One writer at a time per database (readers never lock)."""
+def _locked(path: Path, wait: bool = True) -> Iterator[None]:
+    """One writer at a time per database (readers never lock). ``wait=False``: a database that
+    another process is writing is refused at once instead of waited for (a build)."""
     path.mkdir(parents=True, exist_ok=True)
     with open(path / ".lock", "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            raise DataError(f"{path}: another lmforge process is writing this database (a build, add or "
+                            "remove); wait for it to finish, then rerun") from None
         try:
             yield
         finally:
@@ -403,8 +408,10 @@ def build_database(data_dir: str | Path | list[str | Path], out: str | Path, chu
                 "recall_queries": recall_queries, "recall_k": recall_k}
     started = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
-    with _locked(out):
+    with _locked(out, wait=False):
         if (out / MANIFEST).exists():  # overwrite: the old database goes first
+            if not overwrite:  # (finished by another build since the check above)
+                raise DataError(f"{out} already holds a database; pass --overwrite to replace it")
             _remove_database_files(out)
         state = _BuildState(out, settings, overwrite)
         gen = 0
@@ -528,18 +535,28 @@ def _write_index(out: Path, state: _BuildState, files: dict[str, str], embedding
     return index_spec
 
 
+SCRATCH_MARKER = ".lmforge-scratch-database"
+
+
+def mark_scratch_database(path: str | Path, made_by: str) -> None:
+    """Mark ``path`` as a scratch database that ``made_by`` (a benchmark) created and may delete."""
+    atomic_write_json(Path(path) / SCRATCH_MARKER, {"made_by": made_by})
+
+
 def remove_database_folder(path: str | Path) -> None:
-    """Delete a whole folder that a database build wrote (benchmarks' scratch copies), only if its
-    manifest proves it: a folder without an lmforge chunk-database manifest is refused."""
+    """Delete a benchmark's scratch database folder, only if it proves it is one: an lmforge
+    chunk-database manifest and the scratch marker that :func:`mark_scratch_database` wrote when
+    the folder was made. Any other folder (a user's database included) is refused."""
     path = Path(path)
     manifest = path / MANIFEST
     try:
-        ours = manifest.is_file() and read_json(manifest).get("format") == FORMAT
+        ours = (manifest.is_file() and read_json(manifest).get("format") == FORMAT
+                and (path / SCRATCH_MARKER).is_file())
     except (OSError, ValueError):
         ours = False
     if not ours:
-        raise DataError(f"{path} exists but holds no lmforge chunk database ({MANIFEST} with format {FORMAT!r}); "
-                        "not deleting it: choose another folder or remove it yourself")
+        raise DataError(f"{path} exists but is not a scratch database a benchmark made ({MANIFEST} and "
+                        f"{SCRATCH_MARKER}); not deleting it: choose another folder or remove it yourself")
     shutil.rmtree(path)
 
 

@@ -55,7 +55,7 @@ import torch
 import torch.nn.functional as F
 
 from lmforge.core.errors import CheckpointError, ConfigError, DataError
-from lmforge.core.io import atomic_write, atomic_write_json
+from lmforge.core.io import atomic_write, atomic_write_json, atomic_write_npy
 from lmforge.core.run_lock import RunLock
 from lmforge.retrieval.database import ChunkDatabase
 from lmforge.retrieval.distillation import lm_target
@@ -142,8 +142,8 @@ class RefreshedIndex:
 
     def save(self, folder: Path) -> None:
         folder.mkdir(parents=True, exist_ok=True)
-        atomic_write(folder / "ids.npy", lambda tmp: _save_array(tmp, self.ids))
-        atomic_write(folder / "embeddings.npy", lambda tmp: _save_array(tmp, self.embeddings))
+        atomic_write_npy(folder / "ids.npy", self.ids)
+        atomic_write_npy(folder / "embeddings.npy", self.embeddings)
         atomic_write_json(folder / "generation.json", {"generation": self.generation, "step": self.step,
                                                        "chunks": int(len(self.ids))})
 
@@ -390,10 +390,12 @@ class JointRetrieverTrainer:
         if not metrics.is_file():
             return
         lines = [x for x in metrics.read_text().splitlines() if x.strip()]
-        for line in lines[:-1]:  # the last line may be torn by the kill
+        for i, line in enumerate(lines):
             try:
                 ours = json.loads(line).get("kind") in ("train", "refresh")
-            except (ValueError, AttributeError):
+            except ValueError:
+                ours = i == len(lines) - 1  # the last line may be torn by the kill
+            except AttributeError:
                 ours = False
             if not ours:
                 raise CheckpointError(f"{metrics} holds lines this trainer did not write; not replacing it: "
@@ -434,11 +436,6 @@ class JointRetrieverTrainer:
 
     def retriever(self) -> EncoderRetriever:
         return EncoderRetriever(self.db, self.query_encoder, self.index)
-
-
-def _save_array(path: Path, array: np.ndarray) -> None:
-    with open(path, "wb") as handle:  # a handle: np.save would append .npy to the temporary name
-        np.save(handle, array, allow_pickle=False)
 
 
 def _record_step(line: str) -> int:

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from lmforge.core.errors import DataError
-from lmforge.core.io import atomic_write, atomic_write_json, read_json
+from lmforge.core.io import atomic_write_json, atomic_write_npy, read_json
 from lmforge.core.logging import RateProgress, get_logger
 from lmforge.retrieval.database import ChunkDatabase
 from lmforge.retrieval.index import search_filtered
@@ -40,13 +40,6 @@ MANIFEST = "manifest.json"
 
 def default_neighbours_dir(db_path: str | Path, k: int) -> Path:
     return Path(db_path) / f"neighbours_k{k}"
-
-
-def _save_npy(array: np.ndarray):
-    def write(tmp: Path) -> None:
-        with open(tmp, "wb") as handle:
-            np.save(handle, array)
-    return write
 
 
 def training_chunk_sources(db: ChunkDatabase) -> tuple[int, np.ndarray]:
@@ -150,7 +143,7 @@ def precompute_neighbours(db: ChunkDatabase, k: int = 2, out: str | Path | None 
     if not all(finished(b) for b in range(n_blocks)):
         return out  # stopped early (max_blocks)
     blocks = [np.load(out / f"block_{b:05d}.npy") for b in range(n_blocks)]
-    atomic_write(out / NEIGHBOURS, _save_npy(np.concatenate(blocks)))
+    atomic_write_npy(out / NEIGHBOURS, np.concatenate(blocks))
     missing = int((np.concatenate(blocks) < 0).sum())
     atomic_write_json(out / MANIFEST, {**settings, "database": str(db.path), "missing": missing,
                                        "sources": {n: {"first_chunk": i["first_chunk"], "n_chunks": i["n_chunks"]}
@@ -168,7 +161,7 @@ def precompute_neighbours(db: ChunkDatabase, k: int = 2, out: str | Path | None 
 def _write_block(db: ChunkDatabase, out: Path, b: int, bounds: tuple[int, int], k: int, exclusion_radius: int,
                  settings: dict[str, Any], sources: tuple[int, np.ndarray]) -> None:
     ids = search_training_neighbours(db, np.arange(*bounds), k, exclusion_radius, sources)
-    atomic_write(out / f"block_{b:05d}.npy", _save_npy(ids))
+    atomic_write_npy(out / f"block_{b:05d}.npy", ids)
     atomic_write_json(out / f"block_{b:05d}.done", settings)
 
 
