@@ -51,7 +51,8 @@ from lmforge.core.errors import ConfigError, DataError
 from lmforge.core.io import atomic_write_json, read_json
 from lmforge.core.logging import RateProgress
 from lmforge.data.tokenizer import Tokenizer
-from lmforge.eval.facts import FACT_TEMPLATES, QUESTIONS, _word, accuracy_interval, make_entities, questions, score_questions
+from lmforge.eval.facts import (FACT_TEMPLATES, QUESTIONS, _word, accuracy_interval, chunk_aligned_prompt, make_entities,
+                                questions, score_questions)
 from lmforge.nn.retro import RetroTransformer
 from lmforge.retrieval.alignment import window_neighbour_tokens
 from lmforge.retrieval.database import (MANIFEST, SCRATCH_MARKER, ChunkDatabase, add_documents, build_database,
@@ -162,9 +163,7 @@ def query_chunks(tokenizer: Tokenizer, items: list[dict[str, Any]], chunk_len: i
     """The last chunk [n, m] of each question's prompt, left-padded with end-of-text as the model reads it."""
     out = []
     for item in items:
-        prompt = tokenizer.encode(item["prompt"])
-        prompt = [tokenizer.eos_id] * ((-len(prompt)) % chunk_len) + prompt
-        out.append(prompt[-chunk_len:])
+        out.append(chunk_aligned_prompt(tokenizer, item["prompt"], chunk_len)[-chunk_len:])
     return np.asarray(out, dtype=np.int64)
 
 
@@ -193,7 +192,7 @@ class AnswerLossScorer:
         for item in items:
             prompt = tokenizer.encode(item["prompt"])
             answer = tokenizer.encode(item["prompt"] + item["candidates"][item["answer"]])[len(prompt):]
-            padded = [tokenizer.eos_id] * ((-len(prompt)) % m) + prompt
+            padded = chunk_aligned_prompt(tokenizer, item["prompt"], m)
             if len(padded) != m or not answer or len(answer) >= m:
                 raise DataError(f"question {item['prompt']!r}: prompt of one chunk and a shorter answer needed")
             self.prompts.append(padded)

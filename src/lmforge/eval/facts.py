@@ -168,11 +168,17 @@ def score_questions(model: torch.nn.Module, tokenizer: Tokenizer, items: list[di
             "mean_margin_nats": float(np.mean(margins)) if margins else math.nan, "scores": scored}
 
 
+def chunk_aligned_prompt(tokenizer: Tokenizer, text: str, chunk_len: int) -> list[int]:
+    """``text``'s tokens left-padded with end-of-text to whole chunks, so the prompt ends on a chunk
+    boundary: its last chunk is the one that retrieves, and the answer starts a new chunk."""
+    prompt = tokenizer.encode(text)
+    return [tokenizer.eos_id] * ((-len(prompt)) % chunk_len) + prompt
+
+
 def _question_neighbours(tokenizer: Tokenizer, prompt_text: str, db: ChunkDatabase, m: int, k: int,
                          align: bool) -> tuple[list[int], np.ndarray]:
     """(padded prompt tokens, the last chunk's neighbour windows [k, 2m]) as the model reads them."""
-    prompt = tokenizer.encode(prompt_text)
-    prompt = [tokenizer.eos_id] * ((-len(prompt)) % m) + prompt
+    prompt = chunk_aligned_prompt(tokenizer, prompt_text, m)
     ids = db.retrieve(np.array(prompt).reshape(-1, m), k)
     windows = window_neighbour_tokens(db, np.array([prompt]), ids[None], align)
     return prompt, windows[0, -1]
@@ -288,8 +294,7 @@ def _fact_recall(model: torch.nn.Module, tokenizer: Tokenizer, items: list[dict[
     doc_of = {title.split(":", 1)[1]: d for (title, _), d in zip(documents, doc_ids) if title.startswith("fact:")}
     hits = 0
     for item in items:
-        prompt = tokenizer.encode(item["prompt"])
-        prompt = [tokenizer.eos_id] * ((-len(prompt)) % m) + prompt
+        prompt = chunk_aligned_prompt(tokenizer, item["prompt"], m)
         ids = db.retrieve(np.array(prompt[-m:])[None], k)[0]
         hits += bool((np.asarray(db.doc)[ids[ids >= 0], 0] == doc_of[item["entity"]]).any())
     return hits / max(len(items), 1)
