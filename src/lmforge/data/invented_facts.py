@@ -146,13 +146,27 @@ def person_documents(person: dict[str, str], rng: np.random.Generator) -> list[t
     return out
 
 
+def document_id(index: int, kind: str) -> str:
+    """The ``doc_id`` of person ``index``'s document of ``kind`` ("fact", "questions_by_name", ...)."""
+    return f"person{index:05d}:{kind}"
+
+
+def fact_document_of(doc_id: str) -> str | None:
+    """The ``doc_id`` of the fact document whose facts question document ``doc_id`` asks about;
+    None for a fact document (or an id this source does not give)."""
+    person, _, kind = doc_id.partition(":")
+    if not person.startswith("person") or kind not in ("questions_by_name", "questions_by_town"):
+        return None
+    return f"{person}:fact"
+
+
 def invented_fact_documents(source: str, people: int = PEOPLE, seed: int = SEED) -> Iterator[Document]:
     """Every person's three documents, shuffled (a pure function of ``people`` and ``seed``)."""
     rng = np.random.default_rng([seed, 2021])
     docs = []
     for index, person in enumerate(make_people(people, seed)):
         for kind, text, _ in person_documents(person, rng):
-            docs.append(Document(text=text, source=source, doc_id=f"person{index:05d}:{kind}",
+            docs.append(Document(text=text, source=source, doc_id=document_id(index, kind),
                                  meta={"person": person["name"], "document_kind": kind}))
     for i in rng.permutation(len(docs)):
         yield docs[int(i)]

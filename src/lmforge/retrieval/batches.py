@@ -26,7 +26,8 @@ class RetroLoader:
                  k: int, weights: dict[str, float] | None = None, rank: int = 0, world_size: int = 1,
                  align: bool = False, exclusion_radius: int = 8, gold_neighbour_rate: float = 0.0,
                  gold_neighbour_steps: int | None = None, gold_neighbour_schedule: str = "constant",
-                 document_neighbour_rate: float = 0.0):
+                 document_neighbour_rate: float = 0.0, gold_fact_rate: float = 0.0,
+                 fact_chunks: tuple[np.ndarray, np.ndarray] | None = None):
         m = db.chunk_len
         if seq_len % m:
             raise DataError(f"train.seq_len ({seq_len}) must be a multiple of the database chunk_len ({m})")
@@ -38,6 +39,12 @@ class RetroLoader:
         self.gold_neighbour_rate, self.gold_neighbour_steps = gold_neighbour_rate, gold_neighbour_steps
         self.gold_neighbour_schedule = gold_neighbour_schedule
         self.document_neighbour_rate = document_neighbour_rate
+        if not 0.0 <= gold_fact_rate <= 1.0:
+            raise DataError(f"retrieval.gold_fact_rate must be in [0, 1], got {gold_fact_rate}")
+        if gold_fact_rate > 0 and fact_chunks is None:
+            raise DataError("retrieval.gold_fact_rate > 0 needs the fact document chunks of the question chunks "
+                            "(lmforge.retrieval.fact_pairs)")
+        self.gold_fact_rate, self._fact_chunks = gold_fact_rate, fact_chunks
         gold_rate_at(gold_neighbour_rate, gold_neighbour_schedule, 0, gold_neighbour_steps)  # checks the schedule
         self.seq_len, self.batch_size, self.seed = seq_len, batch_size, seed
         self.rank, self.world_size = rank, world_size
@@ -94,6 +101,8 @@ class RetroLoader:
                             for c in starts]).astype(np.int64)
         ids = np.stack([np.asarray(self.neighbours[c:c + self.n_chunks, : self.k]) for c in starts])
         batch = torch.from_numpy(windows)
+        if self.gold_fact_rate > 0:
+            self._insert_fact_neighbours(ids, starts, self.batch_index - 1)
         if self.align:
             rows = (np.asarray(starts)[:, None] + np.arange(self.n_chunks)).reshape(-1)
             queries = windows[:, : self.seq_len].reshape(len(starts), self.n_chunks, -1)
@@ -126,6 +135,37 @@ class RetroLoader:
         for row, u in zip(*np.nonzero(pick)):
             c = starts[row] + int(u)
             neighbours[row, u, -1] = torch.from_numpy(np.asarray(self.db.tokens[c:c + 2]).reshape(-1).astype(np.int64))
+
+    def _insert_fact_neighbours(self, ids: np.ndarray, starts: list[int], batch_index: int) -> None:
+        """Put a chunk of the paired fact document in the first neighbour slot of a ``gold_fact_rate``
+        share of the question chunks (:mod:`lmforge.retrieval.fact_pairs`), in place, by chunk id.
+
+        A question chunk's own retrieved neighbours hold its answer about a third of the time with a
+        lexical retriever, too rarely for a small model to learn that reading a neighbour pays. This
+        hands it the document that holds the answer, in another phrasing (never a continuation of the
+        question's text), as retrieval would if it were perfect. The chunk is one of the fact
+        document's, drawn uniformly; being an ordinary chunk id, it is aligned with its query like
+        any neighbour. The first slot, so that gold and own-document neighbours (the last slot) do
+        not overwrite it when k > 1. A chunk the neighbour rule excludes for the query (one holding
+        text of the query's own documents, or within the exclusion radius) is never put there: the
+        retrieved neighbour stays. Drawn from (seed, batch index), so batches stay reproducible.
+        """
+        assert self._fact_chunks is not None
+        first, count = self._fact_chunks
+        rng = np.random.default_rng([self.seed, batch_index, 13])
+        rows = self.batch_size * self.world_size
+        pick = rng.random((rows, self.n_chunks)) < self.gold_fact_rate
+        draws = rng.random((rows, self.n_chunks))
+        lo = self.rank * self.batch_size
+        docs = np.asarray(self.db.doc)
+        for row, u in zip(*np.nonzero(pick[lo:lo + self.batch_size])):
+            c = starts[row] + int(u)
+            if count[c] == 0:
+                continue  # not a question chunk
+            j = int(first[c]) + int(draws[lo + row, u] * count[c])
+            if excluded_for_training(docs, self._source_of, c, j, self.exclusion_radius):
+                continue
+            ids[row, u, 0] = j
 
     def _insert_document_neighbours(self, neighbours: torch.Tensor, starts: list[int], batch_index: int) -> None:
         """Put another chunk of the query's own document (and its continuation) in the last neighbour

@@ -20,6 +20,10 @@ class RetrievalConfig(Config):
     document_neighbour_rate: float = 0.0  # training only: chance that a chunk's last neighbour slot holds another
                                           # chunk of its own document, beyond the exclusion radius (never its
                                           # continuation): related text to read, not text to copy (see batches.py)
+    gold_fact_rate: float = 0.0   # training only: chance that a question chunk of an invented_facts source reads a
+                                  # chunk of its person's fact document in its first neighbour slot (fact_pairs.py)
+    gold_fact_source: str | None = None  # the invented_facts source whose question documents get them (None: the
+                                         # data config's one source of kind invented_facts)
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.gold_neighbour_rate <= 1.0:
@@ -28,6 +32,8 @@ class RetrievalConfig(Config):
             raise ValueError(f"retrieval.gold_neighbour_steps must be >= 0, got {self.gold_neighbour_steps}")
         if not 0.0 <= self.document_neighbour_rate <= 1.0:
             raise ValueError(f"retrieval.document_neighbour_rate must be in [0, 1], got {self.document_neighbour_rate}")
+        if not 0.0 <= self.gold_fact_rate <= 1.0:
+            raise ValueError(f"retrieval.gold_fact_rate must be in [0, 1], got {self.gold_fact_rate}")
         if self.gold_neighbour_schedule not in GOLD_SCHEDULES:
             raise ValueError(f"retrieval.gold_neighbour_schedule: unknown schedule {self.gold_neighbour_schedule!r} "
                              f"(known: {', '.join(GOLD_SCHEDULES)})")

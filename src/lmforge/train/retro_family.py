@@ -25,6 +25,7 @@ from lmforge.nn.retro import RetroModelConfig, RetroTransformer, count_retro_par
 from lmforge.retrieval.batches import RetroLoader
 from lmforge.retrieval.config import RetrievalConfig
 from lmforge.retrieval.database import ChunkDatabase
+from lmforge.retrieval.fact_pairs import fact_chunks_of_training_chunks, question_fact_documents
 from lmforge.retrieval.neighbours import default_neighbours_dir, load_neighbours
 from lmforge.train.callbacks import HeldoutEvaluator
 from lmforge.train.checkpoint import unwrap
@@ -71,9 +72,30 @@ def _check_run(cfg: "RunConfig") -> None:
     if cfg.retrieval is None:
         cfg.retrieval = RetrievalConfig()  # the resolved config records the database actually read
     assert isinstance(cfg.model, RetroModelConfig)
+    retrieval = cfg.retrieval
+    if retrieval.gold_fact_rate > 0:  # the source whose question documents read their fact documents
+        facts = [s.name for s in cfg.data.sources if s.kind == "invented_facts"]
+        if retrieval.gold_fact_source is None:
+            if len(facts) != 1:
+                raise ValueError(f"retrieval.gold_fact_rate needs one data source of kind invented_facts, found "
+                                 f"{len(facts)} ({', '.join(facts) or 'none'}); name it in retrieval.gold_fact_source")
+            retrieval.gold_fact_source = facts[0]  # the resolved config records it
+        elif retrieval.gold_fact_source not in facts:
+            raise ValueError(f"retrieval.gold_fact_source: {retrieval.gold_fact_source!r} is no data source of kind "
+                             f"invented_facts (those: {', '.join(facts) or 'none'})")
     m = cfg.model.retro.chunk_len
     if cfg.train.seq_len % m:
         raise ValueError(f"train.seq_len ({cfg.train.seq_len}) must be a multiple of model.retro.chunk_len ({m})")
+
+
+def _fact_chunks(cfg: "RunConfig", db: ChunkDatabase):
+    """The paired fact document chunks of every training chunk when ``retrieval.gold_fact_rate`` > 0."""
+    retrieval = cfg.retrieval
+    assert retrieval is not None
+    if retrieval.gold_fact_rate <= 0:
+        return None
+    assert retrieval.gold_fact_source is not None  # resolved by _check_run
+    return fact_chunks_of_training_chunks(db, question_fact_documents(db, retrieval.gold_fact_source))
 
 
 def _build(setup: RunSetup, model: torch.nn.Module) -> FamilyParts:
@@ -97,7 +119,8 @@ def _build(setup: RunSetup, model: torch.nn.Module) -> FamilyParts:
         gold_neighbour_steps=(retrieval.gold_neighbour_steps if retrieval.gold_neighbour_steps is not None
                               or retrieval.gold_neighbour_schedule == "constant" else cfg.train.steps),
         gold_neighbour_schedule=retrieval.gold_neighbour_schedule,
-        document_neighbour_rate=retrieval.document_neighbour_rate)
+        document_neighbour_rate=retrieval.document_neighbour_rate,
+        gold_fact_rate=retrieval.gold_fact_rate, fact_chunks=_fact_chunks(cfg, db))
     inner = unwrap(model)
     assert isinstance(inner, RetroTransformer)
     counts = count_retro_parameters(inner)
