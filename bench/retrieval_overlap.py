@@ -19,11 +19,11 @@ the numbers as JSON (docs/retrieval.md, "Large databases and gains by overlap"):
     python bench/retrieval_overlap.py figure --result decontaminated=A.json --result raw=B.json \\
         --out docs/results/retro_large
 
-``eval`` scores one RETRO checkpoint with one database, on chosen held-out domains only (the
-whole held-out code of data/demo is 169k tokens; literature, which no package repeats, need
-not be scored at that length), and writes the same JSON as `lmforge retrieval eval`::
+Its inputs come from `lmforge retrieval eval`, on chosen held-out domains only where the rest need
+not be scored at that length (the whole held-out code of data/demo is 169k tokens; literature,
+which no package repeats)::
 
-    python bench/retrieval_overlap.py eval RUN --db DB --domains code --max-tokens 200000 --out A.json
+    lmforge retrieval eval RUN --db DB --domains code --max-tokens 200000 --fractions 1.0 --out A.json
 """
 
 from __future__ import annotations
@@ -136,39 +136,9 @@ def figure_main(argv: list[str]) -> None:
     print(f"written: {out / 'overlap.png'}, {out / 'overlap.md'}, {out / 'overlap.json'}")
 
 
-def eval_main(argv: list[str]) -> None:
-    from lmforge.cli.retrieval import print_retrieval_result
-    from lmforge.core.io import atomic_write_json
-    from lmforge.core.run_marker import resolve_data_dir
-    from lmforge.eval.retrieval_eval import HeldoutRetrieval, evaluate_retrieval
-    from lmforge.nn.loading import load_model
-
-    parser = argparse.ArgumentParser(prog="retrieval_overlap.py eval")
-    parser.add_argument("target", metavar="RUN_OR_CHECKPOINT")
-    parser.add_argument("--db", required=True)
-    parser.add_argument("--domains", default=None, help="comma-separated held-out domains (default: all)")
-    parser.add_argument("--max-tokens", type=int, default=16384, help="held-out tokens per domain")
-    parser.add_argument("--out", required=True)
-    args = parser.parse_args(argv)
-    model, config, checkpoint = load_model(args.target)
-    db = ChunkDatabase(args.db)
-    data_dir = resolve_data_dir(checkpoint, config["data"]["out_dir"])
-    domains = args.domains.split(",") if args.domains else None
-    heldout = HeldoutRetrieval(db, data_dir, int(config["train"]["seq_len"]), args.max_tokens, only_domains=domains)
-    result = evaluate_retrieval(model, heldout, fractions=(1.0,))
-    result.update(checkpoint=str(checkpoint), database=str(db.path), generation=db.generation, output=args.out,
-                  domains=list(heldout.domains), max_tokens=args.max_tokens)
-    atomic_write_json(Path(args.out), result)
-    print_retrieval_result(result)
-    print(f"written: {args.out}")
-
-
 def main() -> None:
     if sys.argv[1:2] == ["figure"]:
         figure_main(sys.argv[2:])
-        return
-    if sys.argv[1:2] == ["eval"]:
-        eval_main(sys.argv[2:])
         return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("db")

@@ -50,7 +50,7 @@ from lmforge.core.errors import DataError
 from lmforge.core.io import atomic_write_json
 from lmforge.core.run_marker import resolve_data_dir
 from lmforge.eval.bootstrap import bpb_interval
-from lmforge.eval.retrieval_eval import HeldoutRetrieval, evaluate_retrieval
+from lmforge.eval.retrieval_eval import HeldoutRetrieval, evaluate_retrieval, sums_by_document
 from lmforge.eval.retrieval_guard import paired_difference_interval
 from lmforge.nn.loading import load_model
 from lmforge.retrieval.database import ARRAYS, ChunkDatabase, mark_scratch_database, remove_database_folder
@@ -184,13 +184,10 @@ def dense_per_document(model: torch.nn.Module, heldout: HeldoutRetrieval) -> dic
             for (inputs, targets, _), docs in zip(windows, heldout.target_documents[domain]):
                 logits = model(inputs).logits
                 nll = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none")
-                nll_parts.append(nll.view(targets.shape).numpy().ravel())
-                bytes_parts.append(heldout.byte_lengths[targets.numpy()].ravel())
-                doc_parts.append(docs.ravel())
-            ids, inverse = np.unique(np.concatenate(doc_parts), return_inverse=True)
-            out[domain] = {"doc_ids": ids,
-                           "doc_bytes": np.bincount(inverse, np.concatenate(bytes_parts), len(ids)),
-                           "doc_nll": np.bincount(inverse, np.concatenate(nll_parts), len(ids))}
+                nll_parts.append(nll.view(targets.shape).numpy())
+                bytes_parts.append(heldout.byte_lengths[targets.numpy()])
+                doc_parts.append(docs)
+            out[domain] = sums_by_document(doc_parts, bytes=bytes_parts, nll=nll_parts)
     return out
 
 

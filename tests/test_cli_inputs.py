@@ -117,6 +117,7 @@ BAD_OPTIONS = [
     (["retrieval", "eval", "RUN", "--db", "DB"], "--fractions", "1.5"),
     (["retrieval", "eval", "RUN", "--db", "DB"], "--fractions", "nan"),
     (["retrieval", "eval", "RUN", "--db", "DB"], "--candidates", "0"),
+    (["retrieval", "eval", "RUN", "--db", "DB"], "--domains", ","),
     (["retrieval", "facts", "RUN", "--db", "DB"], "--entities", "0"),
     (["retrieval", "facts", "RUN", "--db", "DB"], "--seed", "-3"),
     (["retrieval", "train-query-encoder", "RUN", "--db", "DB"], "--queries", "0"),

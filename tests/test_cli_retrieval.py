@@ -82,6 +82,23 @@ def test_eval_through_the_cli_scores_each_fraction_and_writes_the_default_file(r
     assert set(result["bpb"]) == {"none", "db_0.5", "db_1"} and result["output"] == str(out)
 
 
+def test_eval_of_chosen_domains_scores_only_those(retro, tmp_path, capsys):
+    tmp, _, run = retro
+    out = tmp_path / "code.json"
+    assert main(["retrieval", "eval", str(run), "--db", str(tmp / "db"), "--fractions", "1", "--max-tokens", "128",
+                 "--out", str(out)]) == 0
+    domains = sorted(json.loads(out.read_text())["bpb"]["none"])
+    assert len(domains) >= 2
+    assert main(["retrieval", "eval", str(run), "--db", str(tmp / "db"), "--fractions", "1", "--max-tokens", "128",
+                 "--domains", domains[0], "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert list(result["bpb"]["none"]) == [domains[0]] and result["domains"] == [domains[0]]
+    assert main(["retrieval", "eval", str(run), "--db", str(tmp / "db"), "--domains", "nosuch",
+                 "--out", str(tmp_path / "x.json")]) == 2
+    err = capsys.readouterr().err
+    assert "no held-out domain 'nosuch'" in err and not (tmp_path / "x.json").exists()
+
+
 def test_eval_of_a_missing_database_is_one_line(retro, tmp_path, capsys):
     _, _, run = retro
     assert main(["retrieval", "eval", str(run), "--db", str(tmp_path / "nodb"), "--max-tokens", "64"]) == 2

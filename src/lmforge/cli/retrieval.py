@@ -99,6 +99,8 @@ def add_retrieval_parser(subparsers: argparse._SubParsersAction) -> argparse.Arg
                     help="held-out tokens per domain (default 16384)")
     ev.add_argument("--fractions", type=fraction_list, default=(0.1, 0.3, 1.0),
                     help="database fractions in (0, 1] to score (default 0.1,0.3,1.0)")
+    ev.add_argument("--domains", type=name_list, default=None, metavar="A,B",
+                    help="held-out domains to score, comma-separated (default: all)")
     ev.add_argument("--out", default=None, help="JSON file for the results (default RUN/eval/retrieval.json)")
     ev.add_argument("--query-encoder", default=None, metavar="PATH",
                     help="re-rank with a trained query encoder (train-query-encoder): retrieve --candidates with the "
@@ -281,7 +283,7 @@ def _eval(args: argparse.Namespace) -> int:
 
     result = evaluate_retrieval_for_checkpoint(
         args.target, args.db, k=args.k, max_tokens=args.max_tokens, fractions=args.fractions,
-        query_encoder=args.query_encoder, candidates=args.candidates, out=args.out)
+        query_encoder=args.query_encoder, candidates=args.candidates, out=args.out, domains=args.domains)
     print_retrieval_result(result)
     print(f"written: {result['output']}")
     return 0

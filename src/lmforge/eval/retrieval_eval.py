@@ -201,17 +201,22 @@ def evaluate_retrieval(model: RetroTransformer, heldout: HeldoutRetrieval, k: in
     return result
 
 
+def sums_by_document(docs: list[np.ndarray], **values: list[np.ndarray]) -> dict[str, np.ndarray]:
+    """Per-token ``values`` (lists of arrays shaped like ``docs``, the held-out document id of each
+    target token) summed per document: ``doc_ids`` (sorted) and ``doc_NAME`` for each value."""
+    ids, inverse = np.unique(np.concatenate([d.ravel() for d in docs]), return_inverse=True)
+    out = {f"doc_{key}": np.bincount(inverse, weights=np.concatenate([a.ravel() for a in parts]), minlength=len(ids))
+           for key, parts in values.items()}
+    out["doc_ids"] = ids
+    return out
+
+
 def _paired_sums(per_window: dict[str, list[np.ndarray]], full: str) -> dict[str, np.ndarray]:
     """Summed loss without / with retrieval and bytes, per held-out document and per window."""
-    docs = np.concatenate([d.ravel() for d in per_window["docs"]])
-    flat = {key: np.concatenate([a.ravel() for a in per_window[cond]])
-            for key, cond in (("without", "none"), ("with", full), ("bytes", "bytes"))}
-    rows = {key: np.concatenate([a.reshape(a.shape[0], -1).sum(1) for a in per_window[cond]])
-            for key, cond in (("without", "none"), ("with", full), ("bytes", "bytes"))}
-    ids, inverse = np.unique(docs, return_inverse=True)
-    out = {f"doc_{key}": np.bincount(inverse, weights=flat[key], minlength=len(ids)) for key in flat}
-    out["doc_ids"] = ids
-    out.update({f"window_{key}": rows[key] for key in rows})
+    conditions = {"without": per_window["none"], "with": per_window[full], "bytes": per_window["bytes"]}
+    out = sums_by_document(per_window["docs"], **conditions)
+    out.update({f"window_{key}": np.concatenate([a.reshape(a.shape[0], -1).sum(1) for a in parts])
+                for key, parts in conditions.items()})
     return out
 
 
@@ -329,8 +334,10 @@ def _overlap_result(stats: dict[str, Any]) -> dict[str, Any]:
 def evaluate_retrieval_for_checkpoint(target: str | Path, db_path: str | Path, *, k: int | None = None,
                                       max_tokens: int = 16384, fractions: tuple[float, ...] = (0.1, 0.3, 1.0),
                                       query_encoder: str | Path | None = None, candidates: int = 8,
-                                      out: str | Path | None = None) -> dict[str, Any]:
-    """Score a RETRO run or checkpoint on held-out data with and without retrieval from ``db_path``.
+                                      out: str | Path | None = None,
+                                      domains: list[str] | None = None) -> dict[str, Any]:
+    """Score a RETRO run or checkpoint on held-out data with and without retrieval from ``db_path``
+    (the held-out ``domains`` only, when given; default all).
 
     Writes the result to ``out`` (default RUN/eval/retrieval.json; its path is ``result["output"]``)
     and returns it. Arguments are checked before the held-out data is embedded.
@@ -341,6 +348,8 @@ def evaluate_retrieval_for_checkpoint(target: str | Path, db_path: str | Path, *
         raise ConfigError(f"max_tokens must be >= 1, got {max_tokens}")
     if not fractions or not all(0 < f <= 1 for f in fractions):
         raise ConfigError(f"database fractions must be in (0, 1], got {list(fractions)}")
+    if domains is not None and not domains:
+        raise ConfigError("domains: name at least one held-out domain (or leave it out for all)")
     model, config, checkpoint = load_model(target)
     if not isinstance(model, RetroTransformer):
         raise CheckpointError(f"{checkpoint}: not a RETRO model (its model config has no retro section)")
@@ -351,10 +360,11 @@ def evaluate_retrieval_for_checkpoint(target: str | Path, db_path: str | Path, *
     if encoder is not None:
         _check_candidates(candidates, k or model.retro.n_neighbours)
     data_dir = resolve_data_dir(checkpoint, config["data"]["out_dir"])  # relative to where the run trained
-    heldout = HeldoutRetrieval(db, data_dir, int(config["train"]["seq_len"]), max_tokens)
+    heldout = HeldoutRetrieval(db, data_dir, int(config["train"]["seq_len"]), max_tokens, only_domains=domains)
     result = evaluate_retrieval(model, heldout, k, tuple(fractions), query_encoder=encoder, candidates=candidates)
     output = Path(out) if out else checkpoint.parent.parent / "eval" / "retrieval.json"
-    result.update(checkpoint=str(checkpoint), database=str(db.path), generation=db.generation, output=str(output))
+    result.update(checkpoint=str(checkpoint), database=str(db.path), generation=db.generation, output=str(output),
+                  domains=list(heldout.domains), max_tokens=max_tokens)
     if query_encoder:
         result["reranking"]["path"] = str(query_encoder)
     atomic_write_json(output, result)
