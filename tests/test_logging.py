@@ -52,6 +52,33 @@ def test_a_long_record_is_one_line_in_a_log_file(tmp_path, columns):
     assert progress[-1].endswith("elapsed") and "5/5 (100%)" in progress[-1]
 
 
+SLOW_START = """
+from lmforge.core.logging import RateProgress
+now = [0.0]                                  # the clock, set by this script
+with RateProgress("steps", total=100, unit="tokens") as bar:
+    bar._time = lambda: now[0]
+    bar.start = bar._last_record = 0.0
+    bar._window = (0.0, 0, 0.0)
+    for step in range(100):
+        now[0] = 60.0 + 0.5 * step           # the first step takes 60 s (a compile), the rest 0.5 s
+        bar.advance(1, units=1000)
+"""
+
+
+def test_progress_records_give_the_recent_rate_and_eta_after_a_slow_start(tmp_path):
+    environ = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES", "LMFORGE_PROGRESS")}
+    environ["LMFORGE_PROGRESS_SECONDS"] = "10"
+    out = subprocess.run([sys.executable, "-c", SLOW_START], capture_output=True, text=True, env=environ,
+                         check=True, timeout=120).stderr
+    records = [line.split(" INFO ")[1] for line in out.splitlines() if " INFO steps:" in line]
+    # the first record comes after the 60 s step: its rate and eta are all it knows
+    assert records[0].startswith("steps: 1/100 (1%), 16.7 tokens/s,") and records[0].endswith("eta 1:39:00")
+    # the next ones are at 0.5 s a step, 2k tokens/s: eta = steps left x 0.5 s, not the slow average
+    assert records[1].startswith("steps: 21/100 (21%), 2.0k tokens/s,") and records[1].endswith("eta 0:40"), records
+    # the final record is the whole run's average: 100k tokens in 60 + 99 x 0.5 = 109.5 s
+    assert records[-1].startswith("steps: 100/100 (100%), 913.2 tokens/s,"), records
+
+
 def test_progress_records_are_off_with_lmforge_progress_0(tmp_path):
     text = run_logging(tmp_path, None, LMFORGE_PROGRESS="0")
     assert "demo items" not in text and LONG in text

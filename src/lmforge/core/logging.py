@@ -7,7 +7,8 @@ Where the log goes decides its form, checked once per process on stderr:
   ``2025-01-31 14:02:07 INFO resumed from ... at step 8``, never wrapped. (Rich wraps at
   the console width, 80 columns when it cannot ask a terminal, which splits one message
   over several lines that ``grep`` cannot find.) A progress bar becomes a progress record
-  every ``LMFORGE_PROGRESS_SECONDS`` (default 30) and one when it ends, with its rate.
+  every ``LMFORGE_PROGRESS_SECONDS`` (default 30), with the rate and eta since the previous
+  record, and one when it ends, with the whole run's rate.
 
 The message text is the same in both. ``LMFORGE_PROGRESS=0`` turns progress off (bars and
 records); ``LMFORGE_LOG_LEVEL`` sets the level (default INFO on rank 0, WARNING elsewhere).
@@ -159,6 +160,7 @@ class RateProgress:
         self.start = self._time()
         self._last_record = self.start
         self._recorded_items = -1
+        self._window = (self.start, 0, 0.0)  # time, items and units at the previous record
         self._fields = ""
 
     def __enter__(self) -> "RateProgress":
@@ -170,9 +172,10 @@ class RateProgress:
         if self.records and self._recorded_items != self.items:  # unless the last record said it all
             self._record(final=True)
 
-    def _rate(self) -> str:
-        elapsed = max(self._time() - self.start, 1e-9)
-        return f"{_human(self.units / elapsed)} {self.unit}/s"
+    def _rate(self, since: float | None = None, units: float = 0.0) -> str:
+        """Units per second since the start, or since time ``since`` (``units`` done by then)."""
+        elapsed = max(self._time() - (self.start if since is None else since), 1e-9)
+        return f"{_human((self.units - units) / elapsed)} {self.unit}/s"
 
     def advance(self, items: int = 1, units: float | None = None, **fields: str) -> None:
         self.units += items if units is None else units
@@ -185,18 +188,27 @@ class RateProgress:
     def _record(self, final: bool = False) -> None:
         """One line: what, how far, how fast, and (while running) how long is left."""
         now = self._time()
-        self._last_record, self._recorded_items = now, self.items
         task = next(t for t in self.progress.tasks if t.id == self.task)
         done, total, elapsed = int(task.completed), task.total, now - self.start
         where = f"{done}/{int(total)} ({100.0 * done / total:.0f}%)" if total else f"{done}"
-        text = f"{self.description}: {where}, {self._rate()}"
+        # While running, the rate and the eta are those since the previous record: a slow start (a
+        # torch.compile step, a cold cache) would otherwise hold the average down and the eta up for
+        # most of the run. The final record gives the whole run's average.
+        window_start, window_items, window_units = self._window
+        recent = not final and self.items > window_items
+        rate = self._rate(window_start, window_units) if recent else self._rate()
+        text = f"{self.description}: {where}, {rate}"
         if self._fields:
             text += f", {self._fields}"
         text += f", {_duration(elapsed)} elapsed"
         if final:
             text += "" if total is None or done >= total else " (stopped before the end)"
         elif total and self.items and done < total:
-            text += f", eta {_duration((total - done) * elapsed / self.items)}"
+            seconds_per_item = ((now - window_start) / (self.items - window_items) if recent
+                                else elapsed / self.items)
+            text += f", eta {_duration((total - done) * seconds_per_item)}"
+        self._last_record, self._recorded_items = now, self.items
+        self._window = (now, self.items, self.units)
         get_logger("lmforge.progress").info("%s", text)
 
 
