@@ -43,11 +43,10 @@ def answer_positions(db: ChunkDatabase, targets: np.ndarray) -> np.ndarray:
     return mask
 
 
-def probe(run: Path, db: ChunkDatabase, batches: int, seed: int) -> dict:
+def probe(run: Path, db: ChunkDatabase, fact_chunks: tuple[np.ndarray, np.ndarray], batches: int, seed: int) -> dict:
     model, config, _ = load_model(run)
     k = config["model"]["retro"]["n_neighbours"]
     neighbours, manifest = load_neighbours(default_neighbours_dir(db.path, k), db)
-    fact_chunks = fact_chunks_of_training_chunks(db, question_fact_documents(db, "facts"))
     common = dict(seq_len=config["train"]["seq_len"], batch_size=8, seed=seed, k=k, weights={"facts": 1.0},
                   align=config["model"]["retro"].get("align_neighbours", True),
                   exclusion_radius=int(manifest.get("exclusion_radius", 8)))
@@ -101,7 +100,8 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=12345, help="loader seed (batches unlike the training order)")
     args = parser.parse_args()
     db = ChunkDatabase(args.db)
-    results = {str(run): probe(run, db, args.batches, args.seed) for run in args.runs}
+    fact_chunks = fact_chunks_of_training_chunks(db, question_fact_documents(db, "facts"))  # once for every run
+    results = {str(run): probe(run, db, fact_chunks, args.batches, args.seed) for run in args.runs}
     print(json.dumps(results, indent=1))
     return 0
 

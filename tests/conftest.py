@@ -81,6 +81,16 @@ def tiny_run_dict(tmp_path: Path, corpus: Path, **sections: dict) -> dict:
     return cfg
 
 
+def prepare_tiny_data(tmp_path: Path, corpus: Path) -> Path:
+    """The tiny corpus prepared with :func:`tiny_run_dict`'s data section into ``tmp_path/data``."""
+    from lmforge.data.config import DataConfig
+    from lmforge.data.prepare import prepare_data
+
+    cfg = DataConfig.from_dict(tiny_run_dict(tmp_path, corpus)["data"])
+    prepare_data(cfg)
+    return Path(cfg.out_dir)
+
+
 def write_config(path: Path, cfg: dict) -> Path:
     path.write_text(yaml.safe_dump(cfg))
     return path

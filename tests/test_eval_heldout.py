@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import tiny_run_dict
+from conftest import prepare_tiny_data, tiny_run_dict
 from lmforge.core.errors import ConfigError
 from lmforge.data.config import DataConfig
 from lmforge.data.heldout_check import heldout_warnings
@@ -34,9 +34,7 @@ def _tiny_model(data_dir, seed=0):
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory, tiny_corpus):
-    tmp = tmp_path_factory.mktemp("heldout")
-    prepare_data(DataConfig.from_dict(tiny_run_dict(tmp, tiny_corpus)["data"]))
-    return tmp / "data"
+    return prepare_tiny_data(tmp_path_factory.mktemp("heldout"), tiny_corpus)
 
 
 # ---- which windows ------------------------------------------------------------------------------

@@ -7,10 +7,8 @@ import math
 import pytest
 import torch
 
-from conftest import tiny_run_dict
+from conftest import prepare_tiny_data
 from lmforge.core.errors import DataError
-from lmforge.data.config import DataConfig
-from lmforge.data.prepare import prepare_data
 from lmforge.eval.heldout import evaluate_heldout
 from lmforge.eval.isolation import require_isolation
 from lmforge.nn.config import ModelConfig
@@ -18,10 +16,7 @@ from lmforge.nn.config import ModelConfig
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory, tiny_corpus):
-    tmp = tmp_path_factory.mktemp("evaldata")
-    cfg = DataConfig.from_dict(tiny_run_dict(tmp, tiny_corpus)["data"])
-    prepare_data(cfg)
-    return tmp / "data"
+    return prepare_tiny_data(tmp_path_factory.mktemp("evaldata"), tiny_corpus)
 
 
 def test_prepared_split_is_isolated(data_dir):

@@ -57,8 +57,7 @@ from lmforge.core.logging import RateProgress
 now = [0.0]                                  # the clock, set by this script
 with RateProgress("steps", total=100, unit="tokens") as bar:
     bar._time = lambda: now[0]
-    bar.start = bar._last_record = 0.0
-    bar._window = (0.0, 0, 0.0)
+    bar.start, bar._window = 0.0, (0.0, 0, 0.0)
     for step in range(100):
         now[0] = 60.0 + 0.5 * step           # the first step takes 60 s (a compile), the rest 0.5 s
         bar.advance(1, units=1000)

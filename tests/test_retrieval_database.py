@@ -8,10 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import run_cli, tiny_run_dict
+from conftest import prepare_tiny_data, run_cli
 from lmforge.core.errors import DataError
-from lmforge.data.config import DataConfig
-from lmforge.data.prepare import prepare_data
 from lmforge.data.shards import ShardSet
 from lmforge.retrieval.database import (ChunkDatabase, add_documents, build_database, database_info,
                                         remove_documents)
@@ -22,10 +20,7 @@ M = 16
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory, tiny_corpus) -> Path:
-    tmp = tmp_path_factory.mktemp("retrieval_data")
-    cfg = DataConfig.from_dict(tiny_run_dict(tmp, tiny_corpus)["data"])
-    prepare_data(cfg)
-    return Path(cfg.out_dir)
+    return prepare_tiny_data(tmp_path_factory.mktemp("retrieval_data"), tiny_corpus)
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import _code, run_cli, tiny_run_dict
+from conftest import _code, prepare_tiny_data, run_cli
 from lmforge.core.errors import ConfigError, DataError
 from lmforge.data.config import DataConfig
 from lmforge.data.package_source import package_files
@@ -38,10 +38,7 @@ VENDORED = "pkg_b/_vendored_copy.py"
 @pytest.fixture(scope="module")
 def base(tmp_path_factory, tiny_corpus) -> Path:
     """The model's own prepared data (the demo's stand-in), with held-out documents."""
-    tmp = tmp_path_factory.mktemp("large_base")
-    cfg = DataConfig.from_dict(tiny_run_dict(tmp, tiny_corpus)["data"])
-    prepare_data(cfg)
-    return Path(cfg.out_dir)
+    return prepare_tiny_data(tmp_path_factory.mktemp("large_base"), tiny_corpus)
 
 
 def _heldout_text(data_dir: Path, source: str) -> str:

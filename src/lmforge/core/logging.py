@@ -158,7 +158,6 @@ class RateProgress:
         self.units = 0.0
         self.items = 0
         self.start = self._time()
-        self._last_record = self.start
         self._recorded_items = -1
         self._window = (self.start, 0, 0.0)  # time, items and units at the previous record
         self._fields = ""
@@ -182,7 +181,7 @@ class RateProgress:
         self.items += items
         self._fields = " ".join(f"{k}={v}" for k, v in fields.items())
         self.progress.update(self.task, advance=items, rate=f"{self._rate()} {self._fields}".strip())
-        if self.records and self._time() - self._last_record >= progress_seconds():
+        if self.records and self._time() - self._window[0] >= progress_seconds():
             self._record()
 
     def _record(self, final: bool = False) -> None:
@@ -207,7 +206,7 @@ class RateProgress:
             seconds_per_item = ((now - window_start) / (self.items - window_items) if recent
                                 else elapsed / self.items)
             text += f", eta {_duration((total - done) * seconds_per_item)}"
-        self._last_record, self._recorded_items = now, self.items
+        self._recorded_items = self.items
         self._window = (now, self.items, self.units)
         get_logger("lmforge.progress").info("%s", text)
 
