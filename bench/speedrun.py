@@ -44,7 +44,6 @@ import dataclasses
 import json
 import math
 import os
-import shutil
 import statistics
 import sys
 import time
@@ -66,6 +65,7 @@ from lmforge.optim.schedules import lr_multiplier  # noqa: E402
 from lmforge.train.assembly import build_trainer  # noqa: E402
 from lmforge.train.config import RunConfig  # noqa: E402
 from lmforge.train.families import RunSetup, training_family  # noqa: E402
+from lmforge.train.run_dir import remove_run_dir  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_throughput import hf_model  # noqa: E402
@@ -122,7 +122,7 @@ class Contestant:
 
 def lmforge_contestant(entry: Entry, common: list[str], runs_dir: Path, steps: int) -> Contestant:
     cfg = run_config(entry, common, runs_dir, steps)
-    shutil.rmtree(runs_dir / cfg.name, ignore_errors=True)  # each speedrun starts its runs afresh
+    remove_run_dir(runs_dir / cfg.name)  # each speedrun starts its runs afresh; only an lmforge run is deleted
     trainer = build_trainer(cfg)
     trainer.model.train()
 
