@@ -85,6 +85,41 @@ def test_fused_cross_entropy_equals_the_plain_loss():
     torch.testing.assert_close(weight.grad, 2 * expected[1])
 
 
+def test_fused_cross_entropy_under_bf16_autocast_follows_the_plain_loss():
+    """The quickstart's case: head matmuls in bf16, softmax and loss in fp32 in both."""
+    torch.manual_seed(1)
+    hidden = torch.randn(300, 32, requires_grad=True)
+    weight = (0.2 * torch.randn(500, 32)).requires_grad_()
+    targets = torch.randint(0, 500, (300,))
+    grads = []
+    for fused in (False, True):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = (linear_cross_entropy(hidden, weight, targets, chunk_rows=128) if fused
+                    else F.cross_entropy((hidden @ weight.t()).float(), targets))
+        loss.backward()
+        grads.append((loss.detach(), hidden.grad.clone(), weight.grad.clone()))
+        hidden.grad = weight.grad = None
+    (plain, plain_h, plain_w), (fused, fused_h, fused_w) = grads
+    torch.testing.assert_close(fused, plain, rtol=1e-3, atol=1e-3)
+    for ours, theirs in ((fused_h, plain_h), (fused_w, plain_w)):   # bf16 rounding: compare as a whole
+        assert (ours - theirs).norm() < 0.01 * theirs.norm()
+
+
+def test_head_loss_bench_times_every_variant():
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    bench = Path(__file__).resolve().parents[1] / "bench" / "head_loss.py"
+    out = subprocess.run([sys.executable, str(bench), "--rows", "64", "--vocab", "50", "--d-model", "8",
+                          "--chunks", "16,64", "--rounds", "1"], capture_output=True, text=True, check=True)
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert set(result["results"]) == {"fp32", "bf16"}
+    assert set(result["results"]["fp32"]) == {"plain", "fused_16", "fused_64"}
+    assert all(v["ms"] > 0 for v in result["results"]["bf16"].values())
+
+
 def test_model_with_fused_loss_trains_as_the_plain_one_and_still_evaluates():
     settings = {"d_model": 32, "n_layers": 2, "n_heads": 2, "vocab_size": 100, "max_seq_len": 16,
                 "moe": {"n_experts": 4, "top_k": 2}}

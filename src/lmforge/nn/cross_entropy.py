@@ -38,12 +38,16 @@ class LinearCrossEntropy(torch.autograd.Function):
             if softcap is not None:
                 capped = torch.tanh(logits / softcap)
                 logits = capped * softcap
-            log_normaliser = torch.logsumexp(logits, dim=-1)
+            # One exp over the chunk serves the loss and the gradient: the shifted exponentials,
+            # their row sums, then softmax = exp / sum in place (logsumexp + a second exp would
+            # pass over the [rows, vocab] fp32 chunk twice more).
             picked = logits.gather(1, t[:, None]).squeeze(1)
-            total += ((log_normaliser - picked) * keep).sum()
-            grad = logits.sub_(log_normaliser[:, None]).exp_()        # softmax, in place
-            grad[torch.arange(t.numel(), device=t.device), t] -= 1.0
-            grad.mul_((keep / count)[:, None])
+            row_max = logits.amax(dim=-1, keepdim=True)
+            grad = logits.sub_(row_max).exp_()
+            row_sum = grad.sum(dim=-1)
+            total += ((row_sum.log() + row_max.squeeze(1) - picked) * keep).sum()
+            grad.mul_((keep / (row_sum * count))[:, None])                 # softmax / count, 0 on ignored rows
+            grad[torch.arange(t.numel(), device=t.device), t] -= keep / count
             if softcap is not None:
                 grad.mul_(1.0 - capped.square_())
             grad_hidden[rows] = (grad.to(h.dtype) @ weight).to(hidden.dtype)
@@ -58,7 +62,7 @@ class LinearCrossEntropy(torch.autograd.Function):
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                         chunk_rows: int = 1024, softcap: float | None = None) -> torch.Tensor:
+                         chunk_rows: int = 512, softcap: float | None = None) -> torch.Tensor:
     """Mean cross-entropy of ``hidden`` [..., d] through the head ``weight`` [vocab, d] against
     ``targets`` [...] (-100: ignored), without keeping the logits; ``softcap``: logits capped by
     ``softcap * tanh(logits / softcap)``."""
