@@ -251,6 +251,19 @@ def race(contestants: list[Contestant], planned_rates: list[float], args: argpar
                   f"bpb {c.evals[-1]['bpb']} ({c.seconds:.0f} s)", flush=True)
 
 
+def unequal_budget(planned_ratio: float, measured_ratio: float, tolerance: float = 0.1) -> str | None:
+    """Why an equal-time row is not equal, or None: the calibration planned a config at
+    ``planned_ratio`` x the baseline's tokens/s and the race measured ``measured_ratio`` x; beyond
+    ``tolerance`` (relative) its budget in seconds was not the baseline's (e.g. other load during
+    the calibration), and its Δ bpb carries that error."""
+    error = measured_ratio / planned_ratio - 1.0
+    if abs(error) <= tolerance:
+        return None
+    return (f"the calibration planned {planned_ratio:.2f}x the baseline's tokens/s, the race measured "
+            f"{measured_ratio:.2f}x: it got {abs(error):.0%} {'less' if error > 0 else 'more'} time than "
+            f"the baseline; rerun on a quieter machine before reading its row")
+
+
 def report(contestants: list[Contestant], planned_rates: list[float], args: argparse.Namespace,
            calibration: list[float] | None) -> dict[str, Any]:
     base = contestants[0]
@@ -271,6 +284,8 @@ def report(contestants: list[Contestant], planned_rates: list[float], args: argp
             row["calibration_tokens_per_s"] = round(calibration[i], 1)
         if args.target_bpb is not None:
             row["seconds_to_target"] = {d: time_to_target(c.evals, d, args.target_bpb) for d in domains}
+        if args.seconds and i > 0:
+            row["unequal_budget"] = unequal_budget(planned_rates[i] / planned_rates[0], rate / base_rate)
         rows.append(row)
     budget = f"{args.seconds:g} s" if args.seconds else f"{args.tokens} tokens"
     print(f"\nbudget {budget} per config; baseline {base.label}")
@@ -284,6 +299,9 @@ def report(contestants: list[Contestant], planned_rates: list[float], args: argp
             line += " | " + ", ".join(f"{d} {v:.0f}" if v is not None else f"{d} —"
                                       for d, v in row["seconds_to_target"].items())
         print(line + " |")
+    for row in rows:
+        if row.get("unequal_budget"):
+            print(f"warning: {row['label']}: {row['unequal_budget']}")
     return {"command": " ".join(sys.argv), "budget": budget, "baseline": base.label,
             "threads": torch.get_num_threads(), "rows": rows}
 

@@ -69,3 +69,21 @@ def test_quickstart_uses_the_kept_options_of_the_ledger():
     assert (fast.model.d_model, fast.train.seq_len) == (base.model.d_model, base.train.seq_len)
     # the shape rows (races 1-3): a smaller model on bigger batches, the same tokens per second of work
     assert (fast.model.n_layers, fast.model.d_ff, fast.train.batch_size) == (3, 512, 32)
+
+
+def test_an_equal_time_row_whose_calibration_missed_is_flagged(monkeypatch):
+    import importlib.util
+
+    # the bench sets LMFORGE_PROGRESS and extends sys.path when imported: undone after the test
+    monkeypatch.setenv("LMFORGE_PROGRESS", "0")
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    spec = importlib.util.spec_from_file_location("speedrun_bench", ROOT / "bench" / "speedrun.py")
+    bench = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "speedrun_bench", bench)   # its dataclasses look their module up
+    spec.loader.exec_module(bench)
+    assert bench.unequal_budget(1.30, 1.25) is None                # 4% off: within the tolerance
+    slow = bench.unequal_budget(1.30, 1.00)                       # ran slower than planned: more time
+    fast = bench.unequal_budget(1.00, 1.20)                       # ran faster than planned: less time
+    assert "23% more time" in slow and "1.30x" in slow and "1.00x" in slow
+    assert "20% less time" in fast
+    assert bench.unequal_budget(1.0, 1.05, tolerance=0.01) is not None
