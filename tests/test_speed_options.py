@@ -189,3 +189,16 @@ def test_resume_is_bit_identical_with_the_speed_options_on(tmp_path, tiny_corpus
     a, b = train_losses(tmp_path / "runs" / "a"), train_losses(tmp_path / "runs" / "b")
     assert sorted(a) == list(range(1, 13))
     assert a == b
+
+
+def test_bf16_qk_norm_prints_no_torch_warning():
+    """A bf16 input with the fp32 norm weight (QK-norm under autocast) must not print torch's
+    'cannot dispatch to fused implementation' warning into every bf16 run's log."""
+    import subprocess
+    import sys
+
+    code = ("import torch\nfrom lmforge.nn.norm import RMSNorm\n"
+            "out = RMSNorm(8)(torch.randn(2, 8, dtype=torch.bfloat16))\nprint(out.dtype)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "torch.bfloat16"
+    assert "Mismatch dtype" not in result.stderr and "Warning" not in result.stderr
