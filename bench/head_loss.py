@@ -1,5 +1,7 @@
 """The LM head and its loss alone: the plain loss (full logits, ``F.cross_entropy``) against the
-fused row-chunked one (``lmforge.nn.cross_entropy``) at several chunk sizes, forward + backward.
+fused row-chunked one (``lmforge.nn.cross_entropy``) at several chunk sizes, forward + backward,
+and ``matmuls``: the head's three matmuls alone (logits, gradient of the hidden states, gradient
+of the weight), the floor under both, so ``1 - matmuls / fused`` is the loss's own share.
 
     OMP_NUM_THREADS=1 python bench/head_loss.py --rows 2048 --vocab 4096 --d-model 128 --rounds 12
 
@@ -22,11 +24,27 @@ import torch.nn.functional as F
 from lmforge.nn.cross_entropy import linear_cross_entropy
 
 
-def variants(chunks: list[int]) -> dict[str, Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]]:
-    found: dict[str, Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]] = {
-        "plain": lambda h, w, t: F.cross_entropy((h @ w.t()).float(), t)}
+Step = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None]
+
+
+def _backward(loss: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]) -> Step:
+    def step(h: torch.Tensor, w: torch.Tensor, t: torch.Tensor) -> None:
+        loss(h, w, t).backward()
+    return step
+
+
+def _matmuls(h: torch.Tensor, w: torch.Tensor, t: torch.Tensor) -> None:
+    with torch.no_grad():
+        logits = h @ w.t()
+        logits @ w
+        logits.t() @ h
+
+
+def variants(chunks: list[int]) -> dict[str, Step]:
+    found: dict[str, Step] = {"plain": _backward(lambda h, w, t: F.cross_entropy((h @ w.t()).float(), t)),
+                              "matmuls": _matmuls}
     for rows in chunks:
-        found[f"fused_{rows}"] = lambda h, w, t, rows=rows: linear_cross_entropy(h, w, t, chunk_rows=rows)
+        found[f"fused_{rows}"] = _backward(lambda h, w, t, rows=rows: linear_cross_entropy(h, w, t, chunk_rows=rows))
     return found
 
 
@@ -56,8 +74,7 @@ def main() -> None:
             for name in names:
                 start = clock()
                 with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-                    loss = table[name](hidden, weight, targets)
-                loss.backward()
+                    table[name](hidden, weight, targets)
                 hidden.grad = weight.grad = None
                 if round_index >= 2:
                     times[name].append(clock() - start)

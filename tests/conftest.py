@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-
+import importlib.util
 import os
 import random
 import subprocess
@@ -89,6 +89,17 @@ def prepare_tiny_data(tmp_path: Path, corpus: Path) -> Path:
     cfg = DataConfig.from_dict(tiny_run_dict(tmp_path, corpus)["data"])
     prepare_data(cfg)
     return Path(cfg.out_dir)
+
+
+def load_bench(name: str):
+    """``bench/NAME.py`` as a module (the benches are scripts, not a package); registered in
+    ``sys.modules`` first, as dataclasses look their module up there."""
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", Path(__file__).resolve().parents[1] / "bench"
+                                                  / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 def write_config(path: Path, cfg: dict) -> Path:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import random
 import shutil
@@ -11,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import tiny_run_dict
+from conftest import load_bench, tiny_run_dict
 from lmforge.data.config import DataConfig
 from lmforge.data.prepare import prepare_data
 from lmforge.retrieval.database import ChunkDatabase, add_documents, build_database
@@ -24,10 +23,7 @@ M = 8
 
 
 def _bench():
-    spec = importlib.util.spec_from_file_location("retro_db_size", ROOT / "bench" / "retro_db_size.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench("retro_db_size")
 
 
 @pytest.fixture(scope="module")

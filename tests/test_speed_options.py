@@ -4,7 +4,11 @@ for bit."""
 
 from __future__ import annotations
 
+import json
 import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -106,17 +110,12 @@ def test_fused_cross_entropy_under_bf16_autocast_follows_the_plain_loss():
 
 
 def test_head_loss_bench_times_every_variant():
-    import json
-    import subprocess
-    import sys
-    from pathlib import Path
-
     bench = Path(__file__).resolve().parents[1] / "bench" / "head_loss.py"
     out = subprocess.run([sys.executable, str(bench), "--rows", "64", "--vocab", "50", "--d-model", "8",
                           "--chunks", "16,64", "--rounds", "1"], capture_output=True, text=True, check=True)
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert set(result["results"]) == {"fp32", "bf16"}
-    assert set(result["results"]["fp32"]) == {"plain", "fused_16", "fused_64"}
+    assert set(result["results"]["fp32"]) == {"plain", "matmuls", "fused_16", "fused_64"}
     assert all(v["ms"] > 0 for v in result["results"]["bf16"].values())
 
 
@@ -194,9 +193,6 @@ def test_resume_is_bit_identical_with_the_speed_options_on(tmp_path, tiny_corpus
 def test_bf16_qk_norm_prints_no_torch_warning():
     """A bf16 input with the fp32 norm weight (QK-norm under autocast) must not print torch's
     'cannot dispatch to fused implementation' warning into every bf16 run's log."""
-    import subprocess
-    import sys
-
     code = ("import torch\nfrom lmforge.nn.norm import RMSNorm\n"
             "out = RMSNorm(8)(torch.randn(2, 8, dtype=torch.bfloat16))\nprint(out.dtype)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

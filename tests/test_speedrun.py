@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import tiny_run_dict, write_config
+from conftest import load_bench, tiny_run_dict, write_config
 from lmforge.core.config import read_yaml
 from lmforge.train.config import RunConfig
 
@@ -72,15 +72,8 @@ def test_quickstart_uses_the_kept_options_of_the_ledger():
 
 
 def test_an_equal_time_row_whose_calibration_missed_is_flagged(monkeypatch):
-    import importlib.util
-
-    # the bench sets LMFORGE_PROGRESS and extends sys.path when imported: undone after the test
-    monkeypatch.setenv("LMFORGE_PROGRESS", "0")
-    monkeypatch.setattr(sys, "path", list(sys.path))
-    spec = importlib.util.spec_from_file_location("speedrun_bench", ROOT / "bench" / "speedrun.py")
-    bench = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, "speedrun_bench", bench)   # its dataclasses look their module up
-    spec.loader.exec_module(bench)
+    monkeypatch.setattr(sys, "path", list(sys.path))  # the bench extends sys.path when imported: undone after
+    bench = load_bench("speedrun")
     assert bench.unequal_budget(1.30, 1.25) is None                # 4% off: within the tolerance
     slow = bench.unequal_budget(1.30, 1.00)                       # ran slower than planned: more time
     fast = bench.unequal_budget(1.00, 1.20)                       # ran faster than planned: less time

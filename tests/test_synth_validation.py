@@ -4,12 +4,12 @@ student arms' unique-token budgets), the student config it writes, and its table
 from __future__ import annotations
 
 import csv
-import importlib.util
 from pathlib import Path
 
 import pytest
 import yaml
 
+from conftest import load_bench
 from lmforge.data.mixture import mixture_probabilities
 from lmforge.scaling.mixtures import mixture_configs, parse_mixture
 from lmforge.train.config import RunConfig
@@ -19,10 +19,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("synth_validation", ROOT / "bench" / "synth_validation.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench("synth_validation")
 
 
 def _base(bench, out: Path) -> dict:

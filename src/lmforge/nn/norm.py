@@ -9,8 +9,8 @@ import torch.nn.functional as F
 from torch import nn
 
 # Under bf16 autocast the QK-norm's input is bf16 and its weight fp32; torch then takes its
-# composite RMSNorm instead of the fused kernel (same function; no slower at these widths in our
-# measurement) and prints a UserWarning on every run, which a user can do nothing about.
+# composite RMSNorm instead of the fused kernel (the same function) and prints a UserWarning on
+# every run, which a user can do nothing about.
 warnings.filterwarnings("ignore", message="Mismatch dtype between input and weight", category=UserWarning)
 
 
