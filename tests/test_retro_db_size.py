@@ -18,7 +18,6 @@ from lmforge.retrieval.neighbours import precompute_neighbours
 from lmforge.train.assembly import train_run
 from lmforge.train.config import RunConfig
 
-ROOT = Path(__file__).resolve().parents[1]
 M = 8
 
 
