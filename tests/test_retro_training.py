@@ -129,6 +129,13 @@ def test_linearly_decayed_gold_neighbours_fade_to_none(setup):
     with pytest.raises(ConfigError, match="gold_neighbour_schedule: unknown schedule 'cosine'"):
         RunConfig.from_dict({**_raw(tmp, base, "s"), "retrieval": {"db": str(tmp / "db"),
                                                                    "gold_neighbour_schedule": "cosine"}})
+    # a time budget may shorten train.steps, over which the linear rate would decay
+    budgeted = _raw(tmp, base, "s")
+    budgeted["optim"] = {**budgeted.get("optim", {}), "schedule": "wsd"}
+    budgeted["train"] = {**budgeted["train"], "time_budget_s": 60}
+    with pytest.raises(ConfigError, match="set retrieval.gold_neighbour_steps"):
+        RunConfig.from_dict({**budgeted, "retrieval": {"db": str(tmp / "db"), "gold_neighbour_rate": 0.25,
+                                                       "gold_neighbour_schedule": "linear"}})
 
 
 def test_document_neighbours_come_from_the_own_document_but_never_near_the_text(setup):

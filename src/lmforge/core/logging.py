@@ -176,6 +176,10 @@ class RateProgress:
         elapsed = max(self._time() - (self.start if since is None else since), 1e-9)
         return f"{_human((self.units - units) / elapsed)} {self.unit}/s"
 
+    def set_total(self, total: int | None) -> None:
+        """A new length for the bar (a run whose time budget fixed its step count)."""
+        self.progress.update(self.task, total=total)
+
     def advance(self, items: int = 1, units: float | None = None, **fields: str) -> None:
         self.units += items if units is None else units
         self.items += items

@@ -53,6 +53,10 @@ def _summary(run: RunData) -> str:
             rows.append(["mean MFU", f"{100 * sum(mfus) / len(mfus):.2f}%"])
     if run.lr_schedule:
         rows.append(["learning-rate schedule", run.lr_schedule])
+    if run.time_budget:
+        budget = run.time_budget
+        rows.append(["time budget", f"{budget['budget_s']:g} s: {budget['total_steps']} of at most "
+                     f"{budget['planned_steps']} steps at a median {budget['median_step_s']:.3f} s a step"])
     final = run.final or (run.evals[-1] if run.evals else None)
     if final:
         for domain, value in final.get("bpb", {}).items():

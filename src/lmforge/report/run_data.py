@@ -33,17 +33,19 @@ class RunData:
     # (file name, record) of the evaluations with loss by position or a passkey grid: eval/final.json
     # and those of `lmforge eval` (eval/step_N.json, eval/step_N.seqM.json), oldest first.
     long_context: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+    time_budget: dict[str, Any] | None = None  # time_budget.json: the length a train.time_budget_s run fixed
 
 
-def _planned_lr(config: Any, notes: list[str]) -> tuple[list[float] | None, str | None]:
+def _planned_lr(config: Any, notes: list[str], steps: int | None = None) -> tuple[list[float] | None, str | None]:
     """The LR the config plans for every step, as its train records log it (record ``k`` holds
-    the LR of 0-based step ``k - 1``), from the ``optim`` section and ``train.steps``."""
+    the LR of 0-based step ``k - 1``), from the ``optim`` section and ``train.steps`` (or
+    ``steps``: the length a time-budgeted run fixed)."""
     train = config.get("train") if isinstance(config, dict) else None
     if not isinstance(train, dict) or "steps" not in train:
         return None, None
     try:
         optim = cast(OptimConfig, OptimConfig.from_dict(config.get("optim"), path="optim"))
-        curve = lr_curve(int(train["steps"]), optim)
+        curve = lr_curve(int(train["steps"] if steps is None else steps), optim)
     except (LmforgeError, TypeError, ValueError) as exc:
         notes.append(f"planned learning-rate curve not drawn: {exc}")
         return None, None
@@ -97,9 +99,11 @@ def load_run(path: Path) -> RunData:
     config = path / "config.yaml"
     config_yaml = config.read_text() if config.is_file() else None
     planned_lr, lr_schedule = None, None
+    budget = _json(path / "time_budget.json", notes) if (path / "time_budget.json").is_file() else None
     if config_yaml is not None:
         # (safe_load fails early on a corrupt config)
-        planned_lr, lr_schedule = _planned_lr(yaml.safe_load(config_yaml), notes)
+        planned_lr, lr_schedule = _planned_lr(yaml.safe_load(config_yaml), notes,
+                                              budget.get("total_steps") if budget else None)
     return RunData(
         path=path,
         config_yaml=config_yaml,
@@ -115,4 +119,5 @@ def load_run(path: Path) -> RunData:
         lr_schedule=lr_schedule,
         lineage=_json(path / "lineage.json", notes) if (path / "lineage.json").is_file() else None,
         long_context=_long_context_records(path / "eval"),
+        time_budget=budget,
     )

@@ -228,5 +228,6 @@ def train_or_reuse(cfg: RunConfig, purpose: str) -> Path:
         log.info("%s finished earlier: reused", run_dir)
         return run_dir
     resume = "auto" if (run_dir / "metrics.jsonl").exists() else None
-    log.info("%s: run %s (%d steps)", purpose, cfg.name, cfg.train.steps)
+    budget = f", or fewer: time budget {cfg.train.time_budget_s:g} s" if cfg.train.time_budget_s else ""
+    log.info("%s: run %s (%d steps%s)", purpose, cfg.name, cfg.train.steps, budget)
     return train_run(cfg, resume)

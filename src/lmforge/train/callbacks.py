@@ -104,6 +104,8 @@ class ProgressBar(Callback):
     def on_step_end(self, trainer: "Trainer", metrics: dict[str, Any]) -> None:
         if self.bar is None:
             return
+        if trainer.step == trainer.time_budget.decided_at_step:
+            self.bar.set_total(trainer.total_steps)
         self.bar.advance(1, units=trainer.cfg.train.tokens_per_step,
                          loss=f"{metrics['loss']:.3f}")
 

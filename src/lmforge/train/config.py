@@ -18,6 +18,7 @@ from lmforge.train.guard import GuardConfig
 from lmforge.train.averaging import WeightAveragingConfig
 from lmforge.train.init_from import InitConfig
 from lmforge.train.run_dir import validate_run_name
+from lmforge.train.time_budget import check_time_budget
 
 
 @dataclass
@@ -45,9 +46,15 @@ class TrainConfig(Config):
     tensorboard: bool = True
     guard: GuardConfig = field(default_factory=GuardConfig)  # skip non-finite / spiking steps
     weight_averaging: WeightAveragingConfig = field(default_factory=WeightAveragingConfig)  # EMA / window, train/averaging.py
+    # Wall-clock seconds for the training steps: after time_budget_calibration_steps steps the run
+    # fixes its length once to what the median step time fits (train.steps is then an upper bound);
+    # needs a schedule whose start does not depend on the step count (train/time_budget.py)
+    time_budget_s: float | None = None
+    time_budget_calibration_steps: int = 20
 
     def __post_init__(self) -> None:
-        for key in ("steps", "batch_size", "grad_accum_steps", "seq_len", "log_every", "keep_checkpoints"):
+        for key in ("steps", "batch_size", "grad_accum_steps", "seq_len", "log_every", "keep_checkpoints",
+                    "time_budget_calibration_steps"):
             if getattr(self, key) < 1:
                 raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
         for key in ("eval_every", "checkpoint_every"):
@@ -96,6 +103,7 @@ class RunConfig(Config):
                 f"train.seq_len ({self.train.seq_len}) exceeds model.max_seq_len ({self.model.max_seq_len})"
             )
         check_schedule(self.train.steps, self.optim)  # a layout that does not fit fails now, not at step 1
+        check_time_budget(self.train.time_budget_s, self.optim)
         if self.replay is not None:
             if self.model.family != "transformer":
                 raise ValueError(f"replay: the {self.model.family!r} family reads its own batches; replay is "

@@ -83,6 +83,10 @@ def _check_run(cfg: "RunConfig") -> None:
         elif retrieval.gold_fact_source not in facts:
             raise ValueError(f"retrieval.gold_fact_source: {retrieval.gold_fact_source!r} is no data source of kind "
                              f"invented_facts (those: {', '.join(facts) or 'none'})")
+    if (cfg.train.time_budget_s is not None and retrieval.gold_neighbour_schedule != "constant"
+            and retrieval.gold_neighbour_steps is None):
+        raise ValueError("retrieval.gold_neighbour_schedule 'linear' decays over train.steps, which "
+                         "train.time_budget_s may shorten; set retrieval.gold_neighbour_steps")
     m = cfg.model.retro.chunk_len
     if cfg.train.seq_len % m:
         raise ValueError(f"train.seq_len ({cfg.train.seq_len}) must be a multiple of model.retro.chunk_len ({m})")

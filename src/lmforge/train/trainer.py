@@ -29,6 +29,7 @@ import torch
 from lmforge.core import distributed
 from lmforge.core.device import autocast_context
 from lmforge.core.errors import CheckpointError
+from lmforge.core.io import atomic_write_json
 from lmforge.core.logging import get_logger
 from lmforge.core.run_lock import RunLock
 from lmforge.core.seeding import rng_state, set_rng_state
@@ -43,6 +44,7 @@ from lmforge.train.config import RunConfig
 from lmforge.train.guard import StabilityGuard
 from lmforge.train.branches import start_branch
 from lmforge.train.signals import PreemptionHandler, Preempted
+from lmforge.train.time_budget import BudgetDecision, TimeBudget
 
 if TYPE_CHECKING:
     from lmforge.train.families import ModelBatches
@@ -63,7 +65,9 @@ class Trainer:
         self.context_parallel = context_parallel
         self.rank, self.world_size = distributed.rank(), distributed.world_size()
         self.is_main = self.rank == 0
-        self.total_steps = cfg.train.steps
+        self.total_steps = cfg.train.steps  # train.time_budget_s may shorten it once, early (train/time_budget.py)
+        self.time_budget = TimeBudget(cfg.train.time_budget_s, cfg.train.time_budget_calibration_steps,
+                                      cfg.train.steps)
         self.guard = StabilityGuard(cfg.train.guard)
         self.step, self.tokens = 0, 0
         self.last_checkpoint: Path | None = None
@@ -98,6 +102,9 @@ class Trainer:
             self.batches.load_state_dict(state["loader"])
             self.guard.load_state_dict(state.get("guard", {}))
             self._load_callback_states(state.get("callbacks", {}))
+            # a resume keeps the length its run decided; a new run (branch=False) decides its own
+            decision = self.time_budget.load_state_dict(state.get("time_budget", {}) if branch else {})
+            self.total_steps = decision.total_steps if decision is not None else self.cfg.train.steps
         set_rng_state(state["rng"])
         self.last_checkpoint = checkpoint
         log.info("%s %s at step %d", "resumed from" if branch else "took the trainer state of", checkpoint, self.step)
@@ -131,6 +138,7 @@ class Trainer:
             "rng": rng_state(),
             "guard": self.guard.state_dict(),
             "callbacks": {name: cb.state_dict() for name, cb in self.callbacks.items()},
+            "time_budget": self.time_budget.state_dict(),
         }
 
     def save_checkpoint(self) -> Path | None:
@@ -248,6 +256,8 @@ class Trainer:
         self.model.train()
         while self.step < self.total_steps:
             metrics = self.train_step()
+            if self.time_budget.pending:
+                self._fix_length_to_budget(metrics["step_time_s"])
             for callback in self.callbacks.values():
                 callback.on_step_end(self, metrics)
             faults.maybe_crash(self.step)
@@ -259,6 +269,20 @@ class Trainer:
         for callback in self.callbacks.values():
             callback.on_train_end(self)
         distributed.barrier()  # rank 0 may still be evaluating; leave together
+
+    def _fix_length_to_budget(self, step_time_s: float) -> None:
+        """``train.time_budget_s``: once enough steps are timed, fix the run's length (rank 0's timing
+        decides for every rank) and record it in ``time_budget.json``."""
+        decision = self.time_budget.observe(self.step, step_time_s, self.cfg.optim)
+        if decision is None:
+            return
+        decision = distributed.broadcast_object(decision)  # type: ignore[assignment]
+        assert isinstance(decision, BudgetDecision)
+        self.time_budget.decision = decision
+        self.total_steps = decision.total_steps
+        log.info("%s", decision.describe())
+        if self.is_main:
+            atomic_write_json(self.run_dir / "time_budget.json", decision.to_dict())
 
     def _stop_for_preemption(self, signum: int) -> None:
         saved = (self.last_checkpoint is not None and self.last_checkpoint.name.endswith(f"{self.step:07d}")
