@@ -36,6 +36,7 @@ from typing import Callable
 import torch
 
 from lmforge.core.config import apply_overrides, read_yaml
+from lmforge.core.cpu_memory import keep_freed_memory
 from lmforge.core.device import autocast_context, resolve_device
 from lmforge.nn.config import ModelConfig
 from lmforge.nn.counting import count_parameters, flops_per_token
@@ -164,6 +165,9 @@ def main() -> None:
     parser.add_argument("--no-dense", action="store_true",
                         help="MoE configs: skip the dense model of equal active parameters")
     parser.add_argument("--vocab-size", type=int, default=4096)
+    parser.add_argument("--malloc-defaults", action="store_true",
+                        help="CPU: leave glibc malloc at its defaults (lmforge train keeps freed memory, "
+                             "train.keep_freed_memory; so does this benchmark unless told otherwise)")
     args = parser.parse_args()
     if args.compile_variants and args.compile != "none":
         parser.error("--compile-variants trains every model both eager and compiled; leave out --compile")
@@ -173,6 +177,8 @@ def main() -> None:
                  "max_seq_len": max(args.seq_len, raw.get("model", {}).get("max_seq_len", 0))}
     cfg = ModelConfig.from_dict(model_raw, path="model")
     device = resolve_device(args.device)
+    # process-wide, so it applies to every model trained here alike
+    kept = device.type == "cpu" and not args.malloc_defaults and keep_freed_memory()
     peak, peak_source = peak_flops(device)
     fpt = flops_per_token(cfg, args.seq_len)
     counts = count_parameters(cfg)
@@ -202,6 +208,7 @@ def main() -> None:
         "precision": ("bf16 autocast" if args.precision == "bf16" or (device.type == "cuda" and args.precision == "auto")
                       else "fp32"),
         "compiled": args.compile, "batch_size": args.batch_size, "seq_len": args.seq_len,
+        "malloc_keeps_freed_memory": kept,
         "timed_steps": f"{args.rounds} rounds x {args.steps}, median", "clock": args.clock,
         "params_total": counts.total, "params_active": counts.active, "flops_per_token": fpt,
         "peak_flops_source": peak_source,
@@ -221,6 +228,7 @@ def main() -> None:
             "dense_equal_active": f"d_ff {dense.resolved_d_ff}, {count_parameters(dense).active} parameters",
             "dense_tokens_per_s": round(rates["dense"], 1),
             "ratio_moe_over_dense_equal_active": round(ours / rates["dense"], 3),
+            "ratio_moe_over_dense_over_rounds": paired_ratio(per_round["lmforge"], per_round["dense"]),
         })
     if args.compile_variants:
         result["tokens_per_s"] = {name: round(rate, 1) for name, rate in rates.items()}

@@ -33,6 +33,7 @@ import torch
 from lmforge.core import distributed
 from lmforge.core.checkpoint_files import check_writable, latest_valid_checkpoint
 from lmforge.core.config import read_yaml
+from lmforge.core.cpu_memory import keep_freed_memory
 from lmforge.core.device import resolve_device
 from lmforge.core.errors import CheckpointError, ConfigError, LmforgeError
 from lmforge.core.logging import get_logger
@@ -111,6 +112,8 @@ def build_trainer(cfg: RunConfig, resume: str | None = None,
     checkpoint directory. ``extra_callbacks`` are added after the defaults and the family's.
     """
     device = device_for_rank(cfg.train.device)
+    if device.type == "cpu" and cfg.train.keep_freed_memory and keep_freed_memory():
+        log.info("CPU: malloc keeps freed memory for the next step (train.keep_freed_memory)")
     distributed.init_distributed(device)
     check_process_layout(cfg.train, distributed.world_size())  # batch and context-parallel groups fit
     cfg, data_dir, tokenizer = _prepared_data(cfg)

@@ -34,6 +34,9 @@ class TrainConfig(Config):
     # hardware multiplies it natively (CUDA, CPUs with AVX512-BF16/AMX), else fp32 (core/device.py)
     precision: Literal["auto", "fp32", "bf16", "fast"] = "auto"
     compile: bool = False            # torch.compile the model
+    # CPU: glibc malloc keeps freed memory for the next step instead of returning it to the OS and
+    # faulting it in again (core/cpu_memory.py; +6-7% tokens/s here); false: its defaults
+    keep_freed_memory: bool = True
     activation_checkpointing: bool = False
     data_parallel: Literal["ddp", "fsdp"] = "ddp"  # used under torchrun with more than one process
     # Ranks that split each sequence (parallel/context.py): world = data-parallel groups x this
