@@ -57,6 +57,15 @@ def test_overrides_parse_values_as_yaml():
         apply_overrides({}, ["inner.width"])
 
 
+def test_a_float_in_exponent_notation_is_a_float_in_yaml_and_overrides():
+    # PyYAML (YAML 1.1) reads 3e-4 as the string "3e-4"; a float field takes the number
+    assert Outer.from_dict(apply_overrides({}, ["inner.rate=3e-4"])).inner.rate == 3e-4
+    assert Outer.from_dict({"inner": {"rate": "-1E6"}}).inner.rate == -1e6
+    for text in ("3e", "e5", "abc"):
+        with pytest.raises(ConfigError, match="inner.rate: expected float"):
+            Outer.from_dict({"inner": {"rate": text}})
+
+
 def test_cli_rejects_unknown_key_and_wrong_type(tmp_path, tiny_corpus):
     config = write_config(tmp_path / "c.yaml", tiny_run_dict(tmp_path, tiny_corpus))
     result = run_cli("train", str(config), "--set", "model.n_layerz=3")

@@ -113,3 +113,15 @@ def test_a_continued_run_with_replay_on_two_fsdp_processes_matches_one(setup):
     two = torchrun("train", str(config), "--set", "name=cont_two", "--set", "train.data_parallel=fsdp", *cont)
     assert two.returncode == 0, two.stderr[-3000:]
     assert_close(losses(tmp / "runs" / "cont_one"), losses(tmp / "runs" / "cont_two"), rtol=RTOL)
+
+
+def test_a_time_budget_is_decided_once_for_all_ranks(setup):
+    """Each rank times its own steps; rank 0's decision is every rank's (a budget far too small
+    for any machine, so the length is the shortest the schedule allows: 8 of 12 steps)."""
+    tmp, config = setup
+    result = torchrun("train", str(config), "--set", "name=budget_two", "--set", "optim.schedule=wsd",
+                      "--set", "optim.decay_fraction=0.5", "--set", "train.steps=12", "--set", "train.time_budget_s=1e-6",
+                      "--set", "train.time_budget_calibration_steps=4", "--no-report")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted(losses(tmp / "runs" / "budget_two")) == list(range(1, 9))
+    assert (tmp / "runs" / "budget_two" / "checkpoints" / "step_0000008").is_dir()

@@ -13,6 +13,7 @@ methods and be read top to bottom without a framework.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from pathlib import Path
@@ -51,6 +52,11 @@ def _fail(path: str, annotation: Any, value: Any) -> typing.NoReturn:
     raise ConfigError(
         f"{path}: expected {_describe(annotation)}, got {type(value).__name__} {shown}"
     )
+
+
+# A number in exponent notation without a decimal point (3e-4, 1E6): YAML 1.1 resolves it as a
+# string, so PyYAML hands over "3e-4" for `lr: 3e-4`; a float field takes the number it spells.
+_EXPONENT_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
 def _coerce(path: str, annotation: Any, value: Any) -> Any:
@@ -110,6 +116,8 @@ def _coerce(path: str, annotation: Any, value: Any) -> Any:
     if annotation is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str) and _EXPONENT_NUMBER.fullmatch(value.strip()):
+            return float(value)  # 3e-4 in YAML or --set: PyYAML (YAML 1.1) reads it as a string
         _fail(path, annotation, value)
     if annotation is str:
         if isinstance(value, str):
