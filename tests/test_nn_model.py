@@ -72,6 +72,21 @@ def test_load_balance_loss_is_one_for_uniform_routing():
     assert float(layer.last_z_loss.detach()) == pytest.approx(torch.log(torch.tensor(4.0)).item() ** 2, rel=1e-5)
 
 
+def test_auxiliary_losses_match_their_formulas_for_uneven_routing():
+    # the layer routes on [experts, tokens] logits; the losses are those of the usual [tokens, experts] view
+    torch.manual_seed(2)
+    layer = MoE(_moe_cfg())
+    x = torch.randn(3, 9, 32)
+    layer(x)
+    logits = layer.router(x.reshape(-1, 32)).float()
+    probs = logits.softmax(-1)
+    chosen = probs.topk(2, dim=-1).indices.flatten()
+    slot_fraction = torch.bincount(chosen, minlength=4).float() / chosen.numel()
+    assert layer.last_tokens_per_expert.tolist() == torch.bincount(chosen, minlength=4).tolist()
+    torch.testing.assert_close(layer.last_load_balance_loss, 4 * (slot_fraction * probs.mean(0)).sum())
+    torch.testing.assert_close(layer.last_z_loss, torch.logsumexp(logits, -1).pow(2).mean())
+
+
 @pytest.mark.parametrize("cfg", [
     ModelConfig(**TINY),
     ModelConfig(**TINY, n_kv_heads=2, qk_norm=True, tie_embeddings=False),
