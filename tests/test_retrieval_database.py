@@ -179,3 +179,36 @@ def test_minilm_embedder_on_a_handful_of_chunks(data_dir):
     assert vecs.shape == (3, 384) and np.allclose(np.linalg.norm(vecs, axis=1), 1, atol=1e-5)
     sims = vecs @ vecs.T
     assert sims[0, 1] > sims[0, 2] + 0.2  # paraphrases are closer than code
+
+
+def test_idf_weighted_embedder_is_fitted_at_build_and_kept_for_queries_and_adds(data_dir, tmp_path):
+    from lmforge.data.tokenizer import Tokenizer
+    from lmforge.retrieval.embedders import WeightedBagOfTokensEmbedder, build_embedder
+
+    # document frequency: a chunk counts a token once, however often it holds it
+    embedder = WeightedBagOfTokensEmbedder(vocab_size=6, dim=8)
+    embedder.fit(np.array([[1, 1, 2, 2], [1, 3, 3, 3], [1, 2, 4, 4]]), block=2)
+    expected = np.log(4 / (1 + np.array([0, 3, 2, 1, 1, 0]))) + 1
+    np.testing.assert_allclose(embedder.idf, expected, rtol=1e-6)
+    # a rare token outweighs a common one: the query [rare, common] is nearer [rare, x] than [common, x]
+    # (wide projections, so random directions are near-orthogonal: cosine ~ idf-weighted overlap)
+    wide = WeightedBagOfTokensEmbedder(vocab_size=6, dim=4096)
+    wide.fit(np.array([[1, 1, 2, 2], [1, 3, 3, 3], [1, 2, 4, 4]]))
+    query, rare, common = wide.embed(np.array([[3, 1], [3, 5], [1, 5]]))
+    assert query @ rare > query @ common + 0.1
+
+    db = build_database(data_dir, tmp_path / "idf", chunk_len=M, embedder="bag_of_tokens_idf:32")
+    spec = json.loads((db.path / "manifest.json").read_text())["embedder"]
+    assert spec["name"] == "bag_of_tokens_idf" and len(spec["idf"]) == spec["vocab_size"]
+    tokenizer = Tokenizer.load(data_dir / "tokenizer.json")
+    again = build_embedder(spec, tokenizer)  # as queries and `retrieval add` rebuild it
+    chunks = np.asarray(db.tokens[:5])
+    np.testing.assert_allclose(again.embed(chunks), np.load(db.path / db.manifest["files"]["embeddings"])[:5], atol=1e-5)
+    top = db.retrieve(chunks, 1)[:, 0]  # each chunk itself, or an identical-scoring twin
+    assert np.allclose((db.embeddings[top] * db.embeddings[:5]).sum(1), 1, atol=1e-5)
+    result = add_documents(db.path, [("fact.txt", "Zorblax Quintera was born in Velmorra.\n" * 3)], source="facts")
+    assert json.loads((db.path / "manifest.json").read_text())["embedder"]["idf"] == spec["idf"]  # not refitted
+    updated = ChunkDatabase(db.path)
+    assert updated.retrieve(updated.tokens[len(db)][None], 1)[0, 0] == len(db) and result["chunks"] >= 1
+    with pytest.raises(DataError, match="not fitted"):
+        WeightedBagOfTokensEmbedder(vocab_size=6, dim=8).embed(np.array([[1, 2]]))

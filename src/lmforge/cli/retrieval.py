@@ -39,7 +39,8 @@ def add_retrieval_parser(subparsers: argparse._SubParsersAction) -> argparse.Arg
     build.add_argument("--chunk-len", type=positive_int, default=64, help="tokens per chunk (default 64)")
     build.add_argument("--embedder", default="auto",
                        help="auto (default: minilm below 200k chunks, bag_of_tokens:128 from there), minilm, "
-                            "model:CHECKPOINT (mean token embeddings), bag_of_tokens[:DIM]")
+                            "model:CHECKPOINT (mean token embeddings), bag_of_tokens[:DIM], "
+                            "bag_of_tokens_idf[:DIM] (tokens weighted by inverse document frequency)")
     build.add_argument("--index", default="auto", choices=INDEX_KINDS,
                        help="FAISS index kind; auto picks flat (exact) below 200k chunks, IVF above")
     build.add_argument("--recall-queries", type=non_negative_int, default=1000, metavar="N",

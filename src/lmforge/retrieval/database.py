@@ -418,6 +418,8 @@ def build_database(data_dir: str | Path | list[str | Path], out: str | Path, chu
         files = {name: f"{name}.g{gen}.npy" for name in ARRAYS} | {"index": f"index.g{gen}.faiss"}
         _write_chunk_arrays(out, state, files, plan, n_total, chunk_len, dtype, data_dirs[0])
         chunks = np.load(out / files["tokens"], mmap_mode="r")
+        if getattr(embedder, "needs_fit", False):  # corpus statistics (bag_of_tokens_idf): deterministic, so
+            embedder.fit(chunks)                    # a resumed build fits the same weights again
         skipped_blocks = _write_embeddings(out, state, files, embedder, chunks, embed_block)
         embeddings = np.load(out / files["embeddings"], mmap_mode="r")
         index_spec = _write_index(out, state, files, embeddings, index_kind)

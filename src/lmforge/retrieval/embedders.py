@@ -12,6 +12,8 @@ names the embedder exactly; a database records it, and queries must use the same
   extra model, very fast, but only as good as the checkpoint's embedding table.
 - ``bag_of_tokens``: a fixed random projection of the chunk's token counts (a lexical
   sketch). Used by tests and for quick experiments; deterministic from its seed.
+- ``bag_of_tokens_idf``: the same with each token weighted by its inverse document frequency
+  over the database's chunks, fitted at build time (rare names outweigh shared template words).
 
 Each is an :class:`Embedder` subclass in the :data:`EMBEDDERS` registry; a new embedder is one
 more subclass decorated with :func:`register_embedder`.
@@ -86,7 +88,7 @@ class BagOfTokensEmbedder(Embedder):
     @classmethod
     def spec_from_argument(cls, argument: str) -> dict[str, Any]:
         if argument and not argument.isdigit():
-            raise ConfigError(f"embedder 'bag_of_tokens:{argument}': the dimension must be a positive integer")
+            raise ConfigError(f"embedder '{cls.name}:{argument}': the dimension must be a positive integer")
         return {"name": cls.name, "dim": int(argument) if argument else 64}
 
     @classmethod
@@ -102,6 +104,68 @@ class BagOfTokensEmbedder(Embedder):
 
     def spec(self) -> dict[str, Any]:
         return {**super().spec(), "seed": self.seed, "vocab_size": self.vocab_size, "ignore_ids": list(self.ignore_ids)}
+
+
+@register_embedder
+class WeightedBagOfTokensEmbedder(BagOfTokensEmbedder):
+    """``bag_of_tokens_idf[:DIM]``: the bag-of-tokens projection with each token weighted by its
+    inverse document frequency over the database's chunks (tf-idf; Sparck Jones 1972), so a rare
+    name or place outweighs the template words every chunk shares.
+
+    The weights are fitted once, when the database is built (:meth:`fit`, over all its chunks), and
+    are part of the spec the database records, so queries, ``retrieval add`` and neighbour
+    precomputation all use the same ones; added documents do not change them. Smoothed as
+    scikit-learn's ``TfidfTransformer`` does: ``idf = ln((1 + n) / (1 + df)) + 1``. Written here
+    rather than taken from scikit-learn because it is one bincount over token-id chunks, which
+    have no text to vectorise.
+    """
+    name = "bag_of_tokens_idf"
+
+    def __init__(self, vocab_size: int, dim: int = 64, seed: int = 0, ignore_ids: tuple[int, ...] = (),
+                 idf: np.ndarray | None = None):
+        super().__init__(vocab_size, dim, seed, ignore_ids)
+        self.idf: np.ndarray | None = None
+        if idf is not None:
+            self._set_idf(np.asarray(idf, dtype=np.float32))
+
+    def _set_idf(self, idf: np.ndarray) -> None:
+        if idf.shape != (self.vocab_size,):
+            raise DataError(f"bag_of_tokens_idf embedder: {idf.shape[0]} weights for a vocabulary of {self.vocab_size}")
+        self.idf = idf
+        self.weighted = self.table * idf[:, None]
+
+    @property
+    def needs_fit(self) -> bool:
+        return self.idf is None
+
+    def fit(self, chunks: np.ndarray, block: int = 65536) -> None:
+        """Document frequency of every token over ``chunks`` [n, chunk_len] (a chunk counts once)."""
+        df = np.zeros(self.vocab_size, dtype=np.int64)
+        for start in range(0, len(chunks), block):
+            rows = np.sort(np.asarray(chunks[start:start + block], dtype=np.int64), axis=1)
+            first = np.ones(rows.shape, dtype=bool)
+            first[:, 1:] = rows[:, 1:] != rows[:, :-1]
+            df += np.bincount(rows[first], minlength=self.vocab_size)
+        self._set_idf((np.log((1.0 + len(chunks)) / (1.0 + df)) + 1.0).astype(np.float32))
+
+    @classmethod
+    def from_spec(cls, spec: dict[str, Any], tokenizer: Tokenizer) -> Embedder:
+        return cls(tokenizer.vocab_size, int(spec.get("dim", 64)), int(spec.get("seed", 0)),
+                   tuple(spec.get("ignore_ids", [tokenizer.eos_id])), spec.get("idf"))
+
+    def embed(self, chunks: np.ndarray) -> np.ndarray:
+        if self.idf is None:
+            raise DataError("bag_of_tokens_idf embedder: not fitted (its weights come from a database build)")
+        chunks = np.asarray(chunks, dtype=np.int64)
+        if chunks.size and (chunks.min() < 0 or chunks.max() >= self.vocab_size):
+            raise DataError(f"bag_of_tokens_idf embedder: token ids outside [0, {self.vocab_size})")
+        return _normalise(self.weighted[chunks].sum(axis=1))
+
+    def spec(self) -> dict[str, Any]:
+        spec = super().spec()
+        if self.idf is not None:
+            spec["idf"] = [round(float(w), 5) for w in self.idf]
+        return spec
 
 
 @register_embedder
@@ -205,7 +269,8 @@ class MiniLMEmbedder(Embedder):
 def build_embedder(spec: dict[str, Any] | str, tokenizer: Tokenizer) -> Embedder:
     """An embedder from its spec (as a database records it) or a command-line name.
 
-    Names: ``minilm``, ``bag_of_tokens`` (or ``bag_of_tokens:DIM``), ``model:CHECKPOINT``.
+    Names: ``minilm``, ``bag_of_tokens`` (or ``bag_of_tokens:DIM``), ``bag_of_tokens_idf[:DIM]``,
+    ``model:CHECKPOINT``.
     """
     if isinstance(spec, str):
         name, _, argument = spec.partition(":")
