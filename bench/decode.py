@@ -70,6 +70,8 @@ def main() -> None:
     parser.add_argument("--bandwidth-mib", type=int, default=None,
                         help="size of the copy that measures bandwidth (default 1024 on CUDA, 256 on CPU)")
     args = parser.parse_args()
+    if args.new_tokens < 2 or args.rounds < 1:
+        parser.error("--new-tokens must be >= 2 (the rate is the time of tokens 2..N) and --rounds >= 1")
 
     raw = apply_overrides(read_yaml(args.config), args.overrides)
     model_raw = dict(raw.get("model", {}))
@@ -86,6 +88,9 @@ def main() -> None:
         whole = [timed_generate(model, prompt, args.new_tokens, device) for _ in range(args.rounds)]
         first = [timed_generate(model, prompt, 1, device) for _ in range(args.rounds)]  # prefill + one token
     seconds_per_token = (statistics.median(whole) - statistics.median(first)) / (args.new_tokens - 1)
+    if seconds_per_token <= 0:
+        raise SystemExit(f"decode: generating {args.new_tokens} tokens took no longer than 1 (timing noise); "
+                         "raise --new-tokens or --rounds")
 
     # The weights one token reads: the body's active parameters (an MoE token reads its top-k
     # experts only) and the LM head's matrix; of the input embedding, one row (left out).

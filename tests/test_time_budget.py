@@ -8,6 +8,8 @@ import signal
 
 import pytest
 
+import torch
+
 from conftest import run_cli, tiny_run_dict, train_losses, write_config
 from lmforge.core.errors import ConfigError
 from lmforge.optim.config import OptimConfig
@@ -68,13 +70,44 @@ def test_the_decision_waits_for_the_calibration_steps_and_resumes_from_its_state
     for step in range(1, 5):
         assert budget.observe(step, 9.0 if step == 1 else 0.25, cfg) is None  # step 1: the warm-up, not timed
     state = budget.state_dict()
-    assert state == {"budget_s": 10.0, "step_times": [0.25, 0.25, 0.25]}
+    assert state == {"budget_s": 10.0, "start_step": 0, "step_times": [0.25, 0.25, 0.25]}
     resumed = TimeBudget(10.0, calibration_steps=5, planned_steps=100)
     assert resumed.load_state_dict(state) is None
     assert resumed.observe(5, 7.0, cfg).total_steps == 40  # its own first step is not timed: 10 / 0.25
     again = TimeBudget(10.0, calibration_steps=5, planned_steps=30)  # train.steps lowered since
     assert again.load_state_dict(resumed.state_dict()).total_steps == 30
     assert TimeBudget(20.0, 5, 100).load_state_dict(resumed.state_dict()) is None  # another budget: decide anew
+    # resumed right before the decision with no step timed yet: it still decides after step 5, from
+    # its one (untimed) step rather than later
+    late = TimeBudget(10.0, calibration_steps=5, planned_steps=100)
+    late.load_state_dict({"budget_s": 10.0, "step_times": []})
+    assert late.observe(5, 0.5, cfg).total_steps == 20
+
+
+def test_a_run_that_took_over_a_parents_state_counts_only_its_own_steps():
+    cfg = optim(decay_steps=10)  # (a fraction of a total that includes the parent's steps would need ~1800)
+    child = TimeBudget(10.0, calibration_steps=5, planned_steps=2000)
+    child.start_step = 900  # init.trainer_state: the parent's step
+    assert [child.observe(step, 0.25, cfg) for step in range(901, 905)] == [None] * 4
+    decision = child.observe(905, 0.25, cfg)
+    assert decision.fitting_steps == 40 and decision.total_steps == 940  # 10 s at 0.25 s: 40 steps of its own
+    assert child.state_dict()["start_step"] == 900
+
+
+def test_a_window_average_for_a_last_step_moved_by_the_decision_still_closes():
+    from lmforge.train.averaging import WindowAverage
+
+    last = [20]
+    window = WindowAverage(5, needed=lambda step: step == last[0])
+    weights = [torch.zeros(2)]
+    for step in range(1, 4):
+        window.update(weights, step)
+    last[0] = 6  # decided after step 3: the run ends at 6, inside the window already offered
+    window.rescan(3, 6)
+    for step in range(4, 7):
+        window.update(weights, step)
+    assert window.finished is not None and window.finished[0] == 6
+    assert not window.pending  # nothing left open for the old last step
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +117,7 @@ def budget_runs(tmp_path_factory, tiny_corpus):
     tmp = tmp_path_factory.mktemp("budget")
     base = tiny_run_dict(tmp, tiny_corpus, model={"moe": None}, optim=WSD,
                          train={"steps": 20, "time_budget_s": 1e-6, "time_budget_calibration_steps": 8,
-                                "eval_every": 0, "checkpoint_every": 2})
+                                "eval_every": 0, "checkpoint_every": 2, "weight_averaging": {"window": 3}})
     results = {}
     for name, train in (("short", {}), ("killed", {}), ("ample", {"time_budget_s": 1e9}), ("plain", {"time_budget_s": None})):
         path = write_config(tmp / f"{name}.yaml", {**base, "name": name, "train": {**base["train"], **train}})
@@ -112,6 +145,7 @@ def test_a_budget_ends_the_run_early_with_its_cooldown(budget_runs):
     lrs = [r["lr"] for r in records if r.get("kind") == "train"]
     assert lrs[7] == lrs[2] and lrs[-1] < lrs[8] < lrs[7]  # stable until the decision, then the cooldown
     assert "time budget" in (run / "report.html").read_text()
+    assert (run / "eval" / "window" / "final.json").is_file()  # the window average of the decided last step
 
 
 def test_killed_before_and_after_the_decision_it_resumes_bit_for_bit(budget_runs):

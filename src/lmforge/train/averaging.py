@@ -157,6 +157,15 @@ class WindowAverage:
         self.finished: tuple[int, WindowSum] | None = None
         self._opened_to = 0  # the steps up to here have been offered a sum (not state: rescanned after a resume)
 
+    def rescan(self, step: int, last_step: int) -> None:
+        """The run's last step became ``last_step`` at ``step`` (``train.time_budget_s``): sums for
+        steps beyond it go, and the next update offers sums again from ``step + 1`` on (a sum for
+        the new last step opened then covers the steps from then, fewer than the window if the
+        decision came inside it)."""
+        for target in [t for t in self.pending if t > last_step]:
+            del self.pending[target]
+        self._opened_to = min(self._opened_to, step)
+
     def update(self, weights: list[torch.Tensor], step: int) -> list[int]:
         """Add the weights after ``step``; returns the steps whose sums opened here."""
         if self.finished is not None and self.finished[0] < step:
@@ -223,9 +232,7 @@ class WeightAveraging(Callback):
         self.window = WindowAverage(cfg.window, self._needed) if cfg.window is not None else None
         if loaded:
             self._restore(loaded, trainer)
-        if cfg.start_step >= trainer.total_steps:
-            log.warning("train.weight_averaging.start_step (%d) is not below train.steps (%d): no averaged "
-                        "weights will be kept", cfg.start_step, trainer.total_steps)
+        self._warn_if_never_started(trainer)
         parts = []
         if cfg.ema_decay is not None:
             parts.append(f"EMA (decay {cfg.ema_decay})")
@@ -233,6 +240,19 @@ class WeightAveraging(Callback):
             parts.append(f"mean of the last {cfg.window} steps at each evaluation and checkpoint "
                          f"(up to {self._window_copies()} open sums)")
         log.info("weight averaging after step %d: %s; fp32 on %s", cfg.start_step, ", ".join(parts), trainer.device)
+
+    def _warn_if_never_started(self, trainer: "Trainer") -> None:
+        assert self.cfg is not None
+        if self.cfg.start_step >= trainer.total_steps:
+            log.warning("train.weight_averaging.start_step (%d) is not below the run's last step (%d): no averaged "
+                        "weights will be kept", self.cfg.start_step, trainer.total_steps)
+
+    def on_length_fixed(self, trainer: "Trainer") -> None:
+        if self.cfg is None:
+            return
+        if self.window is not None:
+            self.window.rescan(trainer.step, trainer.total_steps)
+        self._warn_if_never_started(trainer)
 
     def _needed(self, step: int) -> bool:
         """Steps where the window average is used: held-out evaluations, checkpoints, the last step."""

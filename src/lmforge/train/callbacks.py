@@ -34,6 +34,9 @@ class Callback:
     def on_train_end(self, trainer: "Trainer") -> None:
         """Called once after the last step of a run that finished."""
 
+    def on_length_fixed(self, trainer: "Trainer") -> None:
+        """Called once when ``train.time_budget_s`` fixed the run's length (``trainer.total_steps``)."""
+
     def close(self) -> None:
         """Release resources; called however the run ended (also on errors)."""
 
@@ -104,10 +107,12 @@ class ProgressBar(Callback):
     def on_step_end(self, trainer: "Trainer", metrics: dict[str, Any]) -> None:
         if self.bar is None:
             return
-        if trainer.step == trainer.time_budget.decided_at_step:
-            self.bar.set_total(trainer.total_steps)
         self.bar.advance(1, units=trainer.cfg.train.tokens_per_step,
                          loss=f"{metrics['loss']:.3f}")
+
+    def on_length_fixed(self, trainer: "Trainer") -> None:
+        if self.bar is not None:
+            self.bar.set_total(trainer.total_steps)
 
     def close(self) -> None:
         if self.bar is not None:

@@ -69,7 +69,7 @@ class BudgetDecision:
     measured_steps: int      # step times the median was taken over
     decided_at_step: int
     planned_steps: int       # train.steps: the upper bound
-    fitting_steps: int       # what the budget fits at the median step time
+    fitting_steps: int       # the steps the budget fits at the median step time (from the run's start)
     total_steps: int         # the run's length: fitting_steps clamped to [fewest, planned]
 
     def to_dict(self) -> dict[str, Any]:
@@ -89,12 +89,13 @@ class BudgetDecision:
 
 
 def decide(budget_s: float, step_times: list[float], decided_at: int, planned: int,
-           optim: OptimConfig) -> BudgetDecision:
+           optim: OptimConfig, start_step: int = 0) -> BudgetDecision:
     """Fix the run's length from the step times measured so far (the slow first step of a process,
-    its warm-up, already left out by the caller)."""
+    its warm-up, already left out by the caller): the run started at ``start_step`` and ends
+    where its budget, at the median step time, runs out."""
     median = statistics.median(step_times)
     fitting = int(budget_s // median) if median > 0 else planned
-    total = min(max(fitting, fewest_steps(decided_at, planned, optim)), planned)
+    total = min(max(start_step + fitting, fewest_steps(decided_at, planned, optim)), planned)
     return BudgetDecision(budget_s=budget_s, median_step_s=median, measured_steps=len(step_times),
                           decided_at_step=decided_at, planned_steps=planned, fitting_steps=fitting,
                           total_steps=total)
@@ -103,18 +104,20 @@ def decide(budget_s: float, step_times: list[float], decided_at: int, planned: i
 class TimeBudget:
     """The trainer's side: collects step times, decides once, saves and restores both.
 
-    The decision is made after step ``calibration_steps`` (later only if fewer than
-    ``MIN_SAMPLES`` step times exist). The step times taken so far are checkpoint state too, so a
-    run resumed before the decision still decides after the same step.
+    The decision is made right after step ``calibration_steps``, from the step times so far (a
+    process's first step is left out; if no other step was timed yet, e.g. right after a resume,
+    that one is used). The step times are checkpoint state too, so a run resumed before the
+    decision decides after the same step, from the same times plus its own. ``start_step``: the
+    step this run's budget began at (0, or the parent's step under ``init.trainer_state``); the
+    budget counts this run's steps only.
     """
-
-    MIN_SAMPLES = 3  # step times needed before deciding (a process's first step is not one)
 
     def __init__(self, budget_s: float | None, calibration_steps: int, planned_steps: int):
         self.budget_s, self.calibration_steps, self.planned_steps = budget_s, calibration_steps, planned_steps
         self.decision: BudgetDecision | None = None
         self.step_times: list[float] = []
-        self._seen_first = False
+        self.start_step = 0
+        self._first_time: float | None = None  # this process's first step: allocation, caches, compilation
 
     @property
     def decided_at_step(self) -> int | None:
@@ -129,21 +132,23 @@ class TimeBudget:
         step makes it."""
         if not self.pending:
             return None
-        if self._seen_first:  # this process's first step (allocation, caches, compilation) is not timed
+        if self._first_time is None:
+            self._first_time = step_time_s
+        else:
             self.step_times.append(step_time_s)
-        self._seen_first = True
-        if step < self.calibration_steps or len(self.step_times) < self.MIN_SAMPLES or step >= self.planned_steps:
+        if step < self.start_step + self.calibration_steps or step >= self.planned_steps:
             return None
         assert self.budget_s is not None
-        self.decision = decide(self.budget_s, self.step_times, step, self.planned_steps, optim)
+        times = self.step_times or [self._first_time]
+        self.decision = decide(self.budget_s, times, step, self.planned_steps, optim, self.start_step)
         return self.decision
 
     def state_dict(self) -> dict[str, Any]:
         if self.budget_s is None:
             return {}
         if self.decision is None:
-            return {"budget_s": self.budget_s, "step_times": list(self.step_times)}
-        return {"budget_s": self.budget_s, "decision": self.decision.to_dict()}
+            return {"budget_s": self.budget_s, "start_step": self.start_step, "step_times": list(self.step_times)}
+        return {"budget_s": self.budget_s, "start_step": self.start_step, "decision": self.decision.to_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> BudgetDecision | None:
         """Take a checkpoint's decision (or its step times so far); a run without a budget now, or
@@ -151,6 +156,7 @@ class TimeBudget:
         self.decision, self.step_times = None, []
         if not state or self.budget_s is None or state.get("budget_s") != self.budget_s:
             return None
+        self.start_step = int(state.get("start_step", 0))
         if "decision" in state:
             decision = BudgetDecision.from_dict(state["decision"])
             decision.total_steps = min(decision.total_steps, self.planned_steps)

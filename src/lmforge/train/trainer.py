@@ -102,9 +102,14 @@ class Trainer:
             self.batches.load_state_dict(state["loader"])
             self.guard.load_state_dict(state.get("guard", {}))
             self._load_callback_states(state.get("callbacks", {}))
-            # a resume keeps the length its run decided; a new run (branch=False) decides its own
+            # a resume keeps the length its run decided; a new run (branch=False) decides its own,
+            # for the steps it takes itself
             decision = self.time_budget.load_state_dict(state.get("time_budget", {}) if branch else {})
+            if not branch:
+                self.time_budget.start_step = self.step
             self.total_steps = decision.total_steps if decision is not None else self.cfg.train.steps
+            if branch:
+                distributed.run_on_main(lambda: self._record_budget_decision(decision))
         set_rng_state(state["rng"])
         self.last_checkpoint = checkpoint
         log.info("%s %s at step %d", "resumed from" if branch else "took the trainer state of", checkpoint, self.step)
@@ -251,6 +256,10 @@ class Trainer:
         return self.run_dir
 
     def _loop(self, preemption: PreemptionHandler) -> None:
+        budget = self.time_budget
+        if budget.pending and budget.start_step + budget.calibration_steps >= self.total_steps:
+            log.warning("train.time_budget_s is not applied: train.time_budget_calibration_steps (%d) leaves no "
+                        "step of train.steps (%d) to shorten", budget.calibration_steps, self.total_steps)
         for callback in self.callbacks.values():
             callback.on_train_start(self)
         self.model.train()
@@ -282,7 +291,18 @@ class Trainer:
         self.total_steps = decision.total_steps
         log.info("%s", decision.describe())
         if self.is_main:
-            atomic_write_json(self.run_dir / "time_budget.json", decision.to_dict())
+            self._record_budget_decision(decision)
+        for callback in self.callbacks.values():
+            callback.on_length_fixed(self)
+
+    def _record_budget_decision(self, decision: BudgetDecision | None) -> None:
+        """``time_budget.json``: the decision the run follows (a resume may have lowered its length),
+        or, when it follows none (a budget removed or changed since), no file."""
+        path = self.run_dir / "time_budget.json"
+        if decision is not None:
+            atomic_write_json(path, decision.to_dict())
+        elif path.is_file():
+            path.unlink()
 
     def _stop_for_preemption(self, signum: int) -> None:
         saved = (self.last_checkpoint is not None and self.last_checkpoint.name.endswith(f"{self.step:07d}")
