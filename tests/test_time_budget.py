@@ -148,6 +148,17 @@ def test_a_budget_ends_the_run_early_with_its_cooldown(budget_runs):
     assert (run / "eval" / "window" / "final.json").is_file()  # the window average of the decided last step
 
 
+def test_fresh_deletes_a_budgeted_run_it_wrote(budget_runs, tmp_path):
+    import shutil
+
+    from lmforge.train.run_dir import remove_run_dir
+
+    copy = tmp_path / "short"
+    shutil.copytree(budget_runs[0] / "short", copy)
+    assert (copy / "time_budget.json").is_file()
+    assert remove_run_dir(copy) and not copy.exists()  # time_budget.json is one of lmforge's own files
+
+
 def test_killed_before_and_after_the_decision_it_resumes_bit_for_bit(budget_runs):
     runs_dir, results = budget_runs
     assert results["crash1"].returncode == -signal.SIGKILL

@@ -39,7 +39,7 @@ if TYPE_CHECKING:  # train.config imports validate_run_name from here
 RUN_ENTRIES = frozenset({
     "config.yaml", "metrics.jsonl", "checkpoints", "eval", "report.html", "code_version.json",
     "code.diff", "data_manifest.json", "tokenizer.json", "model_card.json", "tensorboard",
-    "query_encoder", "lineage.json", MARKER, LOCK_FILE,
+    "query_encoder", "lineage.json", "time_budget.json", MARKER, LOCK_FILE,
 })
 log = get_logger(__name__)
 __all__ = ["MARKER", "init_run_dir", "read_marker", "record_resume", "remove_run_dir", "resolve_data_dir",
