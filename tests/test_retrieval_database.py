@@ -212,3 +212,28 @@ def test_idf_weighted_embedder_is_fitted_at_build_and_kept_for_queries_and_adds(
     assert updated.retrieve(updated.tokens[len(db)][None], 1)[0, 0] == len(db) and result["chunks"] >= 1
     with pytest.raises(DataError, match="not fitted"):
         WeightedBagOfTokensEmbedder(vocab_size=6, dim=8).embed(np.array([[1, 2]]))
+
+
+def test_word_idf_embedder_weighs_a_rare_word_over_shared_template_words(data_dir, tmp_path):
+    from lmforge.data.tokenizer import Tokenizer
+    from lmforge.retrieval.embedders import WordIDFEmbedder, build_embedder
+
+    tokenizer = Tokenizer.load(data_dir / "tokenizer.json")
+    embedder = WordIDFEmbedder(tokenizer, dim=4096)
+    corpus = [f"Question: what trade does the person born in town{i} follow?" for i in range(30)]
+    corpus += ["Velmorra is where Zorblax was born, a small town by the river."]
+    chunks = np.array([(tokenizer.encode(text) + [tokenizer.eos_id] * 64)[:32] for text in corpus])
+    embedder.fit(chunks)
+    query = chunks[:1].copy()  # a template question about another town...
+    query[0] = (tokenizer.encode("Who was born in Velmorra?") + [tokenizer.eos_id] * 64)[:32]
+    scores = embedder.embed(query) @ embedder.embed(chunks).T
+    assert int(scores.argmax()) == len(corpus) - 1  # ...finds the one chunk that holds its rare word
+
+    db = build_database(data_dir, tmp_path / "words", chunk_len=M, embedder="bag_of_words_idf:32")
+    spec = json.loads((db.path / "manifest.json").read_text())["embedder"]
+    assert spec["name"] == "bag_of_words_idf" and len(spec["idf"]) == spec["buckets"]
+    again = build_embedder(spec, tokenizer)
+    np.testing.assert_allclose(again.embed(np.asarray(db.tokens[:5])),
+                               np.load(db.path / db.manifest["files"]["embeddings"])[:5], atol=1e-5)
+    with pytest.raises(DataError, match="not fitted"):
+        WordIDFEmbedder(tokenizer, dim=8).embed(chunks[:1])

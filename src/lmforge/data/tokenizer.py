@@ -134,6 +134,10 @@ class Tokenizer:
         # Special tokens (eos) stand for no bytes, so they decode to nothing.
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)
 
+    def decode_batch(self, rows: Iterable[Iterable[int]]) -> list[str]:
+        """:meth:`decode` of many id sequences in one call (the tokenizers library's batch decode)."""
+        return self._tok.decode_batch([[int(i) for i in row] for row in rows], skip_special_tokens=True)
+
     def token_byte_lengths(self) -> np.ndarray:
         """int64 [vocab_size]: UTF-8 bytes each token id stands for (0 for special tokens)."""
         char_to_byte = {ch: b for b, ch in bytes_to_unicode().items()}
