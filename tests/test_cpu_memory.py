@@ -1,6 +1,6 @@
-"""train.keep_freed_memory: freed activations stay in the process, so the next step does not fault
-the same pages in again (counted as the kernel counts them: minor page faults, in a fresh process
-each, since malloc settings are process-wide)."""
+"""train.keep_freed_memory: freed activations stay in the process, so the next training step does
+not fault the same pages in again (counted as the kernel counts them: minor page faults, in a
+fresh process each, since malloc settings are process-wide)."""
 
 from __future__ import annotations
 
@@ -11,35 +11,45 @@ import sys
 
 import pytest
 
-# A step-like pattern: five 8 MiB activations written, then all freed, ten times over.
-PATTERN = """
+# A small training step (8 MiB activations), warmed up; then the page faults of each of 15 steps.
+STEPS = """
 import json, resource, sys, torch
+torch.set_num_threads(1)
 if sys.argv[1] == "keep":
     from lmforge.core.cpu_memory import keep_freed_memory
     assert keep_freed_memory()
+torch.manual_seed(0)
+model = torch.nn.Sequential(torch.nn.Linear(256, 1024), torch.nn.ReLU(), torch.nn.Linear(1024, 256))
+optimizer = torch.optim.AdamW(model.parameters())
+x = torch.randn(2048, 256)
 def step():
-    held = [torch.ones(2**21) for _ in range(5)]
-    del held
-step()
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(10):
+    model(x).square().mean().backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+for _ in range(3):
     step()
-print(json.dumps(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before))
+faults = []
+for _ in range(15):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    step()
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(json.dumps(sorted(faults)[len(faults) // 2]))
 """
 
 
-def faults(mode: str) -> int:
-    out = subprocess.run([sys.executable, "-c", PATTERN, mode], capture_output=True, text=True, check=True)
+def median_step_faults(mode: str) -> int:
+    out = subprocess.run([sys.executable, "-c", STEPS, mode], capture_output=True, text=True, check=True)
     return json.loads(out.stdout)
 
 
 @pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc only")
-def test_freed_memory_is_reused_without_page_faults():
-    default, kept = faults("default"), faults("keep")
-    pages = 10 * 5 * (8 * 2**20) // 4096  # what faulting every activation in again would cost
-    # glibc's defaults give part of the memory back each step and fault it in again (a third of
-    # the pages on the machine this was written on); kept, only the first step's pages fault
-    assert kept < pages // 20 < default
+def test_a_training_step_reuses_freed_memory_without_page_faults():
+    # With glibc's defaults the heap is trimmed after each step and its pages fault in again
+    # (4,000-8,700 a step where this was written); kept, a typical step faults none (the median
+    # leaves out an occasional step whose allocations do not fit the freed blocks).
+    default, kept = median_step_faults("default"), median_step_faults("keep")
+    assert default >= 1000
+    assert kept <= 50
 
 
 def test_the_setting_is_a_config_option_that_is_on_by_default():

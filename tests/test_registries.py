@@ -74,8 +74,8 @@ def test_unknown_source_and_eval_set_kinds_name_the_key():
 
 
 def test_unknown_embedder_and_index_kind(tokenizer):
-    with pytest.raises(ConfigError, match=r"^embedder: unknown embedder 'glove' \(known: bag_of_tokens, minilm, "
-                                          r"model\)$"):
+    with pytest.raises(ConfigError, match=r"^embedder: unknown embedder 'glove' \(known: bag_of_tokens, "
+                                          r"bag_of_tokens_idf, bag_of_words_idf, minilm, model\)$"):
         build_embedder("glove:300", tokenizer)
     with pytest.raises(ConfigError, match=r"^embedder\.name: unknown embedder 'glove'"):
         build_embedder({"name": "glove", "dim": 300}, tokenizer)
