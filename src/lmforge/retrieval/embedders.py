@@ -44,11 +44,16 @@ def _normalise(vectors: np.ndarray) -> np.ndarray:
 class Embedder:
     dim: int
     name: str
+    DEFAULT_DIM: int | None = None  # set by embedders whose argument is their dimension (NAME:DIM)
 
     @classmethod
     def spec_from_argument(cls, argument: str) -> dict[str, Any]:
         """The spec that a command-line ``NAME:ARGUMENT`` names (``argument`` may be empty)."""
-        return {"name": cls.name}
+        if cls.DEFAULT_DIM is None:
+            return {"name": cls.name}
+        if argument and not argument.isdigit():
+            raise ConfigError(f"embedder '{cls.name}:{argument}': the dimension must be a positive integer")
+        return {"name": cls.name, "dim": int(argument) if argument else cls.DEFAULT_DIM}
 
     @classmethod
     def from_spec(cls, spec: dict[str, Any], tokenizer: Tokenizer) -> Embedder:
@@ -67,7 +72,8 @@ class Embedder:
 
 
 # Embedder name -> its class. A new embedder is an Embedder subclass decorated with
-# @register_embedder (its ``name``, ``from_spec`` and, if it takes an argument, ``spec_from_argument``).
+# @register_embedder (its ``name``, ``from_spec`` and, if it takes an argument: ``DEFAULT_DIM`` for a
+# dimension, else its own ``spec_from_argument``).
 EMBEDDERS: Registry[type[Embedder]] = Registry("embedder")
 EmbedderClass = TypeVar("EmbedderClass", bound=type[Embedder])
 
@@ -80,6 +86,7 @@ def register_embedder(cls: EmbedderClass) -> EmbedderClass:
 @register_embedder
 class BagOfTokensEmbedder(Embedder):
     name = "bag_of_tokens"
+    DEFAULT_DIM = 64
 
     def __init__(self, vocab_size: int, dim: int = 64, seed: int = 0, ignore_ids: tuple[int, ...] = ()):
         if dim < 1 or vocab_size < 1:
@@ -88,12 +95,6 @@ class BagOfTokensEmbedder(Embedder):
         self.table = np.random.default_rng(seed).standard_normal((vocab_size, dim)).astype(np.float32)
         self.table[list(ignore_ids)] = 0.0  # padding / end-of-text carry no content
         self.ignore_ids = tuple(int(i) for i in ignore_ids)
-
-    @classmethod
-    def spec_from_argument(cls, argument: str) -> dict[str, Any]:
-        if argument and not argument.isdigit():
-            raise ConfigError(f"embedder '{cls.name}:{argument}': the dimension must be a positive integer")
-        return {"name": cls.name, "dim": int(argument) if argument else 64}
 
     @classmethod
     def from_spec(cls, spec: dict[str, Any], tokenizer: Tokenizer) -> Embedder:
@@ -191,6 +192,7 @@ class WordIDFEmbedder(Embedder):
     matrix product, and the fitted weights must live in the database's manifest.
     """
     name = "bag_of_words_idf"
+    DEFAULT_DIM = 128
     BUCKETS = 2**16
     WORD = re.compile(r"\w+")
 
@@ -203,12 +205,6 @@ class WordIDFEmbedder(Embedder):
         self.idf: np.ndarray | None = None if idf is None else np.asarray(idf, dtype=np.float32)
         if self.idf is not None and self.idf.shape != (self.BUCKETS,):
             raise DataError(f"bag_of_words_idf embedder: {self.idf.shape[0]} weights for {self.BUCKETS} buckets")
-
-    @classmethod
-    def spec_from_argument(cls, argument: str) -> dict[str, Any]:
-        if argument and not argument.isdigit():
-            raise ConfigError(f"embedder '{cls.name}:{argument}': the dimension must be a positive integer")
-        return {"name": cls.name, "dim": int(argument) if argument else 128}
 
     @classmethod
     def from_spec(cls, spec: dict[str, Any], tokenizer: Tokenizer) -> Embedder:
