@@ -208,6 +208,7 @@ def test_idf_weighted_embedder_is_fitted_at_build_and_kept_for_queries_and_adds(
     assert np.allclose((db.embeddings[top] * db.embeddings[:5]).sum(1), 1, atol=1e-5)
     result = add_documents(db.path, [("fact.txt", "Zorblax Quintera was born in Velmorra.\n" * 3)], source="facts")
     assert json.loads((db.path / "manifest.json").read_text())["embedder"]["idf"] == spec["idf"]  # not refitted
+    assert database_info(db.path)["embedder"]["idf"] == f"{spec['vocab_size']} fitted weights"  # `retrieval info`
     updated = ChunkDatabase(db.path)
     assert updated.retrieve(updated.tokens[len(db)][None], 1)[0, 0] == len(db) and result["chunks"] >= 1
     with pytest.raises(DataError, match="not fitted"):

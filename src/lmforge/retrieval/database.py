@@ -693,6 +693,9 @@ def database_info(path: str | Path) -> dict[str, Any]:
     sizes = {name: os.path.getsize(db.path / f) for name, f in db.manifest["files"].items()}
     return {"path": str(db.path), "generation": db.generation, "chunk_len": db.chunk_len, "chunks": len(db),
             "alive_chunks": int(np.asarray(db.alive).sum()), "documents": len(db.documents),
-            "alive_documents": alive_docs, "embedder": db.manifest["embedder"], "index": db.manifest["index"],
+            "alive_documents": alive_docs, "index": db.manifest["index"],
+            # fitted weights (an idf per token or word bucket) summarised: thousands of numbers
+            "embedder": {key: f"{len(value)} fitted weights" if isinstance(value, list) and len(value) > 16 else value
+                         for key, value in db.manifest["embedder"].items()},
             "sources": db.sources, "bytes": sizes, "build": db.manifest.get("build"),
             "recall": db.manifest.get("recall")}
