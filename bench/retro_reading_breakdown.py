@@ -12,6 +12,7 @@ and, for a database with an ``invented_facts`` source named ``facts``, how often
 neighbours of chunk u, the ones the model reads while it predicts the answer.
 
     python bench/retro_reading_breakdown.py RUN [RUN ...] [--db DATA/retrieval] [--out table.md]
+    python bench/retro_reading_breakdown.py --db DATA/retrieval --seeds 3,4,5   # fact recall alone
 """
 
 from __future__ import annotations
@@ -62,14 +63,13 @@ def pooled_by_template(runs: list[Path]) -> dict[str, dict[str, tuple[float, flo
 
 def fact_recall_by_template(db_path: Path, seeds: list[int], k: int = 2) -> dict[str, float]:
     """Share of questions whose chunk retrieves its entity's fact document (top ``k``) after the add."""
-    from lmforge.data.tokenizer import Tokenizer
     from lmforge.retrieval.database import ChunkDatabase, add_documents
 
     hits: dict[str, list[bool]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         copy = Path(tmp) / "db"
         shutil.copytree(db_path, copy, ignore=shutil.ignore_patterns("neighbours_*", ".lock"))
-        tokenizer = Tokenizer.load(Path(db_path).parent / "tokenizer.json")
+        tokenizer = ChunkDatabase(copy).tokenizer  # the database keeps its own copy
         for seed in seeds:
             documents, items = benchmark_items("reading", 24, seed)
             db = ChunkDatabase(copy)
@@ -95,11 +95,10 @@ def fact_recall_by_template(db_path: Path, seeds: list[int], k: int = 2) -> dict
 
 def training_answer_presence(db_path: Path, source: str = "facts", samples: int = 800, k: int = 2) -> float:
     """Share of sampled training answers whose word is in the neighbours the model reads for them."""
-    from lmforge.data.tokenizer import Tokenizer
     from lmforge.retrieval.database import ChunkDatabase
 
     db = ChunkDatabase(db_path)
-    tokenizer = Tokenizer.load(Path(db_path).parent / "tokenizer.json")
+    tokenizer = db.tokenizer
     neighbours = np.load(Path(db_path) / f"neighbours_k{k}" / "neighbours.npy", mmap_mode="r")
     first, n = db.sources[source]["first_chunk"], db.sources[source]["n_chunks"]
     tokens = np.asarray(db.tokens)
@@ -135,14 +134,26 @@ def table(runs: list[Path], db: Path | None, seeds: list[int]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def recall_table(db: Path, seeds: list[int]) -> str:
+    """Fact recall by question kind alone (no runs): how well a database's embedder retrieves."""
+    recall = fact_recall_by_template(db, seeds)
+    order = [_slot(k, a) for k, a, _, _ in READING_QUESTIONS] + ["all"]
+    return "\n".join(["| questions | fact retrieved (k=2) |", "|---|---|"]
+                     + [f"| {group} | {recall[group]:.3f} |" for group in order if group in recall]) + "\n"
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("runs", nargs="+", type=Path, help="run directories with eval/facts_reading.json")
+    parser.add_argument("runs", nargs="*", type=Path,
+                        help="run directories with eval/facts_reading.json (none: only --db's fact recall)")
     parser.add_argument("--db", type=Path, help="the runs' database (its fact recall is measured on a copy)")
     parser.add_argument("--seeds", default="0,1,2", help="benchmark seeds of the recall measurement")
     parser.add_argument("--out", type=Path, help="write the table here too")
     args = parser.parse_args()
-    text = table(args.runs, args.db, [int(s) for s in args.seeds.split(",")])
+    if not args.runs and args.db is None:
+        parser.error("give run directories, or --db for the fact recall of a database alone")
+    seeds = [int(s) for s in args.seeds.split(",")]
+    text = table(args.runs, args.db, seeds) if args.runs else recall_table(args.db, seeds)
     print(text)
     if args.out:
         args.out.write_text(text)

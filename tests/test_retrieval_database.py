@@ -238,3 +238,14 @@ def test_word_idf_embedder_weighs_a_rare_word_over_shared_template_words(data_di
                                np.load(db.path / db.manifest["files"]["embeddings"])[:5], atol=1e-5)
     with pytest.raises(DataError, match="not fitted"):
         WordIDFEmbedder(tokenizer, dim=8).embed(chunks[:1])
+
+
+def test_reading_breakdown_measures_a_databases_fact_recall_without_runs(db):
+    from conftest import load_bench
+
+    breakdown = load_bench("retro_reading_breakdown")
+    text = breakdown.recall_table(db.path, [0])
+    rows = {line.split(" | ")[0].strip("| "): line for line in text.splitlines()[2:]}
+    assert set(rows) >= {"all", "reverse/name (held out from training)"}
+    assert 0.0 <= float(rows["all"].split(" | ")[1].strip(" |")) <= 1.0
+    assert not any(p.name.startswith("breakdown") for p in db.path.iterdir())  # measured on a copy

@@ -52,7 +52,7 @@ from lmforge.core.logging import RateProgress, get_logger
 from lmforge.data.shards import ShardSet, load_manifest, token_dtype
 from lmforge.data.tokenizer import Tokenizer
 from lmforge.retrieval.alignment import aligned_windows
-from lmforge.retrieval.embedders import Embedder, build_embedder
+from lmforge.retrieval.embedders import Embedder, build_embedder, summarised_spec
 from lmforge.retrieval.index import (add_to_index, build_index, load_index, measure_recall, remove_from_index,
                                      save_index, search_filtered)
 
@@ -167,8 +167,8 @@ class ChunkDatabase:
     def set_embedder(self, embedder: Embedder) -> None:
         """Reuse an already loaded embedder (it must match the database's spec)."""
         if embedder.spec() != self.manifest["embedder"]:
-            raise DataError(f"{self.path}: embedder {embedder.spec()} differs from the database's "
-                            f"{self.manifest['embedder']}")
+            raise DataError(f"{self.path}: embedder {summarised_spec(embedder.spec())} differs from the database's "
+                            f"{summarised_spec(self.manifest['embedder'])}")
         self._embedder = embedder
 
     # ---- reading chunks ----------------------------------------------------------------
@@ -418,8 +418,8 @@ def build_database(data_dir: str | Path | list[str | Path], out: str | Path, chu
         files = {name: f"{name}.g{gen}.npy" for name in ARRAYS} | {"index": f"index.g{gen}.faiss"}
         _write_chunk_arrays(out, state, files, plan, n_total, chunk_len, dtype, data_dirs[0])
         chunks = np.load(out / files["tokens"], mmap_mode="r")
-        if getattr(embedder, "needs_fit", False):  # corpus statistics (bag_of_tokens_idf): deterministic, so
-            embedder.fit(chunks)                    # a resumed build fits the same weights again
+        if embedder.needs_fit:     # corpus statistics (the idf embedders): deterministic, so
+            embedder.fit(chunks)   # a resumed build fits the same weights again
         skipped_blocks = _write_embeddings(out, state, files, embedder, chunks, embed_block)
         embeddings = np.load(out / files["embeddings"], mmap_mode="r")
         index_spec = _write_index(out, state, files, embeddings, index_kind)
@@ -694,8 +694,6 @@ def database_info(path: str | Path) -> dict[str, Any]:
     return {"path": str(db.path), "generation": db.generation, "chunk_len": db.chunk_len, "chunks": len(db),
             "alive_chunks": int(np.asarray(db.alive).sum()), "documents": len(db.documents),
             "alive_documents": alive_docs, "index": db.manifest["index"],
-            # fitted weights (an idf per token or word bucket) summarised: thousands of numbers
-            "embedder": {key: f"{len(value)} fitted weights" if isinstance(value, list) and len(value) > 16 else value
-                         for key, value in db.manifest["embedder"].items()},
+            "embedder": summarised_spec(db.manifest["embedder"]),
             "sources": db.sources, "bytes": sizes, "build": db.manifest.get("build"),
             "recall": db.manifest.get("recall")}

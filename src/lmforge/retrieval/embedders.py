@@ -45,6 +45,11 @@ class Embedder:
     dim: int
     name: str
     DEFAULT_DIM: int | None = None  # set by embedders whose argument is their dimension (NAME:DIM)
+    needs_fit = False               # True until fit() saw the database's chunks (corpus statistics)
+
+    def fit(self, chunks: np.ndarray) -> None:
+        """Fit corpus statistics on the database's chunks (build time); only where ``needs_fit``."""
+        raise NotImplementedError
 
     @classmethod
     def spec_from_argument(cls, argument: str) -> dict[str, Any]:
@@ -83,6 +88,31 @@ def register_embedder(cls: EmbedderClass) -> EmbedderClass:
     return cls
 
 
+class FittedIDF:
+    """Inverse document frequencies fitted on the database's chunks at build time and recorded in
+    the embedder's spec (the ``*_idf`` embedders). Smoothed as scikit-learn's ``TfidfTransformer``
+    does: ``idf = ln((1 + n) / (1 + df)) + 1``."""
+    name: str
+    idf: np.ndarray | None
+    IDF_DIGITS = 5  # decimals kept in the spec
+
+    @property
+    def needs_fit(self) -> bool:
+        return self.idf is None
+
+    @staticmethod
+    def smoothed_idf(df: np.ndarray, n_chunks: int) -> np.ndarray:
+        return (np.log((1.0 + n_chunks) / (1.0 + df)) + 1.0).astype(np.float32)
+
+    def fitted_idf(self) -> np.ndarray:
+        if self.idf is None:
+            raise DataError(f"{self.name} embedder: not fitted (its weights come from a database build)")
+        return self.idf
+
+    def idf_spec(self) -> dict[str, Any]:
+        return {} if self.idf is None else {"idf": [round(float(w), self.IDF_DIGITS) for w in self.idf]}
+
+
 @register_embedder
 class BagOfTokensEmbedder(Embedder):
     name = "bag_of_tokens"
@@ -94,6 +124,7 @@ class BagOfTokensEmbedder(Embedder):
         self.dim, self.seed, self.vocab_size = dim, seed, vocab_size
         self.table = np.random.default_rng(seed).standard_normal((vocab_size, dim)).astype(np.float32)
         self.table[list(ignore_ids)] = 0.0  # padding / end-of-text carry no content
+        self.projection = self.table  # per-token vectors summed by embed (weighted by a subclass)
         self.ignore_ids = tuple(int(i) for i in ignore_ids)
 
     @classmethod
@@ -104,24 +135,23 @@ class BagOfTokensEmbedder(Embedder):
     def embed(self, chunks: np.ndarray) -> np.ndarray:
         chunks = np.asarray(chunks, dtype=np.int64)
         if chunks.size and (chunks.min() < 0 or chunks.max() >= self.vocab_size):
-            raise DataError(f"bag_of_tokens embedder: token ids outside [0, {self.vocab_size})")
-        return _normalise(self.table[chunks].sum(axis=1))
+            raise DataError(f"{self.name} embedder: token ids outside [0, {self.vocab_size})")
+        return _normalise(self.projection[chunks].sum(axis=1))
 
     def spec(self) -> dict[str, Any]:
         return {**super().spec(), "seed": self.seed, "vocab_size": self.vocab_size, "ignore_ids": list(self.ignore_ids)}
 
 
 @register_embedder
-class WeightedBagOfTokensEmbedder(BagOfTokensEmbedder):
+class WeightedBagOfTokensEmbedder(FittedIDF, BagOfTokensEmbedder):
     """``bag_of_tokens_idf[:DIM]``: the bag-of-tokens projection with each token weighted by its
     inverse document frequency over the database's chunks (tf-idf; Sparck Jones 1972), so a rare
     name or place outweighs the template words every chunk shares.
 
     The weights are fitted once, when the database is built (:meth:`fit`, over all its chunks), and
     are part of the spec the database records, so queries, ``retrieval add`` and neighbour
-    precomputation all use the same ones; added documents do not change them. Smoothed as
-    scikit-learn's ``TfidfTransformer`` does: ``idf = ln((1 + n) / (1 + df)) + 1``. Written here
-    rather than taken from scikit-learn because it is one bincount over token-id chunks, which
+    precomputation all use the same ones; added documents do not change them (:class:`FittedIDF`).
+    Written here rather than taken from scikit-learn because it is one bincount over token-id chunks, which
     have no text to vectorise.
     """
     name = "bag_of_tokens_idf"
@@ -137,11 +167,7 @@ class WeightedBagOfTokensEmbedder(BagOfTokensEmbedder):
         if idf.shape != (self.vocab_size,):
             raise DataError(f"bag_of_tokens_idf embedder: {idf.shape[0]} weights for a vocabulary of {self.vocab_size}")
         self.idf = idf
-        self.weighted = self.table * idf[:, None]
-
-    @property
-    def needs_fit(self) -> bool:
-        return self.idf is None
+        self.projection = self.table * idf[:, None]
 
     def fit(self, chunks: np.ndarray, block: int = 65536) -> None:
         """Document frequency of every token over ``chunks`` [n, chunk_len] (a chunk counts once)."""
@@ -151,7 +177,7 @@ class WeightedBagOfTokensEmbedder(BagOfTokensEmbedder):
             first = np.ones(rows.shape, dtype=bool)
             first[:, 1:] = rows[:, 1:] != rows[:, :-1]
             df += np.bincount(rows[first], minlength=self.vocab_size)
-        self._set_idf((np.log((1.0 + len(chunks)) / (1.0 + df)) + 1.0).astype(np.float32))
+        self._set_idf(self.smoothed_idf(df, len(chunks)))
 
     @classmethod
     def from_spec(cls, spec: dict[str, Any], tokenizer: Tokenizer) -> Embedder:
@@ -159,22 +185,15 @@ class WeightedBagOfTokensEmbedder(BagOfTokensEmbedder):
                    tuple(spec.get("ignore_ids", [tokenizer.eos_id])), spec.get("idf"))
 
     def embed(self, chunks: np.ndarray) -> np.ndarray:
-        if self.idf is None:
-            raise DataError("bag_of_tokens_idf embedder: not fitted (its weights come from a database build)")
-        chunks = np.asarray(chunks, dtype=np.int64)
-        if chunks.size and (chunks.min() < 0 or chunks.max() >= self.vocab_size):
-            raise DataError(f"bag_of_tokens_idf embedder: token ids outside [0, {self.vocab_size})")
-        return _normalise(self.weighted[chunks].sum(axis=1))
+        self.fitted_idf()
+        return super().embed(chunks)
 
     def spec(self) -> dict[str, Any]:
-        spec = super().spec()
-        if self.idf is not None:
-            spec["idf"] = [round(float(w), 5) for w in self.idf]
-        return spec
+        return {**super().spec(), **self.idf_spec()}
 
 
 @register_embedder
-class WordIDFEmbedder(Embedder):
+class WordIDFEmbedder(FittedIDF, Embedder):
     """``bag_of_words_idf[:DIM]``: tf-idf over the *words* of the chunk's decoded text, randomly
     projected to DIM dimensions.
 
@@ -193,6 +212,7 @@ class WordIDFEmbedder(Embedder):
     """
     name = "bag_of_words_idf"
     DEFAULT_DIM = 128
+    IDF_DIGITS = 4
     BUCKETS = 2**16
     WORD = re.compile(r"\w+")
 
@@ -211,10 +231,6 @@ class WordIDFEmbedder(Embedder):
         return cls(tokenizer, int(spec.get("dim", 128)), int(spec.get("seed", 0)), spec.get("idf"),
                    float(spec.get("idf_power", 3.0)))
 
-    @property
-    def needs_fit(self) -> bool:
-        return self.idf is None
-
     def _buckets(self, chunks: np.ndarray) -> list[np.ndarray]:
         texts = self.tokenizer.decode_batch(np.asarray(chunks).tolist())
         return [np.fromiter((zlib.crc32(w.encode()) % self.BUCKETS for w in self.WORD.findall(t.lower())),
@@ -226,23 +242,20 @@ class WordIDFEmbedder(Embedder):
         for start in range(0, len(chunks), block):
             for buckets in self._buckets(chunks[start:start + block]):
                 df[np.unique(buckets)] += 1
-        self.idf = (np.log((1.0 + len(chunks)) / (1.0 + df)) + 1.0).astype(np.float32)
+        self.idf = self.smoothed_idf(df, len(chunks))
 
     def embed(self, chunks: np.ndarray) -> np.ndarray:
-        if self.idf is None:
-            raise DataError("bag_of_words_idf embedder: not fitted (its weights come from a database build)")
+        idf = self.fitted_idf()
         out = np.zeros((len(chunks), self.dim), dtype=np.float32)
         for row, buckets in enumerate(self._buckets(chunks)):
             if buckets.size:
                 ids, counts = np.unique(buckets, return_counts=True)
-                out[row] = ((1.0 + np.log(counts)) * self.idf[ids] ** self.idf_power) @ self.table[ids]
+                out[row] = ((1.0 + np.log(counts)) * idf[ids] ** self.idf_power) @ self.table[ids]
         return _normalise(out)
 
     def spec(self) -> dict[str, Any]:
-        spec = {**super().spec(), "seed": self.seed, "buckets": self.BUCKETS, "idf_power": self.idf_power}
-        if self.idf is not None:
-            spec["idf"] = [round(float(w), 4) for w in self.idf]
-        return spec
+        return {**super().spec(), "seed": self.seed, "buckets": self.BUCKETS, "idf_power": self.idf_power,
+                **self.idf_spec()}
 
 
 @register_embedder
@@ -341,6 +354,13 @@ class MiniLMEmbedder(Embedder):
 
     def spec(self) -> dict[str, Any]:
         return {**super().spec(), "max_length": self.max_length}
+
+
+def summarised_spec(spec: dict[str, Any]) -> dict[str, Any]:
+    """``spec`` for people to read: fitted weights (an idf per token or word bucket, thousands of
+    numbers) shown as their count."""
+    return {key: f"{len(value)} fitted weights" if isinstance(value, list) and len(value) > 16 else value
+            for key, value in spec.items()}
 
 
 def build_embedder(spec: dict[str, Any] | str, tokenizer: Tokenizer) -> Embedder:

@@ -80,10 +80,12 @@ class BudgetDecision:
         return cls(**{key: state[key] for key in cls.__dataclass_fields__})
 
     def describe(self) -> str:
-        bound = ("the budget fits more: train.steps bounds the run" if self.total_steps == self.planned_steps
-                 and self.fitting_steps >= self.planned_steps else
-                 f"the budget fits {self.fitting_steps}; the schedule needs at least this many"
-                 if self.total_steps > self.fitting_steps else f"of train.steps {self.planned_steps}")
+        if self.fitting_steps >= self.planned_steps:
+            bound = "the budget fits more: train.steps bounds the run"
+        elif self.total_steps > self.fitting_steps:
+            bound = f"the budget fits {self.fitting_steps}; the schedule needs at least this many"
+        else:
+            bound = f"of train.steps {self.planned_steps}"
         return (f"time budget {self.budget_s:g} s at a median {self.median_step_s:.3f} s a step "
                 f"(over {self.measured_steps} steps): {self.total_steps} steps ({bound})")
 
@@ -118,10 +120,6 @@ class TimeBudget:
         self.step_times: list[float] = []
         self.start_step = 0
         self._first_time: float | None = None  # this process's first step: allocation, caches, compilation
-
-    @property
-    def decided_at_step(self) -> int | None:
-        return None if self.decision is None else self.decision.decided_at_step
 
     @property
     def pending(self) -> bool:
