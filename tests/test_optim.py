@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lmforge.optim.config import OptimConfig
-from lmforge.optim.optimizers import build_optimizer, set_learning_rate
+from lmforge.optim.optimizers import build_optimizer, reapply_config_hyperparameters, set_learning_rate
 from lmforge.optim.schedules import lr_multiplier
 
 
@@ -79,3 +79,58 @@ def test_bad_optim_config_rejected():
 
     with pytest.raises(ConfigError, match="lr"):
         OptimConfig.from_dict({"lr": -1.0})
+
+
+def test_lr_multipliers_scale_the_peak_lr_of_the_parameters_they_name():
+    from lmforge.core.errors import ConfigError
+
+    model = _model()
+    cfg = OptimConfig(name="adamw", lr=0.01, lr_multipliers={"hidden.": 0.1, "hidden.weight": 0.5})
+    opt = build_optimizer(model, cfg)
+    lr_of = {id(p): g["base_lr"] for g in opt.param_groups for p in g["params"]}
+    assert lr_of[id(model.hidden.weight)] == pytest.approx(0.005)  # the longest prefix wins
+    assert lr_of[id(model.hidden.bias)] == pytest.approx(0.001)
+    assert lr_of[id(model.embed.weight)] == lr_of[id(model.norm.weight)] == 0.01
+    decay_of = {id(p): g["weight_decay"] for g in opt.param_groups for p in g["params"]}
+    assert decay_of[id(model.hidden.bias)] == 0.0 and decay_of[id(model.hidden.weight)] == cfg.weight_decay
+    set_learning_rate(opt, 0.5)
+    assert {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}[id(model.hidden.bias)] == \
+        pytest.approx(0.0005)
+    # the scaled parameters really move less: one step from the same state, same gradients
+    a, b = _model(), _model()
+    b.load_state_dict(a.state_dict())
+    plain = build_optimizer(a, OptimConfig(name="adamw", lr=0.01, weight_decay=0.0))
+    scaled = build_optimizer(b, OptimConfig(name="adamw", lr=0.01, weight_decay=0.0, lr_multipliers={"hidden.": 0.1}))
+    before = a.hidden.weight.detach().clone()
+    _step(a, plain)
+    _step(b, scaled)
+    assert torch.allclose(b.hidden.weight - before, (a.hidden.weight - before) * 0.1, atol=1e-7)
+    assert torch.equal(a.embed.weight, b.embed.weight)
+    # Muon's matrices take the multiplier too
+    muon = build_optimizer(_model(), OptimConfig(name="muon", muon_lr=0.02, lr_multipliers={"hidden.": 0.25}))
+    assert [g["base_lr"] for g in muon.optimizers[1].param_groups] == [pytest.approx(0.005)]
+    # a prefix that names nothing would do nothing: refused with the names there are
+    with pytest.raises(ConfigError, match="'encoder.' match no trainable parameter .*embed., hidden., norm."):
+        build_optimizer(_model(), OptimConfig(lr_multipliers={"encoder.": 0.1}))
+    with pytest.raises(ConfigError, match="lr_multipliers: 'hidden.': the multiplier must be >= 0"):
+        OptimConfig.from_dict({"lr_multipliers": {"hidden.": -1.0}})
+
+
+def test_lr_multipliers_ignore_wrapper_segments_in_parameter_names():
+    wrapped = torch.nn.Sequential()
+    wrapped.add_module("module", _model())  # as DistributedDataParallel names them
+    opt = build_optimizer(wrapped, OptimConfig(lr=0.01, lr_multipliers={"hidden.": 0.1}))
+    lr_of = {id(p): g["base_lr"] for g in opt.param_groups for p in g["params"]}
+    assert lr_of[id(wrapped.module.hidden.weight)] == pytest.approx(0.001)
+
+
+def test_resuming_with_other_lr_multiplier_prefixes_is_refused_clearly():
+    saved = build_optimizer(_model(), OptimConfig(lr_multipliers={"hidden.": 0.1})).state_dict()
+    other = build_optimizer(_model(), OptimConfig())
+    with pytest.raises(ValueError, match="param groups.*optim.lr_multipliers"):
+        other.load_state_dict(saved)
+    cfg = OptimConfig(lr_multipliers={"hidden.": 0.5})
+    same_prefixes = build_optimizer(_model(), cfg)
+    same_prefixes.load_state_dict(saved)  # another value of the same prefix: the config's value wins on resume
+    changes = reapply_config_hyperparameters(same_prefixes, cfg)
+    assert ("optim.lr_multipliers['hidden.'] x optim.lr", pytest.approx(3e-4), pytest.approx(1.5e-3)) in changes

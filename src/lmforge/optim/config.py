@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from lmforge.core.config import Config, FieldValueError
 
@@ -29,6 +29,9 @@ class OptimConfig(Config):
     constant_lr_ratio: float | None = None  # infinite (required): the level after the first cooldown
     cooldown_steps: int | None = None       # infinite (required): steps of the cosine cooldown to that level
     wsd_periods: int | None = None          # wsd_cyclic (required): number of equal WSD periods in the run
+    # Peak-LR multipliers by parameter-name prefix, e.g. {"encoder.": 0.1} (a RETRO neighbour encoder):
+    # a parameter takes the multiplier of the longest prefix its name starts with, else 1.
+    lr_multipliers: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         # The registries fill as their modules load; both import this one, hence here.
@@ -43,6 +46,11 @@ class OptimConfig(Config):
             raise ValueError("lr and muon_lr must be >= 0")
         if self.warmup_steps < 0:
             raise ValueError("warmup_steps must be >= 0")
+        for prefix, multiplier in self.lr_multipliers.items():
+            if not prefix or ":" in prefix:
+                raise FieldValueError("lr_multipliers", f"{prefix!r} is no parameter-name prefix (non-empty, no ':')")
+            if not 0.0 <= multiplier:
+                raise FieldValueError("lr_multipliers", f"{prefix!r}: the multiplier must be >= 0, got {multiplier}")
         if not 0.0 <= self.decay_fraction <= 1.0:
             raise ValueError("decay_fraction must be in [0, 1]")
         if not 0.0 <= self.min_lr_ratio <= 1.0:

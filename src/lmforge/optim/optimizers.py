@@ -8,6 +8,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from lmforge.core.errors import ConfigError
 from lmforge.core.registry import Registry
 from lmforge.optim.config import OptimConfig
 
@@ -48,6 +49,12 @@ class OptimizerGroup:
                 f"optimizer state holds {len(states)} optimizers, this run has {len(self.optimizers)}"
             )
         for opt, state in zip(self.optimizers, states):
+            if len(state["param_groups"]) != len(opt.param_groups):
+                raise ValueError(
+                    f"the saved {type(opt).__name__} state has {len(state['param_groups'])} param groups, this run's "
+                    f"config makes {len(opt.param_groups)}: optim.lr_multipliers (or which parameters train) "
+                    "changed since the checkpoint; keep them, or start the optimizer afresh"
+                )
             opt.load_state_dict(state)
 
 
@@ -63,16 +70,57 @@ DECAY, NO_DECAY, MUON = "adamw_decay", "adamw_no_decay", "muon"
 
 def group_hyperparameters(cfg: OptimConfig, role: str) -> dict[str, Any]:
     """The hyperparameters the config gives a param group of ``role`` (``lr`` is set per
-    step from ``base_lr`` by ``set_learning_rate``)."""
-    if role == MUON:
-        return {"base_lr": cfg.muon_lr, "weight_decay": cfg.weight_decay, "momentum": cfg.muon_momentum}
+    step from ``base_lr`` by ``set_learning_rate``). A role ``"KIND:PREFIX"`` is the group of
+    the parameters whose peak LR ``optim.lr_multipliers[PREFIX]`` scales."""
+    kind, _, prefix = role.partition(":")
+    scale = cfg.lr_multipliers[prefix] if prefix else 1.0
+    if kind == MUON:
+        return {"base_lr": cfg.muon_lr * scale, "weight_decay": cfg.weight_decay, "momentum": cfg.muon_momentum}
     return {
-        "base_lr": cfg.lr,
+        "base_lr": cfg.lr * scale,
         # Norms and biases: weight decay would only shrink them.
-        "weight_decay": cfg.weight_decay if role == DECAY else 0.0,
+        "weight_decay": cfg.weight_decay if kind == DECAY else 0.0,
         "betas": (cfg.beta1, cfg.beta2),
         "eps": cfg.eps,
     }
+
+
+# Segments that wrappers (DDP, torch.compile, activation checkpointing, FSDP1) put in parameter
+# names; a prefix in optim.lr_multipliers names the model's own parameters.
+_WRAPPER_SEGMENTS = {"module", "_orig_mod", "_checkpoint_wrapped_module", "_fsdp_wrapped_module"}
+
+
+def _lr_prefix(name: str, cfg: OptimConfig) -> str:
+    """The longest prefix of ``optim.lr_multipliers`` that the parameter ``name`` starts with, or ''."""
+    plain = ".".join(part for part in name.split(".") if part not in _WRAPPER_SEGMENTS)
+    matches = [prefix for prefix in cfg.lr_multipliers if plain.startswith(prefix)]
+    return max(matches, key=len, default="")
+
+
+def _by_lr_prefix(named: list[tuple[str, nn.Parameter]], cfg: OptimConfig, kind: str
+                  ) -> list[tuple[str, list[nn.Parameter]]]:
+    """``named``'s parameters as (role, parameters) groups: one per LR multiplier prefix they match."""
+    groups: dict[str, list[nn.Parameter]] = {}
+    for name, param in named:
+        prefix = _lr_prefix(name, cfg)
+        groups.setdefault(f"{kind}:{prefix}" if prefix else kind, []).append(param)
+    return sorted(groups.items(), key=lambda item: item[0])
+
+
+def _group(cfg: OptimConfig, role: str, params: list[nn.Parameter]) -> dict[str, Any]:
+    """A param group of ``role``, its LR at its own peak until ``set_learning_rate`` sets it."""
+    hyperparameters = group_hyperparameters(cfg, role)
+    return {"params": params, **hyperparameters, "lr": hyperparameters["base_lr"]}
+
+
+def _check_lr_prefixes(named: list[tuple[str, nn.Parameter]], cfg: OptimConfig) -> None:
+    """A prefix that matches no trainable parameter would silently do nothing: refused."""
+    used = {_lr_prefix(name, cfg) for name, _ in named}
+    unused = [prefix for prefix in cfg.lr_multipliers if prefix not in used]
+    if unused:
+        tops = sorted({name.split(".")[0] + "." for name, _ in named})
+        raise ConfigError(f"optim.lr_multipliers: {', '.join(map(repr, unused))} match no trainable parameter "
+                          f"(names start with {', '.join(tops)})")
 
 
 # optim.name -> a function (model, cfg) -> OptimizerGroup. A new optimizer is one function
@@ -92,19 +140,19 @@ def _trainable(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
 
 
 def _adamw(named: list[tuple[str, nn.Parameter]], cfg: OptimConfig) -> tuple[torch.optim.AdamW, list[str]]:
-    """AdamW over ``named`` in two groups, matrices with weight decay and the rest without;
-    returns it with the groups' roles."""
-    decay = [param for _, param in named if param.ndim >= 2]
-    no_decay = [param for _, param in named if param.ndim < 2]
-    groups = [(role, params) for role, params in ((DECAY, decay), (NO_DECAY, no_decay)) if params]
-    optimizer = torch.optim.AdamW(
-        [{"params": params, **group_hyperparameters(cfg, role)} for role, params in groups], lr=cfg.lr)
+    """AdamW over ``named``, matrices with weight decay and the rest without, each split further
+    by ``optim.lr_multipliers``; returns it with the groups' roles."""
+    groups = [*_by_lr_prefix([(n, p) for n, p in named if p.ndim >= 2], cfg, DECAY),
+              *_by_lr_prefix([(n, p) for n, p in named if p.ndim < 2], cfg, NO_DECAY)]
+    optimizer = torch.optim.AdamW([_group(cfg, role, params) for role, params in groups], lr=cfg.lr)
     return optimizer, [role for role, _ in groups]
 
 
 @OPTIMIZERS.register("adamw")
 def build_adamw(model: nn.Module, cfg: OptimConfig) -> OptimizerGroup:
-    adamw, roles = _adamw(_trainable(model), cfg)
+    named = _trainable(model)
+    _check_lr_prefixes(named, cfg)
+    adamw, roles = _adamw(named, cfg)
     return OptimizerGroup([adamw], [roles])
 
 
@@ -112,14 +160,14 @@ def build_adamw(model: nn.Module, cfg: OptimConfig) -> OptimizerGroup:
 def build_muon(model: nn.Module, cfg: OptimConfig) -> OptimizerGroup:
     """Muon for the 2-D hidden matrices, AdamW for everything else."""
     named = _trainable(model)
-    matrices = [param for name, param in named if _is_muon_matrix(name, param)]
+    _check_lr_prefixes(named, cfg)
+    matrices = _by_lr_prefix([(name, param) for name, param in named if _is_muon_matrix(name, param)], cfg, MUON)
     adamw, roles = _adamw([(name, param) for name, param in named if not _is_muon_matrix(name, param)], cfg)
     optimizers: list[torch.optim.Optimizer] = [adamw]
     all_roles = [roles]
     if matrices:
-        optimizers.append(torch.optim.Muon([{"params": matrices, **group_hyperparameters(cfg, MUON)}],
-                                           lr=cfg.muon_lr))
-        all_roles.append([MUON])
+        optimizers.append(torch.optim.Muon([_group(cfg, role, params) for role, params in matrices], lr=cfg.muon_lr))
+        all_roles.append([role for role, _ in matrices])
     return OptimizerGroup(optimizers, all_roles)
 
 
@@ -132,7 +180,10 @@ _CONFIG_FIELD = {
 
 
 def _config_field(role: str, key: str) -> str:
-    return _CONFIG_FIELD.get((role, key), "optim.lr" if key == "base_lr" else f"optim.{key}")
+    kind, _, prefix = role.partition(":")
+    if prefix and key == "base_lr":
+        return f"optim.lr_multipliers[{prefix!r}] x {_config_field(kind, key)}"
+    return _CONFIG_FIELD.get((kind, key), "optim.lr" if key == "base_lr" else f"optim.{key}")
 
 
 def reapply_config_hyperparameters(optimizer: OptimizerGroup, cfg: OptimConfig) -> list[tuple[str, Any, Any]]:
