@@ -31,6 +31,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+from scipy import stats
 
 from lmforge.eval.facts import accuracy_interval
 from lmforge.retrieval.database import SCRATCH_MARKER, mark_scratch_database, remove_database_folder
@@ -115,6 +116,16 @@ def _fmt_interval(summary: dict, condition: str) -> str:
     return f"{entry['accuracy']:.3f} [{entry['interval'][0]:.2f}, {entry['interval'][1]:.2f}]"
 
 
+def _over_seeds(differences: list[float]) -> str:
+    """Mean of the seeds' bpb differences with a 95% Student-t interval over seeds (seeds are the
+    runs' noise: each cell's own paired interval covers only the choice of held-out documents)."""
+    mean = float(np.mean(differences))
+    if len(differences) < 2:
+        return f"{mean:+.4f}"
+    half = float(stats.t.ppf(0.975, len(differences) - 1) * stats.sem(differences))
+    return f"{mean:+.4f} [{mean - half:+.4f}, {mean + half:+.4f}]"
+
+
 def write_table(args: argparse.Namespace, rules: list[str], seeds: list[int]) -> None:
     cells = [c for r in rules for s in seeds if (c := _cell_result(args, r, s)) is not None]
     out = Path(args.out)
@@ -137,14 +148,15 @@ def write_table(args: argparse.Namespace, rules: list[str], seeds: list[int]) ->
                      f"| {r['before_add']['accuracy']:.3f} / {r['after_remove']['accuracy']:.3f} "
                      f"| {_fmt_interval(v, 'after_add')} | {v['copy_baseline_after_add']['accuracy']:.3f} |")
     lines += ["", "Per rule, mean over seeds:", "",
-              "| rule | seeds | Δ code bpb | Δ literature bpb | domains where retrieval hurts | reading before add | "
+              "| rule | seeds | Δ code bpb [95% over seeds] | Δ literature bpb [95% over seeds] "
+              "| domains where retrieval hurts (per-cell paired intervals) | reading before add | "
               "reading after add | reading copy baseline | reading presence baseline | verbatim after add |",
               "|---|---|---|---|---|---|---|---|---|---|"]
     for rule in rules:
         mine = [c for c in cells if c["rule"] == (f"{args.recipe}/{rule}" if args.recipe else rule)]
         if not mine:
             continue
-        d = {dom: np.mean([c["guard"]["domains"][dom]["difference"] for c in mine]) for dom in ("code", "literature")}
+        d = {dom: _over_seeds([c["guard"]["domains"][dom]["difference"] for c in mine]) for dom in ("code", "literature")}
         hurts = sum(c["guard"]["domains"][dom]["retrieval_hurts"] for c in mine for dom in ("code", "literature"))
         mean = {k: np.mean([c[k]["after_add"]["accuracy"] for c in mine]) for k in ("reading", "verbatim")}
         reading = {}
@@ -153,7 +165,7 @@ def write_table(args: argparse.Namespace, rules: list[str], seeds: list[int]) ->
             clusters = [x for c in mine for x in c["reading_scores"][cond]["clusters"]]
             low, high = accuracy_interval(scores, clusters)
             reading[cond] = f"{np.mean(scores):.3f} [{low:.3f}, {high:.3f}]"
-        lines.append(f"| {mine[0]['rule']} | {len(mine)} | {d['code']:+.4f} | {d['literature']:+.4f} | {hurts} of {2 * len(mine)} "
+        lines.append(f"| {mine[0]['rule']} | {len(mine)} | {d['code']} | {d['literature']} | {hurts} of {2 * len(mine)} "
                      f"| {reading['before_add']} | {reading['after_add']} | {reading['copy_baseline_after_add']} "
                      f"| {reading['presence_baseline_after_add']} | {mean['verbatim']:.3f} |")
     lines += ["", "Commands of each cell:", ""]
