@@ -124,7 +124,8 @@ def test_lr_multipliers_ignore_wrapper_segments_in_parameter_names():
     assert lr_of[id(wrapped.module.hidden.weight)] == pytest.approx(0.001)
 
 
-def test_resuming_with_other_lr_multiplier_prefixes_is_refused_clearly():
+def test_a_positional_optimizer_state_with_other_groups_is_refused_clearly():
+    # (the training checkpoint keys the state by parameter name and regroups: tests/test_optim_resume.py)
     saved = build_optimizer(_model(), OptimConfig(lr_multipliers={"hidden.": 0.1})).state_dict()
     other = build_optimizer(_model(), OptimConfig())
     with pytest.raises(ValueError, match="param groups.*optim.lr_multipliers"):

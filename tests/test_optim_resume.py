@@ -107,3 +107,25 @@ def test_an_optimizer_not_from_build_optimizer_is_refused():
     plain = OptimizerGroup([torch.optim.SGD([torch.nn.Parameter(torch.zeros(2))], lr=0.1)])
     with pytest.raises(ValueError, match="build_optimizer"):
         reapply_config_hyperparameters(plain, OptimConfig())
+
+
+def test_adding_or_removing_an_lr_multiplier_prefix_on_resume_keeps_every_moment(tmp_path):
+    """The training checkpoint keys the optimizer state by parameter name, so regrouping the
+    parameters (a prefix added to or removed from optim.lr_multipliers) restores every
+    parameter's moments; each group's LR then comes from the config, and the change is reported."""
+    plain, scaled = OptimConfig(lr=1e-3), OptimConfig(lr=1e-3, lr_multipliers={"blocks.": 0.1})
+    for saved_cfg, new_cfg, expected in ((plain, scaled, ("optim.lr_multipliers['blocks.'] x optim.lr", 1e-3, 1e-4)),
+                                         (scaled, plain, ("optim.lr", 1e-4, 1e-3))):
+        folder = tmp_path / str(len(saved_cfg.lr_multipliers))
+        folder.mkdir()
+        checkpoint = _saved_run(folder, saved_cfg)
+        reference_model, reference_opt = _resumed(checkpoint, saved_cfg)
+        model, optimizer = _resumed(checkpoint, new_cfg)
+        assert expected in reapply_config_hyperparameters(optimizer, new_cfg)
+        moments = {name: reference_opt.optimizers[0].state[p] for name, p in reference_model.named_parameters()}
+        for name, param in model.named_parameters():
+            state = optimizer.optimizers[0].state[param]
+            assert torch.equal(state["exp_avg"], moments[name]["exp_avg"]), name
+            assert torch.equal(state["exp_avg_sq"], moments[name]["exp_avg_sq"]), name
+            lr = next(g["base_lr"] for g in optimizer.param_groups if any(p is param for p in g["params"]))
+            assert lr == pytest.approx(1e-4 if name.startswith("blocks.") and new_cfg.lr_multipliers else 1e-3), name

@@ -53,7 +53,8 @@ class OptimizerGroup:
                 raise ValueError(
                     f"the saved {type(opt).__name__} state has {len(state['param_groups'])} param groups, this run's "
                     f"config makes {len(opt.param_groups)}: optim.lr_multipliers (or which parameters train) "
-                    "changed since the checkpoint; keep them, or start the optimizer afresh"
+                    "changed since it was saved, and this state is matched by position (a training checkpoint, "
+                    "matched by parameter name, regroups)"
                 )
             opt.load_state_dict(state)
 
