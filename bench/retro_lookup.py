@@ -2,7 +2,7 @@
 
 The facts benchmarks ask a question whose answer sits somewhere in a retrieved document, in
 another phrasing: the model must find it by content, not by position. This is that skill with
-nothing else to learn. Random filler tokens; each chunk's first neighbour holds ``--pairs``
+nothing else to learn. Random filler tokens; one neighbour slot of each chunk holds ``--pairs``
 (key, value) pairs at random places (keys and values from their own vocabularies); in the next
 chunk of the text one of those keys appears, followed by its value. Loss on the value tokens,
 every 100 steps, with the neighbour holding the pair and with an unrelated neighbour (chance:
@@ -99,6 +99,8 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], dest="overrides", metavar="KEY=VALUE",
                         help="model config override (e.g. retro.aligned_read=false)")
     args = parser.parse_args()
+    if any(not 1 <= int(p) <= 15 for p in args.pairs.split(",")):  # pairs sit in 2-token cells of a 32-token neighbour
+        parser.error(f"--pairs: each count must be in 1..15 (chunk_len 16), got {args.pairs}")
     multipliers = {k: float(v) for k, v in (item.split("=", 1) for item in args.lr_multiplier)}
     for pairs in (int(p) for p in args.pairs.split(",")):
         for seed in (int(s) for s in args.seeds.split(",")):

@@ -110,18 +110,27 @@ def test_lr_multipliers_scale_the_peak_lr_of_the_parameters_they_name():
     muon = build_optimizer(_model(), OptimConfig(name="muon", muon_lr=0.02, lr_multipliers={"hidden.": 0.25}))
     assert [g["base_lr"] for g in muon.optimizers[1].param_groups] == [pytest.approx(0.005)]
     # a prefix that names nothing would do nothing: refused with the names there are
-    with pytest.raises(ConfigError, match="'encoder.' match no trainable parameter .*embed., hidden., norm."):
+    with pytest.raises(ConfigError, match="'encoder.' matches no trainable parameter .*embed., hidden., norm."):
         build_optimizer(_model(), OptimConfig(lr_multipliers={"encoder.": 0.1}))
-    with pytest.raises(ConfigError, match="lr_multipliers: 'hidden.': the multiplier must be >= 0"):
+    with pytest.raises(ConfigError, match="every parameter that 'hidden' matches takes a longer prefix"):
+        build_optimizer(_model(), OptimConfig(lr_multipliers={"hidden": 0.5, "hidden.": 0.1}))
+    with pytest.raises(ConfigError, match="finite"):
+        OptimConfig.from_dict({"lr_multipliers": {"hidden.": float("inf")}})
+    with pytest.raises(ConfigError, match="lr_multipliers: 'hidden.': the multiplier must be finite and >= 0"):
         OptimConfig.from_dict({"lr_multipliers": {"hidden.": -1.0}})
 
 
 def test_lr_multipliers_ignore_wrapper_segments_in_parameter_names():
+    from lmforge.core.errors import ConfigError
+
     wrapped = torch.nn.Sequential()
     wrapped.add_module("module", _model())  # as DistributedDataParallel names them
     opt = build_optimizer(wrapped, OptimConfig(lr=0.01, lr_multipliers={"hidden.": 0.1}))
     lr_of = {id(p): g["base_lr"] for g in opt.param_groups for p in g["params"]}
     assert lr_of[id(wrapped.module.hidden.weight)] == pytest.approx(0.001)
+    # the error names the model's own names, not the wrapper's
+    with pytest.raises(ConfigError, match=r"names start with embed\., hidden\., norm\.\)"):
+        build_optimizer(wrapped, OptimConfig(lr_multipliers={"module.": 0.1}))
 
 
 def test_a_positional_optimizer_state_with_other_groups_is_refused_clearly():

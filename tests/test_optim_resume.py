@@ -114,8 +114,10 @@ def test_adding_or_removing_an_lr_multiplier_prefix_on_resume_keeps_every_moment
     parameters (a prefix added to or removed from optim.lr_multipliers) restores every
     parameter's moments; each group's LR then comes from the config, and the change is reported."""
     plain, scaled = OptimConfig(lr=1e-3), OptimConfig(lr=1e-3, lr_multipliers={"blocks.": 0.1})
-    for saved_cfg, new_cfg, expected in ((plain, scaled, ("optim.lr_multipliers['blocks.'] x optim.lr", 1e-3, 1e-4)),
-                                         (scaled, plain, ("optim.lr", 1e-4, 1e-3))):
+    for saved_cfg, new_cfg, expected in ((plain, scaled, ("optim.lr_multipliers (parameters regrouped: "
+                                                          "adamw_decay -> adamw_decay:blocks.)", 1e-3, 1e-4)),
+                                         (scaled, plain, ("optim.lr_multipliers (parameters regrouped: "
+                                                          "adamw_decay:blocks. -> adamw_decay)", 1e-4, 1e-3))):
         folder = tmp_path / str(len(saved_cfg.lr_multipliers))
         folder.mkdir()
         checkpoint = _saved_run(folder, saved_cfg)
@@ -129,3 +131,23 @@ def test_adding_or_removing_an_lr_multiplier_prefix_on_resume_keeps_every_moment
             assert torch.equal(state["exp_avg_sq"], moments[name]["exp_avg_sq"]), name
             lr = next(g["base_lr"] for g in optimizer.param_groups if any(p is param for p in g["params"]))
             assert lr == pytest.approx(1e-4 if name.startswith("blocks.") and new_cfg.lr_multipliers else 1e-3), name
+
+
+def test_splitting_a_muon_group_on_resume_keeps_its_momentum_and_steps(tmp_path):
+    saved_cfg = OptimConfig(name="muon", lr=1e-3, muon_lr=0.02)
+    new_cfg = OptimConfig(name="muon", lr=1e-3, muon_lr=0.02, lr_multipliers={"blocks.0.attn.": 0.5})
+    checkpoint = _saved_run(tmp_path, saved_cfg)
+    reference_model, reference_opt = _resumed(checkpoint, saved_cfg)
+    model, optimizer = _resumed(checkpoint, new_cfg)
+    reapply_config_hyperparameters(optimizer, new_cfg)
+    muon = optimizer.optimizers[1]
+    assert sorted(g["role"] for g in muon.param_groups) == ["muon", "muon:blocks.0.attn."]
+    reference = {name: reference_opt.optimizers[1].state[p] for name, p in reference_model.named_parameters()
+                 if p in reference_opt.optimizers[1].state}
+    for name, param in model.named_parameters():
+        if name in reference:
+            assert torch.equal(muon.state[param]["momentum_buffer"], reference[name]["momentum_buffer"]), name
+    for group in muon.param_groups:
+        expected = 0.01 if group["role"].endswith("attn.") else 0.02
+        assert group["base_lr"] == pytest.approx(expected) and group["momentum"] == 0.95
+    _update(model, optimizer)  # the regrouped optimizer steps

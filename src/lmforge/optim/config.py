@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from lmforge.core.config import Config, FieldValueError
@@ -29,8 +30,9 @@ class OptimConfig(Config):
     constant_lr_ratio: float | None = None  # infinite (required): the level after the first cooldown
     cooldown_steps: int | None = None       # infinite (required): steps of the cosine cooldown to that level
     wsd_periods: int | None = None          # wsd_cyclic (required): number of equal WSD periods in the run
-    # Peak-LR multipliers by parameter-name prefix, e.g. {"encoder.": 0.1} (a RETRO neighbour encoder):
-    # a parameter takes the multiplier of the longest prefix its name starts with, else 1.
+    # Peak-LR multipliers by parameter-name prefix, e.g. {"encoder.": 0.1} (a RETRO neighbour encoder's
+    # blocks): a parameter takes the multiplier of the longest prefix its name starts with, else 1.
+    # Plain string prefixes: end one with "." to mean a module ("blocks.0.attn" also takes attn_norm).
     lr_multipliers: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -49,8 +51,9 @@ class OptimConfig(Config):
         for prefix, multiplier in self.lr_multipliers.items():
             if not prefix or ":" in prefix:
                 raise FieldValueError("lr_multipliers", f"{prefix!r} is no parameter-name prefix (non-empty, no ':')")
-            if not 0.0 <= multiplier:
-                raise FieldValueError("lr_multipliers", f"{prefix!r}: the multiplier must be >= 0, got {multiplier}")
+            if not (math.isfinite(multiplier) and multiplier >= 0.0):
+                raise FieldValueError("lr_multipliers", f"{prefix!r}: the multiplier must be finite and >= 0, "
+                                                        f"got {multiplier}")
         if not 0.0 <= self.decay_fraction <= 1.0:
             raise ValueError("decay_fraction must be in [0, 1]")
         if not 0.0 <= self.min_lr_ratio <= 1.0:

@@ -86,16 +86,22 @@ def group_hyperparameters(cfg: OptimConfig, role: str) -> dict[str, Any]:
     }
 
 
-# Segments that wrappers (DDP, torch.compile, activation checkpointing, FSDP1) put in parameter
-# names; a prefix in optim.lr_multipliers names the model's own parameters.
-_WRAPPER_SEGMENTS = {"module", "_orig_mod", "_checkpoint_wrapped_module", "_fsdp_wrapped_module"}
+# What torch.compile (``_orig_mod.``) and DDP (``module.``) put in front of parameter names; a
+# prefix in optim.lr_multipliers names the model's own parameters (FSDP2 keeps the names).
+_WRAPPER_SEGMENTS = ("module", "_orig_mod")
+
+
+def _plain_name(name: str) -> str:
+    parts = name.split(".")
+    while len(parts) > 1 and parts[0] in _WRAPPER_SEGMENTS:
+        parts.pop(0)
+    return ".".join(parts)
 
 
 def _lr_prefix(name: str, cfg: OptimConfig) -> str:
     """The longest prefix of ``optim.lr_multipliers`` that the parameter ``name`` starts with, or ''."""
-    plain = ".".join(part for part in name.split(".") if part not in _WRAPPER_SEGMENTS)
-    matches = [prefix for prefix in cfg.lr_multipliers if plain.startswith(prefix)]
-    return max(matches, key=len, default="")
+    plain = _plain_name(name)
+    return max((prefix for prefix in cfg.lr_multipliers if plain.startswith(prefix)), key=len, default="")
 
 
 def _by_lr_prefix(named: list[tuple[str, nn.Parameter]], cfg: OptimConfig, kind: str
@@ -111,23 +117,31 @@ def _by_lr_prefix(named: list[tuple[str, nn.Parameter]], cfg: OptimConfig, kind:
 def _group(cfg: OptimConfig, role: str, params: list[nn.Parameter]) -> dict[str, Any]:
     """A param group of ``role``, its LR at its own peak until ``set_learning_rate`` sets it."""
     hyperparameters = group_hyperparameters(cfg, role)
-    return {"params": params, **hyperparameters, "lr": hyperparameters["base_lr"]}
+    # the role also rides in the group, so that after a resume reapply_config_hyperparameters can
+    # tell a regrouping (optim.lr_multipliers changed) from a changed optim.lr
+    return {"params": params, **hyperparameters, "lr": hyperparameters["base_lr"], "role": role}
 
 
 def _check_lr_prefixes(named: list[tuple[str, nn.Parameter]], cfg: OptimConfig) -> None:
-    """A prefix that matches no trainable parameter would silently do nothing: refused."""
-    used = {_lr_prefix(name, cfg) for name, _ in named}
-    unused = [prefix for prefix in cfg.lr_multipliers if prefix not in used]
-    if unused:
-        tops = sorted({name.split(".")[0] + "." for name, _ in named})
-        raise ConfigError(f"optim.lr_multipliers: {', '.join(map(repr, unused))} match no trainable parameter "
-                          f"(names start with {', '.join(tops)})")
+    """A prefix that names no trainable parameter, or only parameters a longer prefix takes, would
+    silently do nothing: refused."""
+    plain = [_plain_name(name) for name, _ in named]
+    taken = {_lr_prefix(name, cfg) for name, _ in named}
+    for prefix in cfg.lr_multipliers:
+        if not any(name.startswith(prefix) for name in plain):
+            tops = ", ".join(sorted({name.split(".")[0] + "." for name in plain}))
+            raise ConfigError(f"optim.lr_multipliers: {prefix!r} matches no trainable parameter (names start with "
+                              f"{tops})")
+        if prefix not in taken:
+            raise ConfigError(f"optim.lr_multipliers: every parameter that {prefix!r} matches takes a longer prefix's "
+                              "multiplier; remove it or the longer ones")
 
 
 # optim.name -> a function (model, cfg) -> OptimizerGroup. A new optimizer is one function
 # registered here; its param groups' roles say which config fields set their hyperparameters.
-# Roles live on the object, not in the groups: loading a state dict replaces the groups'
-# contents with the saved ones (and checkpoints written before roles existed lack them).
+# The roles that count live on the object: loading a state dict replaces the groups' contents with
+# the saved ones (a group's own "role" key then says what the checkpoint's group was; checkpoints
+# written before it lack it).
 OPTIMIZERS: Registry[Callable[[nn.Module, OptimConfig], OptimizerGroup]] = Registry("optimizer")
 
 
@@ -206,6 +220,8 @@ def reapply_config_hyperparameters(optimizer: OptimizerGroup, cfg: OptimConfig) 
             raise ValueError(f"{type(opt).__name__} has {len(opt.param_groups)} param groups, "
                              f"build_optimizer made {len(opt_roles)}")
         for group, role in zip(opt.param_groups, opt_roles):
+            saved_role = group.get("role")  # what the checkpoint's group was (absent before roles rode along)
+            regrouped = saved_role is not None and saved_role != role
             for key, new in group_hyperparameters(cfg, role).items():
                 old = group.get(key)
                 if key == "betas":
@@ -216,11 +232,14 @@ def reapply_config_hyperparameters(optimizer: OptimizerGroup, cfg: OptimConfig) 
                     group[key] = tuple(new)
                     continue
                 if old != new:
-                    changes.append((_config_field(role, key), old, new))
+                    field = (f"optim.lr_multipliers (parameters regrouped: {saved_role} -> {role})"
+                             if regrouped and key == "base_lr" else _config_field(role, key))
+                    changes.append((field, old, new))
                     if key == "base_lr" and old and "lr" in group:
                         # Keep the current schedule position until set_learning_rate runs.
                         group["lr"] = group["lr"] * new / old
                 group[key] = new
+            group["role"] = role
     unique: list[tuple[str, Any, Any]] = []
     for change in changes:
         if change not in unique:
