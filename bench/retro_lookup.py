@@ -70,6 +70,7 @@ def run(pairs: int, steps: int, overrides: list[str], seed: int = 0, lr: float =
     test = lookup_batch(held_out, 64, n, m, pairs)
     unrelated = lookup_batch(held_out, 64, n, m, pairs, asked=False)[2]
     start, curve = time.perf_counter(), []
+    label = " ".join([*overrides, *(f"lr[{k}]x{v}" for k, v in (lr_multipliers or {}).items())]) or "defaults"
     for step in range(steps + 1):
         inputs, targets, neighbours, _ = lookup_batch(generator, batch, n, m, pairs)
         loss = model(inputs, targets, neighbours=neighbours).loss
@@ -81,7 +82,6 @@ def run(pairs: int, steps: int, overrides: list[str], seed: int = 0, lr: float =
                 read = value_loss(model(test[0], neighbours=test[2]).logits, test[1], test[3])
                 blind = value_loss(model(test[0], neighbours=unrelated).logits, test[1], test[3])
             curve.append({"step": step, "value_loss": read, "unrelated_neighbour": blind})
-            label = " ".join([*overrides, *(f"lr[{k}]x{v}" for k, v in (lr_multipliers or {}).items())]) or "defaults"
             print(f"seed {seed} pairs={pairs} {label:<28} step {step:4d}  value tokens {read:.3f} nats"
                   f"   unrelated neighbour {blind:.3f}   (chance {math.log(VALUES[1] - VALUES[0]):.3f};"
                   f" {time.perf_counter() - start:.0f} s)", flush=True)

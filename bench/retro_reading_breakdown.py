@@ -63,32 +63,30 @@ def pooled_by_template(runs: list[Path]) -> dict[str, dict[str, tuple[float, flo
 
 def fact_recall_by_template(db_path: Path, seeds: list[int], k: int = 2) -> dict[str, float]:
     """Share of questions whose chunk retrieves its entity's fact document (top ``k``) after the add."""
-    from lmforge.retrieval.database import ChunkDatabase, add_documents
+    from lmforge.retrieval.database import ChunkDatabase, add_documents, remove_documents
 
     hits: dict[str, list[bool]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         copy = Path(tmp) / "db"
         shutil.copytree(db_path, copy, ignore=shutil.ignore_patterns("neighbours_*", ".lock"))
-        tokenizer = ChunkDatabase(copy).tokenizer  # the database keeps its own copy
         for seed in seeds:
             documents, items = benchmark_items("reading", 24, seed)
-            db = ChunkDatabase(copy)
-            embedder = db.embedder
+            embedder = ChunkDatabase(copy).embedder
             added = add_documents(copy, documents, source=f"breakdown_{seed}", embedder=embedder)
             db = ChunkDatabase(copy)
             db.set_embedder(embedder)
+            tokenizer = db.tokenizer  # the database keeps its own copy
+            chunk_docs = np.asarray(db.doc)[:, 0]  # once per seed, not per question
             doc_of = {t.split(":", 1)[1]: d for (t, _), d in zip(documents, added["document_ids"]) if t.startswith("fact:")}
             m = db.chunk_len
             for i, item in enumerate(items):
                 prompt = tokenizer.encode(item["prompt"])
                 prompt = [tokenizer.eos_id] * ((-len(prompt)) % m) + prompt
                 ids = db.retrieve(np.array(prompt[-m:])[None], k)[0]
-                hit = bool((np.asarray(db.doc)[ids[ids >= 0], 0] == doc_of[item["entity"]]).any())
+                hit = bool((chunk_docs[ids[ids >= 0]] == doc_of[item["entity"]]).any())
                 kind, attribute = READING_QUESTIONS[i % len(READING_QUESTIONS)][:2]
                 for group in (_slot(kind, attribute), "all"):
                     hits.setdefault(group, []).append(hit)
-            from lmforge.retrieval.database import remove_documents
-
             remove_documents(copy, source=f"breakdown_{seed}")
     return {group: float(np.mean(v)) for group, v in hits.items()}
 
