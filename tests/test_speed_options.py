@@ -18,7 +18,9 @@ from conftest import run_cli, tiny_run_dict, train_losses, write_config
 from lmforge.core.device import autocast_context
 from lmforge.nn.config import ModelConfig
 from lmforge.nn.cross_entropy import linear_cross_entropy
-from lmforge.nn.moe import MoE, expert_kernel
+from lmforge.nn.moe import MoE, expert_kernel, padded_runs, row_multiple
+from lmforge.nn.norm import rms_norm
+from lmforge.nn.rope import RotaryEmbedding
 
 
 def _moe(**moe) -> MoE:
@@ -70,6 +72,79 @@ def test_expert_compute_is_checked_and_resolved():
     assert expert_kernel("auto", torch.device("cuda"), torch.float32, (128, 384)) == "loop"
     assert expert_kernel("auto", torch.device("cuda"), torch.bfloat16, (128, 100)) == "loop"
     assert expert_kernel("loop", torch.device("cuda")) == "loop"
+
+
+@pytest.mark.parametrize("moe", [{}, {"top_k": 1}, {"n_shared_experts": 1}])
+def test_padded_expert_runs_compute_what_the_unpadded_loop_computes(moe):
+    """moe.expert_rows_multiple: each expert's rows padded (slots reading token 0 with weight 0)
+    give the same output and the same gradients as no padding."""
+    x = torch.randn(3, 21, 32)
+    reference = _forward_backward(_moe(**moe, expert_rows_multiple=1), "loop", x)
+    for multiple in (7, 64):
+        layer = _moe(**moe, expert_rows_multiple=multiple)
+        for ours, theirs in zip(_forward_backward(layer, "loop", x), reference):
+            torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-7)
+        assert layer.last_tokens_per_expert.sum() == 63 * layer.top_k  # the statistics count real slots only
+
+
+def test_padded_runs_layout():
+    counts = torch.tensor([3, 0, 5])
+    slot_tokens = torch.tensor([4, 5, 6, 1, 2, 3, 7, 8])
+    weights = torch.arange(1.0, 9.0)[:, None]
+    tokens, padded_weights, runs = padded_runs(slot_tokens, weights, counts, 4)
+    assert runs.tolist() == [4, 0, 8]
+    assert tokens.tolist() == [4, 5, 6, 0, 1, 2, 3, 7, 8, 0, 0, 0]
+    assert padded_weights.squeeze(1).tolist() == [1, 2, 3, 0, 4, 5, 6, 7, 8, 0, 0, 0]
+    assert row_multiple(None, torch.device("cpu"), "loop") == 64
+    assert row_multiple(None, torch.device("cpu"), "batched") == 1
+    assert row_multiple(None, torch.device("cuda"), "loop") == 1
+    assert row_multiple(16, torch.device("cuda"), "loop") == 16
+    with pytest.raises(Exception, match="expert_rows_multiple"):
+        ModelConfig.from_dict({"moe": {"expert_rows_multiple": 0}})
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("positions", [False, True])
+def test_rotary_backward_by_hand_equals_autograd_of_the_textbook_form(dtype, positions):
+    """nn/rope.py rotates forward and backward by hand; autograd of x*cos + rotate_half(x)*sin is
+    the reference, on a transposed (non-contiguous) q as attention passes it."""
+    from lmforge.nn.attention import rotate_at
+
+    rope = RotaryEmbedding(16, 64)
+    x = torch.randn(2, 9, 3, 16, dtype=dtype).transpose(1, 2).requires_grad_()
+    grad = torch.randn(2, 3, 9, 16, dtype=dtype)
+    if positions:
+        index = torch.tensor([[0, 1, 2, 0, 1, 0, 1, 2, 3], [5, 6, 7, 8, 9, 10, 11, 12, 13]])
+        cos, sin = rope.cos[index].to(dtype)[:, None], rope.sin[index].to(dtype)[:, None]
+        ours = rotate_at(rope, x, index)
+    else:
+        cos, sin = rope.cos[4:13].to(dtype), rope.sin[4:13].to(dtype)
+        ours = rope(x, 4)
+    (ours_grad,) = torch.autograd.grad(ours, x, grad)
+    first, second = x.chunk(2, dim=-1)
+    reference = x * cos + torch.cat([-second, first], dim=-1) * sin
+    (reference_grad,) = torch.autograd.grad(reference, x, grad)
+    tolerance = {} if dtype == torch.float32 else {"rtol": 1e-2, "atol": 2e-2}  # bf16: one rounding fewer here
+    torch.testing.assert_close(ours, reference, **tolerance)
+    torch.testing.assert_close(ours_grad, reference_grad, **tolerance)
+    with torch.no_grad():  # no autograd: the same rotation without the Function
+        plain = rotate_at(rope, x, index) if positions else rope(x, 4)
+    torch.testing.assert_close(plain, ours.detach(), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("shape", [(4, 7, 24), (10, 24)])
+@pytest.mark.parametrize("needs", [(True, True), (True, False), (False, True)])
+def test_rms_norm_backward_by_hand_equals_autograd_of_f_rms_norm(shape, needs):
+    x = torch.randn(*shape).requires_grad_(needs[0])
+    weight = (1 + 0.1 * torch.randn(shape[-1])).requires_grad_(needs[1])
+    grad = torch.randn(*shape)
+    wanted = [t for t in (x, weight) if t.requires_grad]
+    ours = rms_norm(x, weight, 1e-5)
+    reference = F.rms_norm(x, (shape[-1],), weight, 1e-5)
+    assert ours.grad_fn is not None and "RMSNorm" in type(ours.grad_fn).__name__  # the hand-written one ran
+    torch.testing.assert_close(ours, reference, rtol=0, atol=0)
+    for a, b in zip(torch.autograd.grad(ours, wanted, grad), torch.autograd.grad(reference, wanted, grad)):
+        torch.testing.assert_close(a, b)
 
 
 def test_fused_cross_entropy_equals_the_plain_loss():
@@ -165,6 +240,8 @@ def test_fast_precision_is_bf16_only_where_the_hardware_multiplies_it_natively(m
 RESUME_MODELS = {
     "moe": {"fused_cross_entropy": True, "tie_embeddings": False, "attention": {"kernel": "explicit"},
             "moe": {"n_experts": 4, "top_k": 2, "expert_compute": "batched"}},
+    "moe_padded_runs": {"fused_cross_entropy": True, "moe": {"n_experts": 4, "top_k": 2, "expert_compute": "loop",
+                                                             "expert_rows_multiple": 8}},
     "dense_arch": {"fused_cross_entropy": True, "tie_embeddings": False, "attention": {"kernel": "explicit"},
                    "moe": None, "mlp_activation": "relu2", "logit_softcap": 15.0, "value_embeddings": True,
                    "skip_connections": True},

@@ -27,7 +27,7 @@ from torch import nn
 
 from lmforge.nn.config import ModelConfig
 from lmforge.nn.norm import RMSNorm
-from lmforge.nn.rope import RotaryEmbedding
+from lmforge.nn.rope import RotaryEmbedding, apply_rotary
 
 # The end-of-text token: the shards put one after every document, so in a packed sequence it
 # starts the next document (and the model learns to begin a document after it, as generation
@@ -112,8 +112,7 @@ def rotate_at(rope: RotaryEmbedding, x: torch.Tensor, positions: torch.Tensor) -
     tables read at those rows, so scaling and attention factors are the same as ``rope(x, s)``."""
     cos = rope.cos[positions].to(x.dtype)[:, None]  # [B, 1, T, head_dim]
     sin = rope.sin[positions].to(x.dtype)[:, None]
-    first, second = x.chunk(2, dim=-1)
-    return x * cos + torch.cat([-second, first], dim=-1) * sin
+    return apply_rotary(x, cos, sin)
 
 
 def explicit_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

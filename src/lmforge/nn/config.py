@@ -22,6 +22,7 @@ class MoEConfig(Config):
     z_loss_weight: float = 0.001       # weight of the router z-loss
     every_n_layers: int = 1            # MoE in layers i with i % every_n_layers == every_n_layers - 1
     expert_compute: Literal["auto", "batched", "grouped_mm", "loop"] = "auto"  # experts' kernel, nn/moe.py; auto: grouped_mm for bf16 on CUDA, loop elsewhere
+    expert_rows_multiple: int | None = None  # loop kernel: each expert's rows padded to a multiple (repeating matmul shapes); None: 64 on CPU, 1 (none) elsewhere
 
     def __post_init__(self) -> None:
         if self.n_experts < 1:
@@ -32,6 +33,8 @@ class MoEConfig(Config):
             raise ValueError("moe.d_expert must be >= 1")
         if self.n_shared_experts < 0 or self.every_n_layers < 1:
             raise ValueError("moe.n_shared_experts must be >= 0 and moe.every_n_layers >= 1")
+        if self.expert_rows_multiple is not None and self.expert_rows_multiple < 1:
+            raise ValueError(f"moe.expert_rows_multiple must be >= 1 (1: no padding), got {self.expert_rows_multiple}")
 
 
 @dataclass

@@ -31,6 +31,9 @@ class LinearCrossEntropy(torch.autograd.Function):
         grad_hidden = torch.empty_like(hidden)
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        # out= and in-place matmuls are outside autocast: only where no autocast would apply anyway
+        in_place = (hidden.dtype == weight.dtype == torch.float32
+                    and not torch.is_autocast_enabled(hidden.device.type))
         for start in range(0, targets.numel(), chunk_rows):
             rows = slice(start, start + chunk_rows)
             h, t, keep = hidden[rows], safe_targets[rows], valid[rows]
@@ -50,8 +53,13 @@ class LinearCrossEntropy(torch.autograd.Function):
             grad[torch.arange(t.numel(), device=t.device), t] -= keep / count
             if softcap is not None:
                 grad.mul_(1.0 - capped.square_())
-            grad_hidden[rows] = (grad.to(h.dtype) @ weight).to(hidden.dtype)
-            grad_weight += grad.t().to(h.dtype) @ h
+            if in_place:
+                # fp32: the matmuls write and accumulate in place (no product copied, no extra add)
+                torch.mm(grad, weight, out=grad_hidden[rows])
+                grad_weight.addmm_(grad.t(), h)
+            else:
+                grad_hidden[rows] = (grad.to(h.dtype) @ weight).to(hidden.dtype)
+                grad_weight += grad.t().to(h.dtype) @ h
         ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype))
         return total / count
 

@@ -56,12 +56,44 @@ def expert_kernel(choice: str, device: torch.device, dtype: torch.dtype = torch.
     return "loop"
 
 
+def row_multiple(choice: int | None, device: torch.device, kernel: str) -> int:
+    """The multiple ``moe.expert_rows_multiple`` resolves to: None is 64 for the ``loop`` kernel
+    on CPU, 1 (no padding) elsewhere."""
+    if choice is not None:
+        return choice if kernel == "loop" else 1
+    return 64 if device.type == "cpu" and kernel == "loop" else 1
+
+
+def padded_runs(slot_tokens: torch.Tensor, slot_weights: torch.Tensor, counts: torch.Tensor,
+                multiple: int) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """Each expert's run of sorted slots padded to a multiple of ``multiple`` rows.
+
+    On CPU, oneDNN builds (and caches by shape) a kernel for every new matrix shape: in bf16 a
+    matmul whose row count was not seen before costs ~18x one that was (1.4 ms against 0.08 ms
+    for 1,024 x 128 @ 128 x 192 with AMX, docs/benchmarks.md), and each expert's row count
+    changes every step. Padded to a multiple, the shapes repeat and stay cached. The padding
+    slots read token 0 and carry weight 0, so they add exact zeros to its output and pass zero
+    gradients to the experts' weights; the cost is on average ``multiple / 2`` extra rows per
+    expert. Returns the padded slot tokens, slot weights and run lengths.
+    """
+    padded = (counts + multiple - 1) // multiple * multiple
+    starts = counts.cumsum(0) - counts
+    padded_starts = padded.cumsum(0) - padded
+    experts = torch.repeat_interleave(torch.arange(counts.numel(), device=counts.device), counts)
+    destination = torch.arange(slot_tokens.numel(), device=counts.device) - starts[experts] + padded_starts[experts]
+    total = int(padded.sum())
+    tokens = slot_tokens.new_zeros(total).index_copy_(0, destination, slot_tokens)
+    weights = slot_weights.new_zeros(total, *slot_weights.shape[1:]).index_copy(0, destination, slot_weights)
+    return tokens, weights, padded
+
+
 class MoE(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         assert cfg.moe is not None
         self.n_experts, self.top_k = cfg.moe.n_experts, cfg.moe.top_k
         self.expert_compute = cfg.moe.expert_compute
+        self.expert_rows_multiple = cfg.moe.expert_rows_multiple
         self.router = nn.Linear(cfg.d_model, self.n_experts, bias=False)
         # A list of 2-D weight matrices (not one 3-D tensor) so Muon can orthogonalise each.
         self.experts = nn.ModuleList(SwiGLU(cfg.d_model, cfg.d_expert) for _ in range(self.n_experts))
@@ -91,10 +123,15 @@ class MoE(nn.Module):
         compute_dtype = torch.get_autocast_dtype(x.device.type) if autocast else x.dtype
         kernel = expert_kernel(self.expert_compute, x.device, compute_dtype,
                                (x.shape[-1], self.experts[0].gate.out_features))
+        multiple = row_multiple(self.expert_rows_multiple, x.device, kernel)
+        if multiple > 1:
+            slot_tokens, slot_weights, counts_run = padded_runs(slot_tokens, slot_weights, counts, multiple)
+        else:
+            counts_run = counts
         # index_select, not tensor[index]: its backward is index_add_, not a slower accumulating index_put_
         rows = tokens.index_select(0, slot_tokens)
         if kernel == "loop":
-            expert_out = self._loop(rows, counts)
+            expert_out = self._loop(rows, counts_run)
         else:
             expert_out = self._grouped(rows, flat_experts[order], counts, kernel, compute_dtype)
         weighted = (expert_out * slot_weights.to(tokens.dtype)).to(tokens.dtype)

@@ -109,6 +109,42 @@ class RotaryEmbedding(nn.Module):
         t = x.shape[-2]
         cos = self.cos[start_pos : start_pos + t].to(x.dtype)
         sin = self.sin[start_pos : start_pos + t].to(x.dtype)
-        first, second = x.chunk(2, dim=-1)
-        rotated = torch.cat([-second, first], dim=-1)
-        return x * cos + rotated * sin
+        return apply_rotary(x, cos, sin)
+
+
+class _RotaryFunction(torch.autograd.Function):
+    """``x * cos + rotate_half(x) * sin`` in two passes over ``x``, forward and backward.
+
+    Written out because autograd of the textbook form (negate a half, concatenate, two products,
+    a sum) takes about five passes each way over q and k and keeps their copies; the backward of a
+    rotation is the rotation the other way, so this one keeps nothing but the tables. Both halves
+    of ``sin`` are equal (each angle serves a pair), which the half-wise updates rely on.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        ctx.save_for_backward(cos, sin)
+        return _rotate(x, cos, sin, sign=1.0)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        cos, sin = ctx.saved_tensors
+        return _rotate(grad, cos, sin, sign=-1.0), None, None
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, sign: float) -> torch.Tensor:
+    """Rotate each pair (x1, x2) by +angle (``sign`` 1) or -angle (-1)."""
+    half = x.shape[-1] // 2
+    out = x * cos
+    first, second, sin_half = x[..., :half], x[..., half:], sin[..., :half]
+    out[..., :half].addcmul_(second, sin_half, value=-sign)
+    out[..., half:].addcmul_(first, sin_half, value=sign)
+    return out
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE: ``x`` [..., T, head_dim] rotated by the angles whose ``cos`` / ``sin`` tables
+    broadcast against it (rows = positions; both halves of a row equal, as the tables here are)."""
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _RotaryFunction.apply(x, cos, sin)
+    return _rotate(x, cos, sin, sign=1.0)
