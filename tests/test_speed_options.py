@@ -95,8 +95,9 @@ def test_padded_runs_layout():
     assert runs.tolist() == [4, 0, 8]
     assert tokens.tolist() == [4, 5, 6, 0, 1, 2, 3, 7, 8, 0, 0, 0]
     assert padded_weights.squeeze(1).tolist() == [1, 2, 3, 0, 4, 5, 6, 7, 8, 0, 0, 0]
-    assert row_multiple(None, torch.device("cpu"), "loop") == 64
-    assert row_multiple(None, torch.device("cpu"), "batched") == 1
+    assert row_multiple(None, torch.device("cpu"), "loop", torch.bfloat16) == 64
+    assert row_multiple(None, torch.device("cpu"), "loop", torch.float32) == 1
+    assert row_multiple(None, torch.device("cpu"), "batched", torch.bfloat16) == 1
     assert row_multiple(None, torch.device("cuda"), "loop") == 1
     assert row_multiple(16, torch.device("cuda"), "loop") == 16
     with pytest.raises(Exception, match="expert_rows_multiple"):

@@ -66,3 +66,16 @@ def test_speedrun_calibrate_only_gives_every_config_its_rate(tmp_path, tiny_corp
     assert report["ratio_to_baseline"]["a"] == 1.0
     missing = _bench("speedrun.py", str(config), "--out", str(out))
     assert missing.returncode != 0 and "--seconds" in missing.stderr
+
+
+def test_matmul_shapes_bench_times_seen_and_new_shapes_and_refuses_too_many_calls():
+    result = _bench("matmul_shapes.py", "--rows", "64", "--d-in", "8", "--d-out", "16", "--calls", "8", "--rounds", "2")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    for dtype in ("float32", "bfloat16"):
+        timing = report[dtype]
+        assert timing["same_shape_us"] > 0 and timing["new_shape_us"] > 0
+        ratio = timing["new_shape_us"] / timing["same_shape_us"]  # of the rounded times: close, not equal
+        assert abs(timing["new_over_same"] - ratio) <= 0.01 + 0.01 * ratio
+    refused = _bench("matmul_shapes.py", "--rows", "16", "--calls", "9")
+    assert refused.returncode != 0 and "--calls" in refused.stderr

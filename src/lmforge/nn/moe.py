@@ -18,6 +18,10 @@ are multiplied:
   matmuls are the whole cost and ``batched`` measured ~15% slower than ``loop`` (its padded
   buffer and strided weight gradients), see docs/speedrun.md.
 
+With ``loop`` on CPU in bf16, each expert's run is padded to a multiple of
+``moe.expert_rows_multiple`` rows (64 by default) so that the matmul shapes repeat from step to
+step: see :func:`padded_runs`.
+
 The weights stay one ``SwiGLU`` (three 2-D matrices) per expert, so checkpoints, the Hugging
 Face export and Muon (which orthogonalises each 2-D matrix) see the same parameters whatever
 the kernel; the grouped kernels stack them per call (a copy of the expert weights, small
@@ -56,21 +60,22 @@ def expert_kernel(choice: str, device: torch.device, dtype: torch.dtype = torch.
     return "loop"
 
 
-def row_multiple(choice: int | None, device: torch.device, kernel: str) -> int:
+def row_multiple(choice: int | None, device: torch.device, kernel: str, dtype: torch.dtype = torch.float32) -> int:
     """The multiple ``moe.expert_rows_multiple`` resolves to: None is 64 for the ``loop`` kernel
-    on CPU, 1 (no padding) elsewhere."""
+    on CPU in bf16/fp16 (where a new shape costs a kernel build), 1 (no padding) elsewhere; an
+    fp32 matmul of a new shape costs nothing extra here (bench/matmul_shapes.py)."""
     if choice is not None:
         return choice if kernel == "loop" else 1
-    return 64 if device.type == "cpu" and kernel == "loop" else 1
+    return 64 if device.type == "cpu" and kernel == "loop" and dtype != torch.float32 else 1
 
 
 def padded_runs(slot_tokens: torch.Tensor, slot_weights: torch.Tensor, counts: torch.Tensor,
                 multiple: int) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
     """Each expert's run of sorted slots padded to a multiple of ``multiple`` rows.
 
-    On CPU, oneDNN builds (and caches by shape) a kernel for every new matrix shape: in bf16 a
-    matmul whose row count was not seen before costs ~18x one that was (1.4 ms against 0.08 ms
-    for 1,024 x 128 @ 128 x 192 with AMX, docs/benchmarks.md), and each expert's row count
+    On CPU, oneDNN builds (and caches by shape) a kernel for every new bf16 matrix shape: a matmul
+    whose row count was not seen before costs ~20x one that was (1.34 ms against 0.065 ms for
+    1,024 x 128 @ 128 x 192 on an AMX Xeon, bench/matmul_shapes.py), and each expert's row count
     changes every step. Padded to a multiple, the shapes repeat and stay cached. The padding
     slots read token 0 and carry weight 0, so they add exact zeros to its output and pass zero
     gradients to the experts' weights; the cost is on average ``multiple / 2`` extra rows per
@@ -123,13 +128,15 @@ class MoE(nn.Module):
         compute_dtype = torch.get_autocast_dtype(x.device.type) if autocast else x.dtype
         kernel = expert_kernel(self.expert_compute, x.device, compute_dtype,
                                (x.shape[-1], self.experts[0].gate.out_features))
-        multiple = row_multiple(self.expert_rows_multiple, x.device, kernel)
+        multiple = row_multiple(self.expert_rows_multiple, x.device, kernel, compute_dtype)
         if multiple > 1:
             slot_tokens, slot_weights, counts_run = padded_runs(slot_tokens, slot_weights, counts, multiple)
         else:
             counts_run = counts
-        # index_select, not tensor[index]: its backward is index_add_, not a slower accumulating index_put_
-        rows = tokens.index_select(0, slot_tokens)
+        # index_select, not tensor[index]: its backward is index_add_, not a slower accumulating
+        # index_put_. Under autocast the tokens are cast once, before the gather (half the bytes
+        # gathered; the experts' matmuls then need no cast of their own).
+        rows = tokens.to(compute_dtype).index_select(0, slot_tokens)
         if kernel == "loop":
             expert_out = self._loop(rows, counts_run)
         else:
