@@ -32,7 +32,7 @@ class LinearCrossEntropy(torch.autograd.Function):
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         # out= and in-place matmuls are outside autocast: only where no autocast would apply anyway
-        in_place = (hidden.dtype == weight.dtype == torch.float32
+        in_place = (hidden.dtype == weight.dtype == torch.float32 and grad_hidden.is_contiguous()
                     and not torch.is_autocast_enabled(hidden.device.type))
         for start in range(0, targets.numel(), chunk_rows):
             rows = slice(start, start + chunk_rows)

@@ -70,7 +70,7 @@ def row_multiple(choice: int | None, device: torch.device, kernel: str, dtype: t
 
 
 def padded_runs(slot_tokens: torch.Tensor, slot_weights: torch.Tensor, counts: torch.Tensor,
-                multiple: int) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+                multiple: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Each expert's run of sorted slots padded to a multiple of ``multiple`` rows.
 
     On CPU, oneDNN builds (and caches by shape) a kernel for every new bf16 matrix shape: a matmul
