@@ -91,7 +91,7 @@ def test_padded_runs_layout():
     counts = torch.tensor([3, 0, 5])
     slot_tokens = torch.tensor([4, 5, 6, 1, 2, 3, 7, 8])
     weights = torch.arange(1.0, 9.0)[:, None]
-    tokens, padded_weights, runs = padded_runs(slot_tokens, weights, counts, 4)
+    tokens, padded_weights, runs = padded_runs(slot_tokens, weights, torch.tensor([0, 0, 0, 2, 2, 2, 2, 2]), counts, 4)
     assert runs.tolist() == [4, 0, 8]
     assert tokens.tolist() == [4, 5, 6, 0, 1, 2, 3, 7, 8, 0, 0, 0]
     assert padded_weights.squeeze(1).tolist() == [1, 2, 3, 0, 4, 5, 6, 7, 8, 0, 0, 0]

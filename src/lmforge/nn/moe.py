@@ -69,8 +69,8 @@ def row_multiple(choice: int | None, device: torch.device, kernel: str, dtype: t
     return 64 if device.type == "cpu" and kernel == "loop" and dtype != torch.float32 else 1
 
 
-def padded_runs(slot_tokens: torch.Tensor, slot_weights: torch.Tensor, counts: torch.Tensor,
-                multiple: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def padded_runs(slot_tokens: torch.Tensor, slot_weights: torch.Tensor, slot_experts: torch.Tensor,
+                counts: torch.Tensor, multiple: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Each expert's run of sorted slots padded to a multiple of ``multiple`` rows.
 
     On CPU, oneDNN builds (and caches by shape) a kernel for every new bf16 matrix shape: a matmul
@@ -79,13 +79,14 @@ def padded_runs(slot_tokens: torch.Tensor, slot_weights: torch.Tensor, counts: t
     changes every step. Padded to a multiple, the shapes repeat and stay cached. The padding
     slots read token 0 and carry weight 0, so they add exact zeros to its output and pass zero
     gradients to the experts' weights; the cost is on average ``multiple / 2`` extra rows per
-    expert. Returns the padded slot tokens, slot weights and run lengths.
+    expert. ``slot_experts``: the expert of each sorted slot. Returns the padded slot tokens, slot
+    weights and run lengths.
     """
     padded = (counts + multiple - 1) // multiple * multiple
     starts = counts.cumsum(0) - counts
     padded_starts = padded.cumsum(0) - padded
-    experts = torch.repeat_interleave(torch.arange(counts.numel(), device=counts.device), counts)
-    destination = torch.arange(slot_tokens.numel(), device=counts.device) - starts[experts] + padded_starts[experts]
+    destination = (torch.arange(slot_tokens.numel(), device=counts.device) - starts[slot_experts]
+                   + padded_starts[slot_experts])
     total = int(padded.sum())
     tokens = slot_tokens.new_zeros(total).index_copy_(0, destination, slot_tokens)
     weights = slot_weights.new_zeros(total, *slot_weights.shape[1:]).index_copy(0, destination, slot_weights)
@@ -123,6 +124,7 @@ class MoE(nn.Module):
         order = flat_experts.argsort(stable=True)               # group token-slots by expert
         counts = torch.bincount(flat_experts, minlength=self.n_experts)
         slot_tokens = order // self.top_k                       # the token of each sorted slot
+        slot_experts = flat_experts[order]                      # and its expert
         slot_weights = top_probs.flatten()[order, None]
         autocast = torch.is_autocast_enabled(x.device.type)
         compute_dtype = torch.get_autocast_dtype(x.device.type) if autocast else x.dtype
@@ -130,7 +132,8 @@ class MoE(nn.Module):
                                (x.shape[-1], self.experts[0].gate.out_features))
         multiple = row_multiple(self.expert_rows_multiple, x.device, kernel, compute_dtype)
         if multiple > 1:
-            slot_tokens, slot_weights, counts_run = padded_runs(slot_tokens, slot_weights, counts, multiple)
+            slot_tokens, slot_weights, counts_run = padded_runs(slot_tokens, slot_weights, slot_experts, counts,
+                                                                multiple)
         else:
             counts_run = counts
         # index_select, not tensor[index]: its backward is index_add_, not a slower accumulating
@@ -140,7 +143,7 @@ class MoE(nn.Module):
         if kernel == "loop":
             expert_out = self._loop(rows, counts_run)
         else:
-            expert_out = self._grouped(rows, flat_experts[order], counts, kernel, compute_dtype)
+            expert_out = self._grouped(rows, slot_experts, counts, kernel, compute_dtype)
         weighted = (expert_out * slot_weights.to(tokens.dtype)).to(tokens.dtype)
         out = torch.zeros_like(tokens).index_add_(0, slot_tokens, weighted)
         for shared in self.shared_experts:
