@@ -11,6 +11,11 @@ length on random tokens, and prints tokens/s, MFU and the lmforge / Hugging Face
     python bench/train_throughput.py --config configs/compare_dense.yaml --compile-variants   # eager and compiled, both
 
 ``--compile`` compiles both models (``--compile lmforge`` / ``hf``: one of them);
+``--variant NAME:KEY=VALUE`` (repeatable; repeat a NAME for several overrides) adds an lmforge model
+with those model overrides (e.g. ``--variant unpadded:moe.expert_rows_multiple=1``) to the same
+alternating rounds and reports its per-round ratio to the base lmforge model: an A/B of a systems
+change in one process, where separate invocations differ by up to ±10% here.
+
 ``--compile-variants`` trains each model twice in the same alternating rounds, eager and
 ``torch.compile``-d (a fresh copy from the same seed), and reports every ratio: lmforge compiled
 against Hugging Face eager and against Hugging Face compiled, and each model's compile gain.
@@ -80,6 +85,20 @@ def dense_equal_active(cfg: ModelConfig) -> ModelConfig:
     if cfg.moe.every_n_layers != 1 and width != cfg.resolved_d_ff:
         return None  # type: ignore[return-value]  (mixed layers: no single dense width matches)
     return dataclasses.replace(cfg, moe=None, d_ff=width)
+
+
+def variant_configs(specs: list[str], model_raw: dict, parser: argparse.ArgumentParser) -> dict[str, ModelConfig]:
+    """``--variant NAME:KEY=VALUE`` options as model configs, one per NAME (its overrides together)."""
+    overrides: dict[str, list[str]] = {}
+    for spec in specs:
+        name, colon, override = spec.partition(":")
+        if not colon or not name or "=" not in override:
+            parser.error(f"--variant {spec!r}: expected NAME:KEY=VALUE, e.g. unpadded:moe.expert_rows_multiple=1")
+        if name in ("lmforge", "hf", "dense") or name.endswith("_compiled"):
+            parser.error(f"--variant {spec!r}: the name {name!r} is taken (lmforge, hf, dense, *_compiled)")
+        overrides.setdefault(name, []).append("model." + override)
+    return {name: ModelConfig.from_dict(apply_overrides({"model": dict(model_raw)}, sets)["model"], path=f"variant {name}: model")
+            for name, sets in overrides.items()}
 
 
 def make_step(model: torch.nn.Module, is_hf: bool, args: argparse.Namespace, vocab: int,
@@ -159,6 +178,10 @@ def main() -> None:
                         help="torch.compile the models (bare --compile: both)")
     parser.add_argument("--compile-variants", action="store_true",
                         help="train every model eager and compiled in the same rounds; report all ratios")
+    parser.add_argument("--variant", action="append", default=[], metavar="NAME:KEY=VALUE",
+                        help="an lmforge model with this model override (KEY relative to the model section, "
+                             "e.g. moe.expert_compute=batched), trained in the same rounds; repeat a NAME for "
+                             "several overrides")
     parser.add_argument("--no-hf", action="store_true", help="skip the Hugging Face comparison")
     parser.add_argument("--hf-attention", default="sdpa", choices=["sdpa", "eager"],
                         help="the Hugging Face model's attn_implementation")
@@ -176,6 +199,7 @@ def main() -> None:
     model_raw = {**raw.get("model", {}), "vocab_size": args.vocab_size,
                  "max_seq_len": max(args.seq_len, raw.get("model", {}).get("max_seq_len", 0))}
     cfg = ModelConfig.from_dict(model_raw, path="model")
+    variants = variant_configs(args.variant, model_raw, parser)
     device = resolve_device(args.device)
     # process-wide, so it applies to every model trained here alike
     kept = device.type == "cpu" and not args.malloc_defaults and keep_freed_memory()
@@ -190,11 +214,11 @@ def main() -> None:
         compiled = compiled or args.compile in ("both", "lmforge" if base == "dense" else base)
         if base == "hf":
             return make_step(hf_model(cfg, args.hf_attention), True, args, cfg.vocab_size, device, compiled)
-        model_cfg = dense if base == "dense" else cfg
+        model_cfg = dense if base == "dense" else variants[base] if base in variants else cfg
         return make_step(model_cfg.build(), False, args, model_cfg.vocab_size, device, compiled)
 
     dense = dense_equal_active(cfg) if cfg.moe is not None and not args.no_dense else None
-    names = ["lmforge"] + ([] if args.no_hf else ["hf"]) + ([] if dense is None else ["dense"])
+    names = ["lmforge"] + ([] if args.no_hf else ["hf"]) + ([] if dense is None else ["dense"]) + list(variants)
     if args.compile_variants:
         names += [f"{name}_compiled" for name in names]
     steps = {name: built(name) for name in names}
@@ -230,6 +254,14 @@ def main() -> None:
             "ratio_moe_over_dense_equal_active": round(ours / rates["dense"], 3),
             "ratio_moe_over_dense_over_rounds": paired_ratio(per_round["lmforge"], per_round["dense"]),
         })
+    if variants:
+        result["variants"] = {
+            name: {"overrides": [o for o in args.variant if o.partition(":")[0] == name],
+                   "tokens_per_s": round(rates[name], 1),
+                   "ratio_over_lmforge_over_rounds": paired_ratio(per_round[name], per_round["lmforge"]),
+                   **({"ratio_over_dense_over_rounds": paired_ratio(per_round[name], per_round["dense"])}
+                      if dense is not None else {})}
+            for name in variants}
     if args.compile_variants:
         result["tokens_per_s"] = {name: round(rate, 1) for name, rate in rates.items()}
         pairs = [("lmforge_compiled", "lmforge"), ("hf_compiled", "hf"), ("lmforge_compiled", "hf"),

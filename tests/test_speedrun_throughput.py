@@ -77,3 +77,34 @@ def test_matmul_shapes_bench_times_seen_and_new_shapes_and_refuses_too_many_call
         assert timing["same_shape_us"] > 0 and timing["new_shape_us"] > 0 and timing["new_over_same"] > 0
     refused = _bench("matmul_shapes.py", "--rows", "16", "--calls", "9")
     assert refused.returncode != 0 and "--calls" in refused.stderr
+
+
+def test_throughput_variants_train_in_the_same_rounds_and_bad_specs_are_refused(tmp_path):
+    config = _tiny_config(tmp_path, moe={"n_experts": 4, "top_k": 2})
+    result = _throughput(config, "--no-hf", "--clock", "process", "--variant", "unpadded:moe.expert_rows_multiple=1",
+                         "--variant", "batched:moe.expert_compute=batched", "--variant", "batched:moe.expert_rows_multiple=1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    variants = json.loads(result.stdout)["variants"]
+    assert set(variants) == {"unpadded", "batched"}
+    assert variants["batched"]["overrides"] == ["batched:moe.expert_compute=batched", "batched:moe.expert_rows_multiple=1"]
+    for report in variants.values():
+        assert report["tokens_per_s"] > 0
+        for key in ("ratio_over_lmforge_over_rounds", "ratio_over_dense_over_rounds"):
+            assert 0 < report[key]["min"] <= report[key]["median"] <= report[key]["max"]
+    for spec, message in (("no_colon", "NAME:KEY=VALUE"), ("dense:d_ff=64", "taken"),
+                          ("wide:moe.expert_compute=fast", "expert_compute")):
+        refused = _throughput(config, "--no-hf", "--variant", spec)
+        assert refused.returncode != 0 and message in refused.stderr, refused.stderr[-2000:]
+
+
+def test_moe_layer_bench_splits_the_layer_against_the_dense_feed_forward(tmp_path):
+    config = _tiny_config(tmp_path, moe={"n_experts": 4, "top_k": 2})
+    result = _bench("moe_layer.py", "--config", str(config), "--tokens", "64", "--calls", "1", "--rounds", "2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout)
+    assert set(report["ms_per_call"]) == {"dense", "experts", "moe"} and all(v > 0 for v in report["ms_per_call"].values())
+    assert report["routing_dispatch_combine_ms"] == pytest.approx(
+        report["ms_per_call"]["moe"] - report["ms_per_call"]["experts"], abs=0.011)
+    assert set(report["ratios_per_round"]) == {"experts / dense", "moe / dense", "moe / experts"}
+    dense_only = _bench("moe_layer.py", "--config", str(_tiny_config(tmp_path)))
+    assert dense_only.returncode != 0 and "model.moe" in dense_only.stderr

@@ -1,0 +1,101 @@
+"""Where an MoE layer's time goes, against the dense feed-forward of equal active width.
+
+Times forward + backward, on the same tokens, of
+1. ``dense``: the SwiGLU as wide as the experts a token passes (``top_k * d_expert``), as in the
+   dense model of equal active parameters of bench/train_throughput.py;
+2. ``experts``: the experts alone, each on an equal run of ``tokens * top_k / n_experts`` rows
+   (no router, no gather or combine; their outputs concatenated), the same FLOPs as ``dense``
+   in smaller matmuls;
+3. ``moe``: the whole MoE layer (router, top-k, sort, gather, experts, weighting, combine,
+   auxiliary losses),
+alternating the three in every round so that load on the machine hits them alike. ``experts /
+dense`` is what the smaller matmuls cost, ``moe - experts`` what routing, dispatch and combine cost.
+
+    OMP_NUM_THREADS=1 python bench/moe_layer.py --config configs/compare_moe.yaml --precision fp32
+    OMP_NUM_THREADS=1 python bench/moe_layer.py --config configs/compare_moe.yaml --precision bf16
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from typing import Callable
+
+import torch
+
+from lmforge.core.config import apply_overrides, read_yaml
+from lmforge.core.cpu_memory import keep_freed_memory
+from lmforge.nn.config import ModelConfig
+from lmforge.nn.mlp import SwiGLU
+from lmforge.nn.moe import MoE
+
+
+def forward_backward(module: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, grad: torch.Tensor,
+                     bf16: bool) -> Callable[[], None]:
+    def step() -> None:
+        inputs = x.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            out = module(inputs)
+        out.backward(grad.to(out.dtype))
+    return step
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", required=True, help="run config YAML with a model.moe section")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], help="dotted override")
+    parser.add_argument("--tokens", type=int, default=2048, help="tokens per call (batch x sequence)")
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    parser.add_argument("--calls", type=int, default=5, help="timed calls per variant and round")
+    parser.add_argument("--rounds", type=int, default=12)
+    args = parser.parse_args()
+    raw = apply_overrides(read_yaml(args.config), args.overrides)
+    cfg = ModelConfig.from_dict(raw.get("model", {}), path="model")
+    if cfg.moe is None:
+        parser.error(f"{args.config}: no model.moe section")
+    keep_freed_memory()
+    bf16 = args.precision == "bf16"
+    torch.manual_seed(0)
+    moe = MoE(cfg)
+    dense = SwiGLU(cfg.d_model, cfg.moe.top_k * cfg.d_expert)
+    slots = args.tokens * cfg.moe.top_k
+    run = slots // cfg.moe.n_experts
+
+    def experts_alone(rows: torch.Tensor) -> torch.Tensor:
+        rows = rows.to(torch.bfloat16) if bf16 else rows
+        return torch.cat([expert(part) for expert, part in zip(moe.experts, rows.split(run))])
+
+    x, grad = torch.randn(args.tokens, cfg.d_model), torch.randn(args.tokens, cfg.d_model)
+    rows, rows_grad = torch.randn(run * cfg.moe.n_experts, cfg.d_model), torch.randn(run * cfg.moe.n_experts, cfg.d_model)
+    steps = {"dense": forward_backward(dense, x, grad, bf16),
+             "experts": forward_backward(experts_alone, rows, rows_grad, bf16),
+             "moe": forward_backward(moe, x, grad, bf16)}
+    for step in steps.values():
+        for _ in range(5):
+            step()
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for round_index in range(args.rounds):
+        order = list(steps.items())
+        for name, step in (order if round_index % 2 == 0 else reversed(order)):
+            start = time.process_time()
+            for _ in range(args.calls):
+                step()
+            times[name].append((time.process_time() - start) / args.calls * 1e3)
+    median = {name: statistics.median(values) for name, values in times.items()}
+    per_round = {f"{a} / {b}": round(statistics.median(x / y for x, y in zip(times[a], times[b])), 3)
+                 for a, b in (("experts", "dense"), ("moe", "dense"), ("moe", "experts"))}
+    print(json.dumps({
+        "device": f"cpu x{torch.get_num_threads()} threads", "precision": args.precision, "tokens": args.tokens,
+        "layer": (f"d_model {cfg.d_model}; dense d_ff {cfg.moe.top_k * cfg.d_expert}; "
+                  f"{cfg.moe.n_experts} experts of {cfg.d_expert}, top-{cfg.moe.top_k}"),
+        "clock": "process CPU time, forward + backward, median over rounds",
+        "ms_per_call": {name: round(value, 2) for name, value in median.items()},
+        "routing_dispatch_combine_ms": round(median["moe"] - median["experts"], 2),
+        "ratios_per_round": per_round,
+    }, indent=2))
+
+
+if __name__ == "__main__":
+    main()
