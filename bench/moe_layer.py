@@ -1,4 +1,4 @@
-"""Where an MoE layer's time goes, against the dense feed-forward of equal active width.
+"""Where an MoE layer's time goes on CPU, against the dense feed-forward of equal active width.
 
 Times forward + backward, on the same tokens, of
 1. ``dense``: the SwiGLU as wide as the experts a token passes (``top_k * d_expert``), as in the
