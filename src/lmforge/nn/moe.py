@@ -14,8 +14,6 @@ are multiplied:
   one ``torch.bmm`` each for gate, up and down; padding rows are zeros and never read back;
 - ``loop``: each run through its expert's ``SwiGLU`` (one matmul call per expert and weight, on
   a contiguous slice: no per-expert gather or scatter);
-- ``fused_loop``: gather, experts, weighting and combine as one hand-written autograd node, one
-  run at a time (nn/expert_runs.py; measured no faster than ``loop``, docs/speedrun.md);
 - ``auto``: ``grouped_mm`` for bf16 on CUDA, ``loop`` elsewhere. On a 2-core CPU at 4 experts the runs'
   matmuls are the whole cost and ``batched`` measured ~15% slower than ``loop`` (its padded
   buffer and strided weight gradients), see docs/speedrun.md.
@@ -43,7 +41,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmforge.nn.config import ModelConfig
-from lmforge.nn.expert_runs import expert_runs
 from lmforge.nn.mlp import SwiGLU
 
 
@@ -68,8 +65,8 @@ def row_multiple(choice: int | None, device: torch.device, kernel: str, dtype: t
     on CPU in bf16/fp16 (where a new shape costs a kernel build), 1 (no padding) elsewhere; an
     fp32 matmul of a new shape costs nothing extra here (bench/matmul_shapes.py)."""
     if choice is not None:
-        return choice if kernel in ("loop", "fused_loop") else 1
-    return 64 if device.type == "cpu" and kernel in ("loop", "fused_loop") and dtype != torch.float32 else 1
+        return choice if kernel == "loop" else 1
+    return 64 if device.type == "cpu" and kernel == "loop" and dtype != torch.float32 else 1
 
 
 def padded_runs(slot_tokens: torch.Tensor, slot_weights: torch.Tensor, slot_experts: torch.Tensor,
@@ -142,17 +139,13 @@ class MoE(nn.Module):
         # index_select, not tensor[index]: its backward is index_add_, not a slower accumulating
         # index_put_. Under autocast the tokens are cast once, before the gather (half the bytes
         # gathered; the experts' matmuls then need no cast of their own).
-        if kernel == "fused_loop":
-            out = expert_runs(tokens.to(compute_dtype), slot_tokens, slot_weights[:, 0].to(tokens.dtype),
-                              counts_run.tolist(), self.experts)
+        rows = tokens.to(compute_dtype).index_select(0, slot_tokens)
+        if kernel == "loop":
+            expert_out = self._loop(rows, counts_run)
         else:
-            rows = tokens.to(compute_dtype).index_select(0, slot_tokens)
-            if kernel == "loop":
-                expert_out = self._loop(rows, counts_run)
-            else:
-                expert_out = self._grouped(rows, slot_experts, counts, kernel, compute_dtype)
-            weighted = (expert_out * slot_weights.to(tokens.dtype)).to(tokens.dtype)
-            out = torch.zeros_like(tokens).index_add_(0, slot_tokens, weighted)
+            expert_out = self._grouped(rows, slot_experts, counts, kernel, compute_dtype)
+        weighted = (expert_out * slot_weights.to(tokens.dtype)).to(tokens.dtype)
+        out = torch.zeros_like(tokens).index_add_(0, slot_tokens, weighted)
         for shared in self.shared_experts:
             out = out + shared(tokens)
 
