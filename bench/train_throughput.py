@@ -2,8 +2,9 @@
 
 For the model section of CONFIG this builds (1) the lmforge model and (2) the same
 architecture as `transformers` LlamaForCausalLM (dense) or MixtralForCausalLM (MoE), trains
-each for the same number of steps with the same optimizer (AdamW), batch and sequence
-length on random tokens, and prints tokens/s, MFU and the lmforge / Hugging Face ratio.
+each for the same number of steps with the same optimizer (AdamW, torch's fused kernel unless
+``--adamw default``), batch and sequence length on random tokens, and prints tokens/s, MFU and the
+lmforge / Hugging Face ratio.
 
     python bench/train_throughput.py --config configs/quickstart_moe.yaml
     python bench/train_throughput.py --config configs/quickstart_moe.yaml --set model.moe=null
@@ -107,7 +108,9 @@ def make_step(model: torch.nn.Module, is_hf: bool, args: argparse.Namespace, voc
     model = model.to(device).train()
     if compile_model:
         model = torch.compile(model)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    # the same AdamW for every model: torch's fused kernel, as lmforge trains (optim.adamw_fused)
+    fused = {"fused": True} if args.adamw == "fused" and device.type in ("cpu", "cuda") else {}
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, **fused)
     gen = torch.Generator().manual_seed(0)
     batch = torch.randint(0, vocab, (args.batch_size, args.seq_len + 1), generator=gen).to(device)
     inputs, targets = batch[:, :-1], batch[:, 1:]
@@ -187,6 +190,9 @@ def main() -> None:
                         help="the Hugging Face model's attn_implementation")
     parser.add_argument("--no-dense", action="store_true",
                         help="MoE configs: skip the dense model of equal active parameters")
+    parser.add_argument("--adamw", default="fused", choices=["fused", "default"],
+                        help="every model's AdamW: torch's fused kernel (as lmforge trains, optim.adamw_fused) or "
+                             "torch's default implementation (as this benchmark did before 2026-12-01 evening)")
     parser.add_argument("--vocab-size", type=int, default=4096)
     parser.add_argument("--malloc-defaults", action="store_true",
                         help="CPU: leave glibc malloc at its defaults (lmforge train keeps freed memory, "
@@ -233,6 +239,7 @@ def main() -> None:
                       else "fp32"),
         "compiled": args.compile, "batch_size": args.batch_size, "seq_len": args.seq_len,
         "malloc_keeps_freed_memory": kept,
+        "adamw": args.adamw,
         "timed_steps": f"{args.rounds} rounds x {args.steps}, median", "clock": args.clock,
         "params_total": counts.total, "params_active": counts.active, "flops_per_token": fpt,
         "peak_flops_source": peak_source,

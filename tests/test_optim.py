@@ -34,6 +34,27 @@ def _step(model: torch.nn.Module, opt) -> None:
     opt.zero_grad()
 
 
+@pytest.mark.parametrize("name", ["adamw", "muon"])
+def test_adamw_is_fused_unless_turned_off_and_steps_like_the_default(name):
+    """optim.adamw_fused: torch's fused AdamW kernel (the default, on CPU here), the same update as
+    torch's default implementation to rounding; off, torch's default."""
+    import copy
+
+    torch.manual_seed(0)
+    model = _model()
+    reference, initial = copy.deepcopy(model), copy.deepcopy(model)
+    fused = build_optimizer(model, OptimConfig(name=name, lr=0.01, muon_lr=0.01))
+    plain = build_optimizer(reference, OptimConfig(name=name, lr=0.01, muon_lr=0.01, adamw_fused=False))
+    assert all(group["fused"] is True for group in fused.optimizers[0].param_groups)
+    assert all(not group["fused"] for group in plain.optimizers[0].param_groups)
+    for _ in range(3):
+        _step(model, fused)
+        _step(reference, plain)
+    for ours, theirs in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+    assert not torch.equal(model.embed.weight, initial.embed.weight)  # the steps moved the weights
+
+
 def test_optimizer_state_round_trip_and_lr_setting():
     import copy
 

@@ -101,6 +101,24 @@ def test_every_config_hyperparameter_is_reapplied_and_reported(tmp_path):
     assert reapply_config_hyperparameters(optimizer, new) == []  # idempotent
 
 
+@pytest.mark.parametrize("saved_fused, resumed_fused", [(False, True), (True, False)])
+def test_adamw_fused_changed_on_resume_is_applied_and_reported(tmp_path, saved_fused, resumed_fused):
+    """optim.adamw_fused: the loaded state brings the saved groups' choice; the config's wins, the
+    change is reported, and the next update equals the saved implementation's to rounding."""
+    old, new = OptimConfig(adamw_fused=saved_fused), OptimConfig(adamw_fused=resumed_fused)
+    checkpoint = _saved_run(tmp_path, old)
+    same_model, same_opt = _resumed(checkpoint, old)
+    assert reapply_config_hyperparameters(same_opt, old) == []
+    model, optimizer = _resumed(checkpoint, new)
+    assert all(bool(g["fused"]) == saved_fused for g in optimizer.param_groups)  # what loading alone gives
+    assert reapply_config_hyperparameters(optimizer, new) == [("optim.adamw_fused", saved_fused, resumed_fused)]
+    assert all(bool(g["fused"]) == resumed_fused for g in optimizer.param_groups)
+    reference, switched = _update(same_model, same_opt), _update(model, optimizer)
+    for name in reference:
+        torch.testing.assert_close(switched[name], reference[name], rtol=1e-4, atol=1e-7)
+    assert reapply_config_hyperparameters(optimizer, new) == []  # idempotent
+
+
 def test_an_optimizer_not_from_build_optimizer_is_refused():
     from lmforge.optim.optimizers import OptimizerGroup
 

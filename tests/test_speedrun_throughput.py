@@ -81,9 +81,11 @@ def test_matmul_shapes_bench_times_seen_and_new_shapes_and_refuses_too_many_call
 
 def test_throughput_variants_train_in_the_same_rounds_and_bad_specs_are_refused(tmp_path):
     config = _tiny_config(tmp_path, moe={"n_experts": 4, "top_k": 2})
-    result = _throughput(config, "--no-hf", "--clock", "process", "--variant", "unpadded:moe.expert_rows_multiple=1",
+    result = _throughput(config, "--no-hf", "--clock", "process", "--adamw", "default",
+                         "--variant", "unpadded:moe.expert_rows_multiple=1",
                          "--variant", "batched:moe.expert_compute=batched", "--variant", "batched:moe.expert_rows_multiple=1")
     assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads(result.stdout)["adamw"] == "default"
     variants = json.loads(result.stdout)["variants"]
     assert set(variants) == {"unpadded", "batched"}
     assert variants["batched"]["overrides"] == ["batched:moe.expert_compute=batched", "batched:moe.expert_rows_multiple=1"]
@@ -108,3 +110,13 @@ def test_moe_layer_bench_splits_the_layer_against_the_dense_feed_forward(tmp_pat
     assert set(report["ratios_per_round"]) == {"experts / dense", "moe / dense", "moe / experts"}
     dense_only = _bench("moe_layer.py", "--config", str(_tiny_config(tmp_path)))
     assert dense_only.returncode != 0 and "model.moe" in dense_only.stderr
+
+
+def test_optimizer_step_bench_times_the_three_adamw_implementations(tmp_path):
+    result = _bench("optimizer_step.py", "--config", str(_tiny_config(tmp_path)), "--vocab-size", "64",
+                    "--steps", "1", "--rounds", "2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout)
+    assert set(report["ms_per_step"]) == {"default", "foreach", "fused"}
+    assert all(ms > 0 for ms in report["ms_per_step"].values()) and report["default_over_fused_per_round"] > 0
+    assert report["tensors"] > 0 and report["parameters"] > 0

@@ -18,6 +18,7 @@ class OptimConfig(Config):
     beta1: float = 0.9
     beta2: float = 0.95
     eps: float = 1e-8
+    adamw_fused: bool = True         # torch's fused AdamW kernel (one pass per tensor) on CPU and CUDA; false: torch's default
     # The LR schedule, as multipliers of the peak LR: optim/schedules.py and docs/schedules.md.
     schedule: str = "cosine"         # in schedules.SCHEDULES: constant, cosine, linear, wsd, infinite, wsd_cyclic
     warmup_steps: int = 20

@@ -159,8 +159,23 @@ def _adamw(named: list[tuple[str, nn.Parameter]], cfg: OptimConfig) -> tuple[tor
     by ``optim.lr_multipliers``; returns it with the groups' roles."""
     groups = [*_by_lr_prefix([(n, p) for n, p in named if p.ndim >= 2], cfg, DECAY),
               *_by_lr_prefix([(n, p) for n, p in named if p.ndim < 2], cfg, NO_DECAY)]
-    optimizer = torch.optim.AdamW([_group(cfg, role, params) for role, params in groups], lr=cfg.lr)
+    optimizer = torch.optim.AdamW([_group(cfg, role, params) for role, params in groups], lr=cfg.lr,
+                                  fused=fused_adamw(cfg, [param for _, param in named]))
     return optimizer, [role for role, _ in groups]
+
+
+# Devices whose fused AdamW kernel torch 2.13 has and lmforge trains on.
+FUSED_ADAMW_DEVICES = ("cpu", "cuda")
+
+
+def fused_adamw(cfg: OptimConfig, params: list[nn.Parameter]) -> bool | None:
+    """``optim.adamw_fused``: torch's fused AdamW (one kernel per tensor for the whole update; on
+    CPU ~4x faster than the default per-tensor loop of a dozen ops: bench/optimizer_step.py) when
+    every parameter is a floating tensor on a device that has it; else None, torch's default."""
+    if cfg.adamw_fused and params and all(p.device.type in FUSED_ADAMW_DEVICES and p.is_floating_point()
+                                          for p in params):
+        return True
+    return None
 
 
 @OPTIMIZERS.register("adamw")
@@ -240,11 +255,32 @@ def reapply_config_hyperparameters(optimizer: OptimizerGroup, cfg: OptimConfig) 
                         group["lr"] = group["lr"] * new / old
                 group[key] = new
             group["role"] = role
+        if isinstance(opt, torch.optim.AdamW):
+            changes += _reapply_fused(opt, cfg)
     unique: list[tuple[str, Any, Any]] = []
     for change in changes:
         if change not in unique:
             unique.append(change)
     return unique
+
+
+def _reapply_fused(opt: torch.optim.AdamW, cfg: OptimConfig) -> list[tuple[str, Any, Any]]:
+    """``optim.adamw_fused`` over a loaded state (which brings the saved groups' own choice): the
+    config's choice, with each parameter's step count moved where the fused kernel keeps it (on the
+    parameter's device, fp32), as torch's own loading does for a fused optimizer."""
+    fused = fused_adamw(cfg, [param for group in opt.param_groups for param in group["params"]])
+    changes = []
+    for group in opt.param_groups:
+        if bool(group.get("fused")) != bool(fused):
+            changes.append(("optim.adamw_fused", bool(group.get("fused")), bool(fused)))
+        group["fused"] = fused
+        if fused:
+            group["foreach"] = None  # torch refuses fused and foreach together
+            for param in group["params"]:
+                state = opt.state.get(param, {})
+                if "step" in state:
+                    state["step"] = state["step"].to(device=param.device, dtype=torch.float32)
+    return changes
 
 
 def set_learning_rate(optimizer: OptimizerGroup, multiplier: float) -> None:
