@@ -170,7 +170,7 @@ FUSED_ADAMW_DEVICES = ("cpu", "cuda")
 
 def fused_adamw(cfg: OptimConfig, params: list[nn.Parameter]) -> bool | None:
     """``optim.adamw_fused``: torch's fused AdamW (one kernel per tensor for the whole update; on
-    CPU ~4x faster than the default per-tensor loop of a dozen ops: bench/optimizer_step.py) when
+    CPU 4-6x faster than the default per-tensor loop of a dozen ops: bench/optimizer_step.py) when
     every parameter is a floating tensor on a device that has it; else None, torch's default."""
     if cfg.adamw_fused and params and all(p.device.type in FUSED_ADAMW_DEVICES and p.is_floating_point()
                                           for p in params):
