@@ -6,10 +6,13 @@ Times forward + backward, on the same tokens, of
 2. ``experts``: the experts alone, each on an equal run of ``tokens * top_k / n_experts`` rows
    (no router, no gather or combine; their outputs concatenated), the same FLOPs as ``dense``
    in smaller matmuls;
-3. ``moe``: the whole MoE layer (router, top-k, sort, gather, experts, weighting, combine,
-   auxiliary losses),
+3. ``moe``: the whole MoE layer (router, top-k, sort, gather, experts, weighting, combine, and
+   the auxiliary losses back-propagated with their configured weights),
 alternating the three in every round so that load on the machine hits them alike. ``experts /
-dense`` is what the smaller matmuls cost, ``moe - experts`` what routing, dispatch and combine cost.
+dense`` is what the smaller matmuls cost; ``moe - experts`` (``routing_dispatch_combine_ms``) what
+routing, dispatch and combine cost, together with what the real layer's runs add over the equal
+ones: their padding to ``moe.expert_rows_multiple`` rows and the router's uneven load. MoE layers
+with shared experts are refused (neither comparison would include them).
 
     OMP_NUM_THREADS=1 python bench/moe_layer.py --config configs/compare_moe.yaml --precision fp32
     OMP_NUM_THREADS=1 python bench/moe_layer.py --config configs/compare_moe.yaml --precision bf16
@@ -33,12 +36,18 @@ from lmforge.nn.moe import MoE
 
 
 def forward_backward(module: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, grad: torch.Tensor,
-                     bf16: bool) -> Callable[[], None]:
+                     bf16: bool, extra_loss: Callable[[], torch.Tensor] | None = None) -> Callable[[], None]:
+    """Forward, then backward from ``grad`` at the output (and from 1 at ``extra_loss()``, read after
+    the forward)."""
     def step() -> None:
         inputs = x.clone().requires_grad_()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             out = module(inputs)
-        out.backward(grad.to(out.dtype))
+        if extra_loss is None:
+            out.backward(grad.to(out.dtype))
+        else:
+            extra = extra_loss()
+            torch.autograd.backward([out, extra], [grad.to(out.dtype), torch.ones_like(extra)])
     return step
 
 
@@ -55,6 +64,11 @@ def main() -> None:
     cfg = ModelConfig.from_dict(raw.get("model", {}), path="model")
     if cfg.moe is None:
         parser.error(f"{args.config}: no model.moe section")
+    if cfg.moe.n_shared_experts:
+        parser.error(f"{args.config}: model.moe.n_shared_experts={cfg.moe.n_shared_experts}: shared experts are not "
+                     "in the dense or experts-alone comparison; set it to 0")
+    if args.tokens * cfg.moe.top_k < cfg.moe.n_experts:
+        parser.error(f"--tokens {args.tokens}: fewer slots than experts ({cfg.moe.n_experts})")
     keep_freed_memory()
     bf16 = args.precision == "bf16"
     torch.manual_seed(0)
@@ -71,7 +85,8 @@ def main() -> None:
     rows, rows_grad = torch.randn(run * cfg.moe.n_experts, cfg.d_model), torch.randn(run * cfg.moe.n_experts, cfg.d_model)
     steps = {"dense": forward_backward(dense, x, grad, bf16),
              "experts": forward_backward(experts_alone, rows, rows_grad, bf16),
-             "moe": forward_backward(moe, x, grad, bf16)}
+             "moe": forward_backward(moe, x, grad, bf16, lambda: cfg.moe.load_balance_weight * moe.last_load_balance_loss
+                                     + cfg.moe.z_loss_weight * moe.last_z_loss)}
     for step in steps.values():
         for _ in range(5):
             step()

@@ -42,6 +42,7 @@ from typing import Callable
 import torch
 
 from lmforge.core.config import apply_overrides, read_yaml
+from lmforge.core.errors import ConfigError
 from lmforge.core.cpu_memory import keep_freed_memory
 from lmforge.core.device import autocast_context, resolve_device
 from lmforge.nn.config import ModelConfig
@@ -98,8 +99,20 @@ def variant_configs(specs: list[str], model_raw: dict, parser: argparse.Argument
         if name in ("lmforge", "hf", "dense") or name.endswith("_compiled"):
             parser.error(f"--variant {spec!r}: the name {name!r} is taken (lmforge, hf, dense, *_compiled)")
         overrides.setdefault(name, []).append("model." + override)
-    return {name: ModelConfig.from_dict(apply_overrides({"model": dict(model_raw)}, sets)["model"], path=f"variant {name}: model")
-            for name, sets in overrides.items()}
+    configs = {}
+    for name, sets in overrides.items():
+        try:
+            configs[name] = ModelConfig.from_dict(apply_overrides({"model": dict(model_raw)}, sets)["model"],
+                                                  path=f"variant {name}: model")
+        except (ConfigError, ValueError) as error:
+            parser.error(f"--variant {name}: {error}")
+    return configs
+
+
+def adamw_kind(args: argparse.Namespace, device: torch.device) -> str:
+    """The AdamW every model gets: ``fused`` where torch has the kernel (CPU, CUDA) unless
+    ``--adamw default``, else torch's default."""
+    return "fused" if args.adamw == "fused" and device.type in ("cpu", "cuda") else "default"
 
 
 def make_step(model: torch.nn.Module, is_hf: bool, args: argparse.Namespace, vocab: int,
@@ -109,7 +122,7 @@ def make_step(model: torch.nn.Module, is_hf: bool, args: argparse.Namespace, voc
     if compile_model:
         model = torch.compile(model)
     # the same AdamW for every model: torch's fused kernel, as lmforge trains (optim.adamw_fused)
-    fused = {"fused": True} if args.adamw == "fused" and device.type in ("cpu", "cuda") else {}
+    fused = {"fused": True} if adamw_kind(args, device) == "fused" else {}
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, **fused)
     gen = torch.Generator().manual_seed(0)
     batch = torch.randint(0, vocab, (args.batch_size, args.seq_len + 1), generator=gen).to(device)
@@ -216,8 +229,8 @@ def main() -> None:
     def built(name: str) -> Callable[[], None]:
         torch.manual_seed(0)
         base, compiled = name.removesuffix("_compiled"), name.endswith("_compiled")
-        # the dense model of equal active parameters is lmforge's: compiled whenever lmforge is
-        compiled = compiled or args.compile in ("both", "lmforge" if base == "dense" else base)
+        # the dense model of equal active parameters and the variants are lmforge's: compiled whenever lmforge is
+        compiled = compiled or args.compile in ("both", "lmforge" if base == "dense" or base in variants else base)
         if base == "hf":
             return make_step(hf_model(cfg, args.hf_attention), True, args, cfg.vocab_size, device, compiled)
         model_cfg = dense if base == "dense" else variants[base] if base in variants else cfg
@@ -239,7 +252,7 @@ def main() -> None:
                       else "fp32"),
         "compiled": args.compile, "batch_size": args.batch_size, "seq_len": args.seq_len,
         "malloc_keeps_freed_memory": kept,
-        "adamw": args.adamw,
+        "adamw": adamw_kind(args, device),
         "timed_steps": f"{args.rounds} rounds x {args.steps}, median", "clock": args.clock,
         "params_total": counts.total, "params_active": counts.active, "flops_per_token": fpt,
         "peak_flops_source": peak_source,
@@ -264,6 +277,7 @@ def main() -> None:
     if variants:
         result["variants"] = {
             name: {"overrides": [o for o in args.variant if o.partition(":")[0] == name],
+                   "params_total": count_parameters(variants[name]).total,
                    "tokens_per_s": round(rates[name], 1),
                    "ratio_over_lmforge_over_rounds": paired_ratio(per_round[name], per_round["lmforge"]),
                    **({"ratio_over_dense_over_rounds": paired_ratio(per_round[name], per_round["dense"])}

@@ -169,3 +169,32 @@ def test_splitting_a_muon_group_on_resume_keeps_its_momentum_and_steps(tmp_path)
         expected = 0.01 if group["role"].endswith("attn.") else 0.02
         assert group["base_lr"] == pytest.approx(expected) and group["momentum"] == 0.95
     _update(model, optimizer)  # the regrouped optimizer steps
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("saved_fused, resumed_fused", [(False, True), (True, False)])
+def test_adamw_fused_switch_on_resume_keeps_the_step_count_where_its_implementation_wants_it(
+        saved_fused, resumed_fused):
+    """Fused keeps each step count on the parameter's device, torch's default on the CPU (a device
+    step count would cost a sync per tensor and step); switching on resume moves them."""
+    model = ModelConfig.from_dict(MODEL).build().cuda()
+    optimizer = build_optimizer(model, OptimConfig(adamw_fused=saved_fused))
+    _step_on(model, optimizer)
+    state = optimizer.state_dict()
+    resumed = build_optimizer(model, OptimConfig(adamw_fused=resumed_fused))
+    resumed.load_state_dict(state)
+    assert reapply_config_hyperparameters(resumed, OptimConfig(adamw_fused=resumed_fused)) == [
+        ("optim.adamw_fused", saved_fused, resumed_fused)]
+    adamw = resumed.optimizers[0]
+    devices = {state["step"].device.type for state in adamw.state.values()}
+    assert devices == ({"cuda"} if resumed_fused else {"cpu"})
+    _step_on(model, resumed)  # and the implementation steps with them
+
+
+def _step_on(model: torch.nn.Module, optimizer) -> None:
+    inputs = torch.randint(0, 64, (2, 8), device="cuda")
+    set_learning_rate(optimizer, 1.0)
+    model(inputs, inputs).loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)

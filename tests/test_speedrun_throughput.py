@@ -82,12 +82,15 @@ def test_matmul_shapes_bench_times_seen_and_new_shapes_and_refuses_too_many_call
 def test_throughput_variants_train_in_the_same_rounds_and_bad_specs_are_refused(tmp_path):
     config = _tiny_config(tmp_path, moe={"n_experts": 4, "top_k": 2})
     result = _throughput(config, "--no-hf", "--clock", "process", "--adamw", "default",
-                         "--variant", "unpadded:moe.expert_rows_multiple=1",
+                         "--variant", "unpadded:moe.expert_rows_multiple=1", "--variant", "narrow:moe.d_expert=16",
                          "--variant", "batched:moe.expert_compute=batched", "--variant", "batched:moe.expert_rows_multiple=1")
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads(result.stdout)["adamw"] == "default"
     variants = json.loads(result.stdout)["variants"]
-    assert set(variants) == {"unpadded", "batched"}
+    assert set(variants) == {"unpadded", "batched", "narrow"}
+    base_params = json.loads(result.stdout)["params_total"]
+    assert variants["unpadded"]["params_total"] == base_params
+    assert variants["narrow"]["params_total"] < base_params  # the override reached the variant's model
     assert variants["batched"]["overrides"] == ["batched:moe.expert_compute=batched", "batched:moe.expert_rows_multiple=1"]
     for report in variants.values():
         assert report["tokens_per_s"] > 0
@@ -97,6 +100,7 @@ def test_throughput_variants_train_in_the_same_rounds_and_bad_specs_are_refused(
                           ("wide:moe.expert_compute=fast", "expert_compute")):
         refused = _throughput(config, "--no-hf", "--variant", spec)
         assert refused.returncode != 0 and message in refused.stderr, refused.stderr[-2000:]
+        assert "Traceback" not in refused.stderr and "--variant" in refused.stderr
 
 
 def test_moe_layer_bench_splits_the_layer_against_the_dense_feed_forward(tmp_path):
@@ -110,6 +114,8 @@ def test_moe_layer_bench_splits_the_layer_against_the_dense_feed_forward(tmp_pat
     assert set(report["ratios_per_round"]) == {"experts / dense", "moe / dense", "moe / experts"}
     dense_only = _bench("moe_layer.py", "--config", str(_tiny_config(tmp_path)))
     assert dense_only.returncode != 0 and "model.moe" in dense_only.stderr
+    shared = _bench("moe_layer.py", "--config", str(_tiny_config(tmp_path, moe={"n_experts": 4, "n_shared_experts": 1})))
+    assert shared.returncode != 0 and "n_shared_experts" in shared.stderr and "Traceback" not in shared.stderr
 
 
 def test_optimizer_step_bench_times_the_three_adamw_implementations(tmp_path):

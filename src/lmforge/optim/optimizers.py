@@ -266,9 +266,12 @@ def reapply_config_hyperparameters(optimizer: OptimizerGroup, cfg: OptimConfig) 
 
 def _reapply_fused(opt: torch.optim.AdamW, cfg: OptimConfig) -> list[tuple[str, Any, Any]]:
     """``optim.adamw_fused`` over a loaded state (which brings the saved groups' own choice): the
-    config's choice, with each parameter's step count moved where the fused kernel keeps it (on the
-    parameter's device, fp32), as torch's own loading does for a fused optimizer."""
+    config's choice, with each parameter's step count moved where that implementation keeps it, as
+    torch's own loading does: on the parameter's device in fp32 when fused, else on the CPU (a
+    device step count would cost a device sync per tensor and step)."""
     fused = fused_adamw(cfg, [param for group in opt.param_groups for param in group["params"]])
+    # torch's scalar dtype for the step count: fp64 under a fp64 default dtype, else fp32
+    host_dtype = torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
     changes = []
     for group in opt.param_groups:
         if bool(group.get("fused")) != bool(fused):
@@ -276,10 +279,12 @@ def _reapply_fused(opt: torch.optim.AdamW, cfg: OptimConfig) -> list[tuple[str, 
         group["fused"] = fused
         if fused:
             group["foreach"] = None  # torch refuses fused and foreach together
-            for param in group["params"]:
-                state = opt.state.get(param, {})
-                if "step" in state:
-                    state["step"] = state["step"].to(device=param.device, dtype=torch.float32)
+        on_device = fused or group.get("capturable")
+        for param in group["params"]:
+            state = opt.state.get(param, {})
+            if "step" in state:
+                state["step"] = (state["step"].to(device=param.device, dtype=torch.float32) if on_device
+                                 else state["step"].to(device="cpu", dtype=host_dtype))
     return changes
 
 
