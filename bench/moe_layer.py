@@ -33,6 +33,7 @@ from lmforge.core.cpu_memory import keep_freed_memory
 from lmforge.nn.config import ModelConfig
 from lmforge.nn.mlp import SwiGLU
 from lmforge.nn.moe import MoE
+from train_throughput import alternate_rounds  # bench/, this script's folder
 
 
 def forward_backward(module: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, grad: torch.Tensor,
@@ -90,14 +91,14 @@ def main() -> None:
     for step in steps.values():
         for _ in range(5):
             step()
-    times: dict[str, list[float]] = {name: [] for name in steps}
-    for round_index in range(args.rounds):
-        order = list(steps.items())
-        for name, step in (order if round_index % 2 == 0 else reversed(order)):
-            start = time.process_time()
-            for _ in range(args.calls):
-                step()
-            times[name].append((time.process_time() - start) / args.calls * 1e3)
+
+    def milliseconds(step: Callable[[], None]) -> float:
+        start = time.process_time()
+        for _ in range(args.calls):
+            step()
+        return (time.process_time() - start) / args.calls * 1e3
+
+    times = alternate_rounds({name: lambda step=step: milliseconds(step) for name, step in steps.items()}, args.rounds)
     median = {name: statistics.median(values) for name, values in times.items()}
     per_round = {f"{a} / {b}": round(statistics.median(x / y for x, y in zip(times[a], times[b])), 3)
                  for a, b in (("experts", "dense"), ("moe", "dense"), ("moe", "experts"))}

@@ -20,6 +20,7 @@ import torch
 from lmforge.core.config import apply_overrides, read_yaml
 from lmforge.core.device import resolve_device
 from lmforge.nn.config import ModelConfig
+from train_throughput import alternate_rounds  # bench/, this script's folder
 
 IMPLEMENTATIONS = {"default": {}, "foreach": {"foreach": True}, "fused": {"fused": True}}
 
@@ -44,18 +45,19 @@ def main() -> None:
     optimizers = {name: torch.optim.AdamW(params, lr=1e-4, **kwargs) for name, kwargs in IMPLEMENTATIONS.items()}
     for optimizer in optimizers.values():
         optimizer.step()  # state allocated before timing
-    times: dict[str, list[float]] = {name: [] for name in optimizers}
-    for round_index in range(args.rounds):
-        order = list(optimizers.items())
-        for name, optimizer in (order if round_index % 2 == 0 else reversed(order)):
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            for _ in range(args.steps):
-                optimizer.step()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            times[name].append((time.perf_counter() - start) / args.steps * 1e3)
+
+    def milliseconds(optimizer: torch.optim.Optimizer) -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(args.steps):
+            optimizer.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return (time.perf_counter() - start) / args.steps * 1e3
+
+    times = alternate_rounds({name: lambda opt=opt: milliseconds(opt) for name, opt in optimizers.items()},
+                             args.rounds)
     median = {name: statistics.median(values) for name, values in times.items()}
     print(json.dumps({
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu x{torch.get_num_threads()} threads",

@@ -158,16 +158,23 @@ def timed(step: Callable[[], None], args: argparse.Namespace, device: torch.devi
     return args.steps * args.batch_size * args.seq_len / (clock() - start)
 
 
+def alternate_rounds(measures: dict[str, Callable[[], float]], rounds: int) -> dict[str, list[float]]:
+    """Every measurement once in each of ``rounds`` rounds, in an order reversed every other round,
+    so a change in machine load during a benchmark hits all alike (bench/moe_layer.py and
+    bench/optimizer_step.py use it too)."""
+    values: dict[str, list[float]] = {name: [] for name in measures}
+    for round_index in range(rounds):
+        order = list(measures.items())
+        for name, measure in (order if round_index % 2 == 0 else reversed(order)):
+            values[name].append(measure())
+    return values
+
+
 def alternate(steps: dict[str, Callable[[], None]], args: argparse.Namespace,
               device: torch.device) -> dict[str, list[float]]:
-    """Tokens/s per model in each of ``args.rounds`` rounds that alternate the models (order
-    reversed every other round), so a change in machine load during the benchmark hits all alike."""
-    rates: dict[str, list[float]] = {name: [] for name in steps}
-    for round_index in range(args.rounds):
-        order = list(steps.items())
-        for name, step in (order if round_index % 2 == 0 else reversed(order)):
-            rates[name].append(timed(step, args, device))
-    return rates
+    """Tokens/s per model in each of ``args.rounds`` alternating rounds."""
+    return alternate_rounds({name: lambda step=step: timed(step, args, device) for name, step in steps.items()},
+                            args.rounds)
 
 
 def paired_ratio(ours: list[float], theirs: list[float]) -> dict[str, float]:

@@ -50,7 +50,7 @@ class _RMSNormFunction(torch.autograd.Function):
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """``F.rms_norm`` over the last dimension; on CPU, when it trains, with the faster backward of
-    :class:`_RMSNormFunction` (same function: tests/test_fused_kernels.py)."""
+    :class:`_RMSNormFunction` (same function: tests/test_speed_options.py)."""
     if (x.device.type == "cpu" and _FUSED_FORWARD is not None and x.dtype == weight.dtype
             and torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
         return _RMSNormFunction.apply(x, weight, eps)

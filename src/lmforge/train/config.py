@@ -50,7 +50,8 @@ class TrainConfig(Config):
     guard: GuardConfig = field(default_factory=GuardConfig)  # skip non-finite / spiking steps
     weight_averaging: WeightAveragingConfig = field(default_factory=WeightAveragingConfig)  # EMA / window, train/averaging.py
     # Wall-clock seconds for the training steps: after time_budget_calibration_steps steps the run
-    # fixes its length once to what the median step time (of the later half of them) fits (train.steps is then an upper bound);
+    # fixes its length once to what the median step time (of the later half of them) fits
+    # (train.steps is then an upper bound);
     # needs a schedule whose start does not depend on the step count (train/time_budget.py)
     time_budget_s: float | None = None
     time_budget_calibration_steps: int = 20

@@ -2,8 +2,9 @@
 
 A run with a time budget treats ``train.steps`` as an upper bound. After a few calibration steps
 (``train.time_budget_calibration_steps``) the trainer measures the median step time (over the later
-half of those steps: the earlier ones include the process's warm-up) and fixes the run's length once: as many steps as that median fits into the budget, never more than
-``train.steps`` and never fewer than the learning-rate schedule needs. From then on the run is an
+half of those steps: the earlier ones include the process's warm-up) and fixes the run's length
+once: as many steps as that median fits into the budget, never more than ``train.steps`` and never
+fewer than the learning-rate schedule needs. From then on the run is an
 ordinary fixed-length run: the decision is part of the checkpoint, so a resumed run keeps it and
 reproduces the losses of an uninterrupted one bit for bit, and the cooldown of a WSD schedule
 lands at the run's real end instead of being cut off.
