@@ -83,6 +83,7 @@ def test_auxiliary_losses_match_their_formulas_for_uneven_routing():
     chosen = probs.topk(2, dim=-1).indices.flatten()
     slot_fraction = torch.bincount(chosen, minlength=4).float() / chosen.numel()
     assert layer.last_tokens_per_expert.tolist() == torch.bincount(chosen, minlength=4).tolist()
+    assert torch.equal(layer.last_top_experts, probs.topk(2, dim=-1).indices)  # [tokens, k], as eval/captions.py reads it
     torch.testing.assert_close(layer.last_load_balance_loss, 4 * (slot_fraction * probs.mean(0)).sum())
     torch.testing.assert_close(layer.last_z_loss, torch.logsumexp(logits, -1).pow(2).mean())
 

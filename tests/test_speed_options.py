@@ -18,7 +18,7 @@ from conftest import run_cli, tiny_run_dict, train_losses, write_config
 from lmforge.core.device import autocast_context
 from lmforge.nn.config import ModelConfig
 from lmforge.nn.cross_entropy import linear_cross_entropy
-from lmforge.nn.moe import MoE, expert_kernel, padded_runs, row_multiple
+from lmforge.nn.moe import MoE, WeightedCombine, expert_kernel, padded_runs, row_multiple
 from lmforge.nn.norm import rms_norm
 from lmforge.nn.rope import RotaryEmbedding
 
@@ -102,6 +102,34 @@ def test_padded_runs_layout():
     assert row_multiple(16, torch.device("cuda"), "loop") == 16
     with pytest.raises(Exception, match="expert_rows_multiple"):
         ModelConfig.from_dict({"moe": {"expert_rows_multiple": 0}})
+
+
+def test_weighted_combine_by_hand_equals_autograd_of_the_textbook_form():
+    """nn/moe.py weights and scatters the experts' runs back by hand; autograd of cat, multiply and
+    index_add_ is the reference: float64 gradcheck, an empty run, padding slots of weight 0."""
+    torch.manual_seed(0)
+    slot_tokens = torch.tensor([2, 0, 4, 1, 0, 3, 2, 4, 0, 0])       # token 0 twice as padding at the end
+    weights = torch.cat([torch.rand(8), torch.zeros(2)]).double().requires_grad_()
+    runs = [torch.randn(n, 6, dtype=torch.float64, requires_grad=True) for n in (3, 0, 5, 2)]
+    torch.autograd.gradcheck(lambda w, *r: WeightedCombine.apply(slot_tokens, w, 5, *r), (weights, *runs))
+
+    def reference(w, *r):
+        return torch.zeros(5, 6, dtype=torch.float64).index_add(0, slot_tokens, torch.cat(r) * w[:, None])
+
+    grad = torch.randn(5, 6, dtype=torch.float64)
+    ours = torch.autograd.grad(WeightedCombine.apply(slot_tokens, weights, 5, *runs), (weights, *runs), grad)
+    theirs = torch.autograd.grad(reference(weights, *runs), (weights, *runs), grad)
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b)
+    # bf16 runs with fp32 weights: the output in bf16, the weights' gradient in fp32, both near fp32's
+    runs16 = [r.detach().bfloat16().requires_grad_() for r in runs]
+    w32 = weights.detach().float().requires_grad_()
+    out16 = WeightedCombine.apply(slot_tokens, w32, 5, *runs16)
+    assert out16.dtype == torch.bfloat16
+    (w_grad,) = torch.autograd.grad(out16, w32, grad.bfloat16())
+    assert w_grad.dtype == torch.float32
+    torch.testing.assert_close(out16.double(), reference(weights, *runs).detach(), rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(w_grad.double(), theirs[0], rtol=3e-2, atol=3e-2)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

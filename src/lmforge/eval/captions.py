@@ -70,16 +70,12 @@ def modality_losses(model: nn.Module, examples: ImageTextExamples | Any, device:
     tokens = {"text": 0, "image": 0, "caption": 0}
     moe_layers = [m for m in model.modules() if isinstance(m, MoE)]
     routed: dict[str, np.ndarray] = {}
-    captured: list[torch.Tensor] = []
-    hooks = [m.router.register_forward_hook(lambda module, args, out: captured.append(out.detach()))
-             for m in moe_layers]
     was_training = model.training
     model.eval()
     try:
         for first in range(0, len(sequences), batch_size):
             inputs, targets = _padded(sequences[first:first + batch_size], eos)
             inputs, targets = inputs.to(device), targets.to(device)
-            captured.clear()
             logits = model(inputs, **_model_inputs(examples, rows_images[first:first + batch_size], device)).logits.float()
             losses = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="none")
             scored = targets.flatten() != -100
@@ -92,14 +88,12 @@ def modality_losses(model: nn.Module, examples: ImageTextExamples | Any, device:
                 tokens[name] += int(mask.sum())
             valid_inputs = (targets != -100).flatten()
             input_is_image = layout.is_image_token(inputs.flatten())
-            for module, router_logits in zip(moe_layers, captured):
-                experts = router_logits.float().topk(module.top_k, dim=-1).indices  # [tokens, k]
+            for module in moe_layers:
+                experts = module.last_top_experts  # [tokens, k]: the experts each token of this batch went to
                 for name, mask in (("text", valid_inputs & ~input_is_image), ("image", valid_inputs & input_is_image)):
                     counts = torch.bincount(experts[mask].flatten(), minlength=module.n_experts).cpu().numpy()
                     routed[name] = routed.get(name, 0) + counts
     finally:
-        for hook in hooks:
-            hook.remove()
         model.train(was_training)
     out: dict[str, Any] = {"images": count}
     for name in ("text", "image", "caption"):

@@ -4,9 +4,10 @@ Each token picks its k highest-scoring experts; every token reaches all k of the
 capacity factor, so nothing is dropped). The router's softmax runs in fp32 because
 small logit differences decide routing and bf16 rounds them away.
 
-The token-slots are sorted by expert once, gathered once and scattered back once (one
-``index_add_``); in between, ``moe.expert_compute`` picks how the experts' contiguous runs of rows
-are multiplied:
+The router's logits are computed as [experts, tokens]; the token-slots are sorted by expert once,
+gathered once, and weighted and scattered back to their tokens by one hand-written node
+(:class:`WeightedCombine`); in between, ``moe.expert_compute`` picks how the experts' contiguous
+runs of rows are multiplied:
 
 - ``grouped_mm``: ``torch._grouped_mm``, all experts in one call (the grouped kernel MoE training
   uses on recent GPUs; on CPU torch 2.13 runs it as a slow reference, ~15x slower here);
@@ -93,6 +94,46 @@ def padded_runs(slot_tokens: torch.Tensor, slot_weights: torch.Tensor, slot_expe
     return tokens, weights, padded
 
 
+class WeightedCombine(torch.autograd.Function):
+    """``out[t] = sum of weights[s] * rows[s]`` over the slots ``s`` of token ``t``: the experts'
+    outputs weighted and scattered back to their tokens, forward and backward by hand.
+
+    ``runs``: the experts' outputs, one tensor per run of sorted slots (``slot_tokens``, ``weights``:
+    those slots' tokens and fp32 router weights, in the same order). Written by hand, not left to
+    autograd, because autograd of ``cat(runs) * weights`` and ``index_add_`` concatenates the runs, and
+    under bf16 autocast multiplies bf16 rows by fp32 weights into an fp32 copy of all slots, casts
+    its gradient back and computes the router weights' gradient as a mixed-precision product and a
+    sum: here the runs stay separate and in their own dtype, and each slot's weight gradient is one
+    multiply-and-sum accumulated in fp32 (``bench/moe_layer.py``, with the router on [experts,
+    tokens]: routing, dispatch and combine ~40% cheaper in bf16, ~20% in fp32; docs/benchmarks.md).
+    Under autocast the combined output is in the experts' dtype, as a dense feed-forward's down
+    projection is.
+    """
+
+    @staticmethod
+    def forward(ctx, slot_tokens: torch.Tensor, weights: torch.Tensor, n_tokens: int,  # type: ignore[override]
+                *runs: torch.Tensor) -> torch.Tensor:
+        cast = weights.to(runs[0].dtype)[:, None]
+        out = runs[0].new_zeros(n_tokens, runs[0].shape[1])
+        start = 0
+        for run in runs:
+            end = start + run.shape[0]
+            out.index_add_(0, slot_tokens[start:end], run * cast[start:end])
+            start = end
+        ctx.save_for_backward(slot_tokens, cast, *runs)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        slot_tokens, cast, *runs = ctx.saved_tensors
+        slot_grads = grad.to(cast.dtype).index_select(0, slot_tokens).split([run.shape[0] for run in runs])
+        weight_grad = None
+        if ctx.needs_input_grad[1]:
+            weight_grad = torch.cat([(g * run).sum(dim=-1, dtype=torch.float32) for g, run in zip(slot_grads, runs)])
+        run_grads = [g * w for g, w in zip(slot_grads, cast.split([run.shape[0] for run in runs]))]
+        return None, weight_grad, None, *run_grads
+
+
 class MoE(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -108,24 +149,29 @@ class MoE(nn.Module):
         )
         self.last_expert_load = torch.zeros(self.n_experts)
         self.last_tokens_per_expert = torch.zeros(self.n_experts, dtype=torch.long)
+        self.last_top_experts = torch.zeros(0, self.top_k, dtype=torch.long)  # [tokens, k] of the last forward
         self.last_load_balance_loss = torch.zeros(())
         self.last_z_loss = torch.zeros(())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         tokens = x.reshape(-1, shape[-1])
-        logits = self.router(tokens).float()
-        probs = logits.softmax(dim=-1)
-        top_probs, top_experts = probs.topk(self.top_k, dim=-1)
-        # Renormalise over the chosen k so each token's expert outputs are a weighted average.
-        top_probs = top_probs / top_probs.sum(dim=-1, keepdim=True)
+        n_tokens = tokens.shape[0]
+        # The router's logits as [experts, tokens]: the softmax, top-k and logsumexp then reduce across
+        # contiguous rows of tokens instead of over a last dimension of a few experts, where torch's CPU
+        # kernels are slow (docs/benchmarks.md, "the MoE's router and combine by hand").
+        logits = torch.mm(self.router.weight, tokens.t()).float()
+        log_normaliser = torch.logsumexp(logits, dim=0)
+        top_logits, top_experts = logits.topk(self.top_k, dim=0)         # [k, tokens]
+        # The k chosen experts' weights, renormalised to sum to 1: the softmax over their logits alone.
+        top_weights = top_logits.softmax(dim=0)
 
-        flat_experts = top_experts.flatten()                    # [N*k]
+        flat_experts = top_experts.flatten()                    # slot j * tokens + t: token t's j-th choice
         order = flat_experts.argsort(stable=True)               # group token-slots by expert
         counts = torch.bincount(flat_experts, minlength=self.n_experts)
-        slot_tokens = order // self.top_k                       # the token of each sorted slot
+        slot_tokens = order % n_tokens                          # the token of each sorted slot
         slot_experts = flat_experts[order]                      # and its expert
-        slot_weights = top_probs.flatten()[order, None]
+        slot_weights = top_weights.flatten()[order]
         autocast = torch.is_autocast_enabled(x.device.type)
         compute_dtype = torch.get_autocast_dtype(x.device.type) if autocast else x.dtype
         kernel = expert_kernel(self.expert_compute, x.device, compute_dtype,
@@ -141,25 +187,21 @@ class MoE(nn.Module):
         # gathered; the experts' matmuls then need no cast of their own).
         rows = tokens.to(compute_dtype).index_select(0, slot_tokens)
         if kernel == "loop":
-            expert_out = self._loop(rows, counts_run)
+            runs = [expert(run) for expert, run in zip(self.experts, rows.split(counts_run.tolist()))]
         else:
-            expert_out = self._grouped(rows, slot_experts, counts, kernel, compute_dtype)
-        weighted = (expert_out * slot_weights.to(tokens.dtype)).to(tokens.dtype)
-        out = torch.zeros_like(tokens).index_add_(0, slot_tokens, weighted)
+            runs = [self._grouped(rows, slot_experts, counts, kernel, compute_dtype)]
+        out = WeightedCombine.apply(slot_tokens, slot_weights, n_tokens, *runs).to(tokens.dtype)
         for shared in self.shared_experts:
             out = out + shared(tokens)
 
         slot_fraction = counts.float() / flat_experts.numel()
-        self.last_load_balance_loss = load_balance_loss(slot_fraction, probs.mean(dim=0))
-        self.last_z_loss = torch.logsumexp(logits, dim=-1).pow(2).mean()
+        mean_probability = (logits - log_normaliser).exp().mean(dim=1)
+        self.last_load_balance_loss = load_balance_loss(slot_fraction, mean_probability)
+        self.last_z_loss = log_normaliser.pow(2).mean()
         self.last_expert_load = slot_fraction.detach()
         self.last_tokens_per_expert = counts.detach()
+        self.last_top_experts = top_experts.t()
         return out.view(shape)
-
-    def _loop(self, rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        """Each expert's contiguous run of sorted rows through its own SwiGLU (also the reference)."""
-        runs = rows.split(counts.tolist())
-        return torch.cat([expert(run) for expert, run in zip(self.experts, runs)])
 
     def _stacked(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Gate and up [E, d_model, d_expert], down [E, d_expert, d_model], in ``dtype`` (autocast
