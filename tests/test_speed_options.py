@@ -4,6 +4,7 @@ for bit."""
 
 from __future__ import annotations
 
+import copy
 import json
 import signal
 import subprocess
@@ -130,6 +131,31 @@ def test_weighted_combine_by_hand_equals_autograd_of_the_textbook_form():
     assert w_grad.dtype == torch.float32
     torch.testing.assert_close(out16.double(), reference(weights, *runs).detach(), rtol=2e-2, atol=2e-2)
     torch.testing.assert_close(w_grad.double(), theirs[0], rtol=3e-2, atol=3e-2)
+
+
+@pytest.mark.parametrize("moe", [{}, {"top_k": 1}, {"expert_rows_multiple": 64}])
+def test_moe_gradients_under_bf16_autocast_stay_near_float64(moe):
+    """The MoE layer under CPU bf16 autocast (bf16 experts and combine, fp32 router softmax) against
+    the same layer in float64: output and every gradient within bf16-level error (norm-relative),
+    the router's included although the combine's backward runs in bf16."""
+    layer = _moe(**moe)
+    x = torch.randn(4, 64, 32)
+    reference = copy.deepcopy(layer).double()
+    ours = _forward_backward_autocast(layer, x, bf16=True)
+    theirs = _forward_backward_autocast(reference, x.double(), bf16=False)
+    for name, a, b in zip(("output", "input", "router", "experts"), ours, theirs):
+        error = float((a.double() - b).norm() / b.norm())
+        assert error < 1.5e-2, f"{name}: relative error {error:.2e}"
+
+
+def _forward_backward_autocast(layer: MoE, x: torch.Tensor, bf16: bool) -> list[torch.Tensor]:
+    x = x.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        y = layer(x)
+    loss = (y.float() * torch.linspace(-1, 1, y.shape[-1], dtype=torch.float64).to(y.dtype).float()).sum()
+    (loss.double() + layer.last_load_balance_loss.double() + layer.last_z_loss.double()).backward()
+    experts = torch.cat([p.grad.flatten() for e in layer.experts for p in e.parameters()])
+    return [y.detach(), x.grad, layer.router.weight.grad, experts]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

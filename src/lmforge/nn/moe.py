@@ -104,10 +104,15 @@ class WeightedCombine(torch.autograd.Function):
     under bf16 autocast multiplies bf16 rows by fp32 weights into an fp32 copy of all slots, casts
     its gradient back and computes the router weights' gradient as a mixed-precision product and a
     sum: here the runs stay separate and in their own dtype, and each slot's weight gradient is one
-    multiply-and-sum accumulated in fp32 (``bench/moe_layer.py``, with the router on [experts,
-    tokens]: routing, dispatch and combine ~40% cheaper in bf16, ~20% in fp32; docs/benchmarks.md).
-    Under autocast the combined output is in the experts' dtype, as a dense feed-forward's down
-    projection is.
+    multiply-and-sum (``bench/moe_layer.py``, with the router on [experts, tokens]: routing, dispatch
+    and combine ~40% cheaper in bf16, ~20% in fp32; docs/benchmarks.md).
+
+    Precision under bf16 autocast: the combined output is bf16, as a dense feed-forward's down
+    projection is, so its incoming gradient arrives in bf16 too, and the weight gradient multiplies
+    it with the bf16 run in bf16 and sums in fp32. That rounds the router's gradient at bf16's
+    ~0.2%, the size of the error the experts' bf16 matmuls already put in the outputs it multiplies
+    (keeping that gradient in fp32 gave back most of the bf16 gain in a scratch A/B); the layer's
+    gradients against a float64 reference are tested in tests/test_speed_options.py.
     """
 
     @staticmethod
@@ -130,7 +135,8 @@ class WeightedCombine(torch.autograd.Function):
         weight_grad = None
         if ctx.needs_input_grad[1]:
             weight_grad = torch.cat([(g * run).sum(dim=-1, dtype=torch.float32) for g, run in zip(slot_grads, runs)])
-        run_grads = [g * w for g, w in zip(slot_grads, cast.split([run.shape[0] for run in runs]))]
+        run_grads = [g * w if ctx.needs_input_grad[3 + i] else None
+                     for i, (g, w) in enumerate(zip(slot_grads, cast.split([run.shape[0] for run in runs])))]
         return None, weight_grad, None, *run_grads
 
 
