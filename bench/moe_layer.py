@@ -8,11 +8,16 @@ Times forward + backward, on the same tokens, of
    in smaller matmuls;
 3. ``moe``: the whole MoE layer (router, top-k, sort, gather, experts, weighting, combine, and
    the auxiliary losses back-propagated with their configured weights),
-alternating the three in every round so that load on the machine hits them alike. ``experts /
+4. ``moe_routed``: the same layer after routing (``MoE.compute`` on a slot layout that
+   ``MoE.route`` made once from the same tokens: gather, experts, weighting, combine, and the
+   routing weights' gradient),
+alternating the four in every round so that load on the machine hits them alike. ``experts /
 dense`` is what the smaller matmuls cost; ``moe - experts`` (``routing_dispatch_combine_ms``) what
 routing, dispatch and combine cost, together with what the real layer's runs add over the equal
-ones: their padding to ``moe.expert_rows_multiple`` rows and the router's uneven load. MoE layers
-with shared experts are refused (neither comparison would include them).
+ones: their padding to ``moe.expert_rows_multiple`` rows and the router's uneven load; split into
+``moe - moe_routed`` (``routing_ms``: router, top-k, sort, padding, auxiliary losses) and
+``moe_routed - experts`` (``dispatch_combine_ms``). MoE layers with shared experts are refused
+(neither comparison would include them).
 
     OMP_NUM_THREADS=1 python bench/moe_layer.py --config configs/compare_moe.yaml --precision fp32
     OMP_NUM_THREADS=1 python bench/moe_layer.py --config configs/compare_moe.yaml --precision bf16
@@ -83,11 +88,19 @@ def main() -> None:
         return torch.cat([expert(part) for expert, part in zip(moe.experts, rows.split(run))])
 
     x, grad = torch.randn(args.tokens, cfg.d_model), torch.randn(args.tokens, cfg.d_model)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        layout = moe.route(x)  # once, under the same precision: the same kernel, dtype and padding
+    layout = layout._replace(slot_weights=layout.slot_weights.detach().requires_grad_())
+
+    def routed(tokens: torch.Tensor) -> torch.Tensor:
+        return moe.compute(tokens, layout)
+
     rows, rows_grad = torch.randn(run * cfg.moe.n_experts, cfg.d_model), torch.randn(run * cfg.moe.n_experts, cfg.d_model)
     steps = {"dense": forward_backward(dense, x, grad, bf16),
              "experts": forward_backward(experts_alone, rows, rows_grad, bf16),
              "moe": forward_backward(moe, x, grad, bf16, lambda: cfg.moe.load_balance_weight * moe.last_load_balance_loss
-                                     + cfg.moe.z_loss_weight * moe.last_z_loss)}
+                                     + cfg.moe.z_loss_weight * moe.last_z_loss),
+             "moe_routed": forward_backward(routed, x, grad, bf16)}
     for step in steps.values():
         for _ in range(5):
             step()
@@ -101,7 +114,7 @@ def main() -> None:
     times = alternate_rounds({name: lambda step=step: milliseconds(step) for name, step in steps.items()}, args.rounds)
     median = {name: statistics.median(values) for name, values in times.items()}
     per_round = {f"{a} / {b}": round(statistics.median(x / y for x, y in zip(times[a], times[b])), 3)
-                 for a, b in (("experts", "dense"), ("moe", "dense"), ("moe", "experts"))}
+                 for a, b in (("experts", "dense"), ("moe", "dense"), ("moe", "experts"), ("moe_routed", "experts"))}
     print(json.dumps({
         "device": f"cpu x{torch.get_num_threads()} threads", "precision": args.precision, "tokens": args.tokens,
         "layer": (f"d_model {cfg.d_model}; dense d_ff {cfg.moe.top_k * cfg.d_expert}; "
@@ -109,6 +122,8 @@ def main() -> None:
         "clock": "process CPU time, forward + backward, median over rounds",
         "ms_per_call": {name: round(value, 2) for name, value in median.items()},
         "routing_dispatch_combine_ms": round(median["moe"] - median["experts"], 2),
+        "routing_ms": round(median["moe"] - median["moe_routed"], 2),
+        "dispatch_combine_ms": round(median["moe_routed"] - median["experts"], 2),
         "ratios_per_round": per_round,
     }, indent=2))
 

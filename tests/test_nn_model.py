@@ -88,6 +88,19 @@ def test_auxiliary_losses_match_their_formulas_for_uneven_routing():
     torch.testing.assert_close(layer.last_z_loss, torch.logsumexp(logits, -1).pow(2).mean())
 
 
+def test_router_runs_in_fp32_under_bf16_autocast():
+    """Small logit differences decide routing: under autocast the router's matmul stays fp32, so its
+    choices and losses are those of the fp32 logits (bf16 logits would move the z-loss by ~1e-3)."""
+    torch.manual_seed(3)
+    layer = MoE(_moe_cfg())
+    x = torch.randn(2, 40, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        layer(x)
+    logits = x.reshape(-1, 32) @ layer.router.weight.t()
+    assert torch.equal(layer.last_top_experts, logits.topk(2, dim=-1).indices)
+    torch.testing.assert_close(layer.last_z_loss, torch.logsumexp(logits, -1).pow(2).mean(), rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize("cfg", [
     ModelConfig(**TINY),
     ModelConfig(**TINY, n_kv_heads=2, qk_norm=True, tie_embeddings=False),

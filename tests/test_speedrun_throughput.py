@@ -108,10 +108,12 @@ def test_moe_layer_bench_splits_the_layer_against_the_dense_feed_forward(tmp_pat
     result = _bench("moe_layer.py", "--config", str(config), "--tokens", "64", "--calls", "1", "--rounds", "2")
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout)
-    assert set(report["ms_per_call"]) == {"dense", "experts", "moe"} and all(v > 0 for v in report["ms_per_call"].values())
-    assert report["routing_dispatch_combine_ms"] == pytest.approx(
-        report["ms_per_call"]["moe"] - report["ms_per_call"]["experts"], abs=0.011)
-    assert set(report["ratios_per_round"]) == {"experts / dense", "moe / dense", "moe / experts"}
+    ms = report["ms_per_call"]
+    assert set(ms) == {"dense", "experts", "moe", "moe_routed"} and all(v > 0 for v in ms.values())
+    assert report["routing_dispatch_combine_ms"] == pytest.approx(ms["moe"] - ms["experts"], abs=0.011)
+    assert report["routing_ms"] == pytest.approx(ms["moe"] - ms["moe_routed"], abs=0.011)
+    assert report["dispatch_combine_ms"] == pytest.approx(ms["moe_routed"] - ms["experts"], abs=0.011)
+    assert set(report["ratios_per_round"]) == {"experts / dense", "moe / dense", "moe / experts", "moe_routed / experts"}
     dense_only = _bench("moe_layer.py", "--config", str(_tiny_config(tmp_path)))
     assert dense_only.returncode != 0 and "model.moe" in dense_only.stderr
     shared = _bench("moe_layer.py", "--config", str(_tiny_config(tmp_path, moe={"n_experts": 4, "n_shared_experts": 1})))

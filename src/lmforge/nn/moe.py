@@ -1,8 +1,8 @@
 """Mixture-of-experts feed-forward: token-choice top-k routing, dropless.
 
 Each token picks its k highest-scoring experts; every token reaches all k of them (no
-capacity factor, so nothing is dropped). The router's softmax runs in fp32 because
-small logit differences decide routing and bf16 rounds them away.
+capacity factor, so nothing is dropped). The router runs in fp32, its matmul too (outside
+autocast), because small logit differences decide routing and bf16 rounds them away.
 
 The router's logits are computed as [experts, tokens]; the token-slots are sorted by expert once,
 gathered once, and weighted and scattered back to their tokens by one hand-written node
@@ -36,6 +36,8 @@ Auxiliary losses (their weights live in MoEConfig):
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -140,6 +142,18 @@ class WeightedCombine(torch.autograd.Function):
         return None, weight_grad, None, *run_grads
 
 
+class SlotLayout(NamedTuple):
+    """Where :meth:`MoE.route` sends the token-slots, sorted by expert."""
+
+    slot_tokens: torch.Tensor    # the token of each sorted slot (padding slots: token 0)
+    slot_weights: torch.Tensor   # its router weight, fp32 (padding slots: 0)
+    slot_experts: torch.Tensor   # the expert of each real sorted slot (unpadded; the grouped kernels)
+    counts: torch.Tensor         # real slots per expert
+    run_lengths: torch.Tensor    # rows of each expert's run (``counts``, padded where asked)
+    kernel: str                  # what ``moe.expert_compute`` resolved to
+    compute_dtype: torch.dtype   # the experts' dtype (autocast's where it is on)
+
+
 class MoE(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -162,11 +176,17 @@ class MoE(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         tokens = x.reshape(-1, shape[-1])
+        return self.compute(tokens, self.route(tokens)).view(shape)
+
+    def route(self, tokens: torch.Tensor) -> SlotLayout:
+        """Router, top-k and the slots sorted by expert (padded where ``moe.expert_rows_multiple``
+        asks); sets the auxiliary losses and the routing statistics of this forward."""
         n_tokens = tokens.shape[0]
         # The router's logits as [experts, tokens]: the softmax, top-k and logsumexp then reduce across
         # contiguous rows of tokens instead of over a last dimension of a few experts, where torch's CPU
         # kernels are slow (docs/benchmarks.md, "the MoE's router and combine by hand").
-        logits = torch.mm(self.router.weight, tokens.t()).float()
+        with torch.autocast(tokens.device.type, enabled=False):
+            logits = torch.mm(self.router.weight.float(), tokens.float().t())
         log_normaliser = torch.logsumexp(logits, dim=0)
         top_logits, top_experts = logits.topk(self.top_k, dim=0)         # [k, tokens]
         # The k chosen experts' weights, renormalised to sum to 1: the softmax over their logits alone.
@@ -178,27 +198,16 @@ class MoE(nn.Module):
         slot_tokens = order % n_tokens                          # the token of each sorted slot
         slot_experts = flat_experts[order]                      # and its expert
         slot_weights = top_weights.flatten()[order]
-        autocast = torch.is_autocast_enabled(x.device.type)
-        compute_dtype = torch.get_autocast_dtype(x.device.type) if autocast else x.dtype
-        kernel = expert_kernel(self.expert_compute, x.device, compute_dtype,
-                               (x.shape[-1], self.experts[0].gate.out_features))
-        multiple = row_multiple(self.expert_rows_multiple, x.device, kernel, compute_dtype)
+        autocast = torch.is_autocast_enabled(tokens.device.type)
+        compute_dtype = torch.get_autocast_dtype(tokens.device.type) if autocast else tokens.dtype
+        kernel = expert_kernel(self.expert_compute, tokens.device, compute_dtype,
+                               (tokens.shape[-1], self.experts[0].gate.out_features))
+        multiple = row_multiple(self.expert_rows_multiple, tokens.device, kernel, compute_dtype)
         if multiple > 1:
-            slot_tokens, slot_weights, counts_run = padded_runs(slot_tokens, slot_weights, slot_experts, counts,
-                                                                multiple)
+            slot_tokens, slot_weights, run_lengths = padded_runs(slot_tokens, slot_weights, slot_experts, counts,
+                                                                 multiple)
         else:
-            counts_run = counts
-        # index_select, not tensor[index]: its backward is index_add_, not a slower accumulating
-        # index_put_. Under autocast the tokens are cast once, before the gather (half the bytes
-        # gathered; the experts' matmuls then need no cast of their own).
-        rows = tokens.to(compute_dtype).index_select(0, slot_tokens)
-        if kernel == "loop":
-            runs = [expert(run) for expert, run in zip(self.experts, rows.split(counts_run.tolist()))]
-        else:
-            runs = [self._grouped(rows, slot_experts, counts, kernel, compute_dtype)]
-        out = WeightedCombine.apply(slot_tokens, slot_weights, n_tokens, *runs).to(tokens.dtype)
-        for shared in self.shared_experts:
-            out = out + shared(tokens)
+            run_lengths = counts
 
         slot_fraction = counts.float() / flat_experts.numel()
         mean_probability = (logits - log_normaliser).exp().mean(dim=1)
@@ -207,7 +216,23 @@ class MoE(nn.Module):
         self.last_expert_load = slot_fraction.detach()
         self.last_tokens_per_expert = counts.detach()
         self.last_top_experts = top_experts.t()
-        return out.view(shape)
+        return SlotLayout(slot_tokens, slot_weights, slot_experts, counts, run_lengths, kernel, compute_dtype)
+
+    def compute(self, tokens: torch.Tensor, layout: SlotLayout) -> torch.Tensor:
+        """The routed tokens through their experts, weighted and combined back (plus the shared
+        experts): [tokens, d_model] in the tokens' dtype."""
+        # index_select, not tensor[index]: its backward is index_add_, not a slower accumulating
+        # index_put_. Under autocast the tokens are cast once, before the gather (half the bytes
+        # gathered; the experts' matmuls then need no cast of their own).
+        rows = tokens.to(layout.compute_dtype).index_select(0, layout.slot_tokens)
+        if layout.kernel == "loop":
+            runs = [expert(run) for expert, run in zip(self.experts, rows.split(layout.run_lengths.tolist()))]
+        else:
+            runs = [self._grouped(rows, layout.slot_experts, layout.counts, layout.kernel, layout.compute_dtype)]
+        out = WeightedCombine.apply(layout.slot_tokens, layout.slot_weights, tokens.shape[0], *runs).to(tokens.dtype)
+        for shared in self.shared_experts:
+            out = out + shared(tokens)
+        return out
 
     def _stacked(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Gate and up [E, d_model, d_expert], down [E, d_expert, d_model], in ``dtype`` (autocast
