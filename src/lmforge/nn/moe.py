@@ -121,24 +121,23 @@ class WeightedCombine(torch.autograd.Function):
     def forward(ctx, slot_tokens: torch.Tensor, weights: torch.Tensor, n_tokens: int,  # type: ignore[override]
                 *runs: torch.Tensor) -> torch.Tensor:
         cast = weights.to(runs[0].dtype)[:, None]
+        sizes = [run.shape[0] for run in runs]
         out = runs[0].new_zeros(n_tokens, runs[0].shape[1])
-        start = 0
-        for run in runs:
-            end = start + run.shape[0]
-            out.index_add_(0, slot_tokens[start:end], run * cast[start:end])
-            start = end
+        for tokens, weight, run in zip(slot_tokens.split(sizes), cast.split(sizes), runs):
+            out.index_add_(0, tokens, run * weight)
         ctx.save_for_backward(slot_tokens, cast, *runs)
+        ctx.sizes = sizes
         return out
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
         slot_tokens, cast, *runs = ctx.saved_tensors
-        slot_grads = grad.to(cast.dtype).index_select(0, slot_tokens).split([run.shape[0] for run in runs])
+        slot_grads = grad.to(cast.dtype).index_select(0, slot_tokens).split(ctx.sizes)
         weight_grad = None
         if ctx.needs_input_grad[1]:
             weight_grad = torch.cat([(g * run).sum(dim=-1, dtype=torch.float32) for g, run in zip(slot_grads, runs)])
-        run_grads = [g * w if ctx.needs_input_grad[3 + i] else None
-                     for i, (g, w) in enumerate(zip(slot_grads, cast.split([run.shape[0] for run in runs])))]
+        run_grads = [g * weight if ctx.needs_input_grad[3 + i] else None
+                     for i, (g, weight) in enumerate(zip(slot_grads, cast.split(ctx.sizes)))]
         return None, weight_grad, None, *run_grads
 
 
