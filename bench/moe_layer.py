@@ -17,15 +17,18 @@ routing, dispatch and combine cost, together with what the real layer's runs add
 ones: their padding to ``moe.expert_rows_multiple`` rows and the router's uneven load; split into
 ``moe - moe_routed`` (``routing_ms``: router, top-k, sort, padding, auxiliary losses) and
 ``moe_routed - experts`` (``dispatch_combine_ms``). MoE layers with shared experts are refused
-(neither comparison would include them).
+(neither comparison would include them). ``--kernel K`` (repeatable) adds ``moe_K``: the same
+layer, same weights, with ``moe.expert_compute: K``, in the same rounds (``moe / moe_K``).
 
     OMP_NUM_THREADS=1 python bench/moe_layer.py --config configs/compare_moe.yaml --precision fp32
     OMP_NUM_THREADS=1 python bench/moe_layer.py --config configs/compare_moe.yaml --precision bf16
+    OMP_NUM_THREADS=1 python bench/moe_layer.py --config configs/compare_moe.yaml --precision bf16 --kernel loop
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import statistics
 import time
@@ -65,6 +68,8 @@ def main() -> None:
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     parser.add_argument("--calls", type=int, default=5, help="timed calls per variant and round")
     parser.add_argument("--rounds", type=int, default=12)
+    parser.add_argument("--kernel", action="append", default=[], choices=["loop", "batched", "grouped_mm"],
+                        help="also time the layer with this moe.expert_compute (repeatable)")
     args = parser.parse_args()
     raw = apply_overrides(read_yaml(args.config), args.overrides)
     cfg = ModelConfig.from_dict(raw.get("model", {}), path="model")
@@ -79,6 +84,9 @@ def main() -> None:
     bf16 = args.precision == "bf16"
     torch.manual_seed(0)
     moe = MoE(cfg)
+    others = {kernel: copy.deepcopy(moe) for kernel in args.kernel}  # same weights, another kernel
+    for kernel, other in others.items():
+        other.expert_compute = kernel
     dense = SwiGLU(cfg.d_model, cfg.moe.top_k * cfg.d_expert)
     slots = args.tokens * cfg.moe.top_k
     run = slots // cfg.moe.n_experts
@@ -101,6 +109,9 @@ def main() -> None:
              "moe": forward_backward(moe, x, grad, bf16, lambda: cfg.moe.load_balance_weight * moe.last_load_balance_loss
                                      + cfg.moe.z_loss_weight * moe.last_z_loss),
              "moe_routed": forward_backward(routed, x, grad, bf16)}
+    for kernel, other in others.items():
+        steps[f"moe_{kernel}"] = forward_backward(other, x, grad, bf16, lambda other=other: (
+            cfg.moe.load_balance_weight * other.last_load_balance_loss + cfg.moe.z_loss_weight * other.last_z_loss))
     for step in steps.values():
         for _ in range(5):
             step()
@@ -114,11 +125,13 @@ def main() -> None:
     times = alternate_rounds({name: lambda step=step: milliseconds(step) for name, step in steps.items()}, args.rounds)
     median = {name: statistics.median(values) for name, values in times.items()}
     per_round = {f"{a} / {b}": round(statistics.median(x / y for x, y in zip(times[a], times[b])), 3)
-                 for a, b in (("experts", "dense"), ("moe", "dense"), ("moe", "experts"), ("moe_routed", "experts"))}
+                 for a, b in (("experts", "dense"), ("moe", "dense"), ("moe", "experts"), ("moe_routed", "experts"),
+                              *(("moe", f"moe_{kernel}") for kernel in args.kernel))}
     print(json.dumps({
         "device": f"cpu x{torch.get_num_threads()} threads", "precision": args.precision, "tokens": args.tokens,
         "layer": (f"d_model {cfg.d_model}; dense d_ff {cfg.moe.top_k * cfg.d_expert}; "
                   f"{cfg.moe.n_experts} experts of {cfg.d_expert}, top-{cfg.moe.top_k}"),
+        "moe_kernel": layout.kernel, "run_lengths": layout.run_lengths.tolist(), "slots_per_expert": layout.counts.tolist(),
         "clock": "process CPU time, forward + backward, median over rounds",
         "ms_per_call": {name: round(value, 2) for name, value in median.items()},
         "routing_dispatch_combine_ms": round(median["moe"] - median["experts"], 2),

@@ -299,6 +299,7 @@ def main() -> None:
                                         for a, b in pairs if a in per_round and b in per_round}
     elif not args.no_hf:
         result["ratio_lmforge_over_hf_over_rounds"] = paired_ratio(per_round["lmforge"], per_round["hf"])
+    result["tokens_per_s_per_round"] = {name: [round(value, 1) for value in values] for name, values in per_round.items()}
     print(json.dumps(result, indent=2))
 
 

@@ -42,6 +42,14 @@ def setup(tmp_path_factory, tiny_corpus):
     return tmp, base, db
 
 
+@pytest.fixture(scope="module")
+def run_a(setup) -> Path:
+    """The RETRO run the resume, generation and facts tests read: trained once per module and
+    worker, so no test depends on another having run first (pytest-xdist splits a module)."""
+    tmp, base, _ = setup
+    return train_run(_cfg(tmp, base, "a"))
+
+
 def _raw(tmp: Path, base: dict, name: str, **retro) -> dict:
     raw = dict(base, name=name)
     raw["model"] = {**base["model"], "family": "retro",
@@ -160,9 +168,8 @@ def test_document_neighbours_come_from_the_own_document_but_never_near_the_text(
     assert replaced > 0
 
 
-def test_retro_training_resumes_exactly_and_evaluates_with_retrieval(setup):
+def test_retro_training_resumes_exactly_and_evaluates_with_retrieval(setup, run_a):
     tmp, base, db = setup
-    run_a = train_run(_cfg(tmp, base, "a"))
     with pytest.raises(RuntimeError, match="simulated crash"):
         train_run(_cfg(tmp, base, "b"), extra_callbacks={"crash": _Crash()})
     trainer = build_trainer(_cfg(tmp, base, "b"), resume="auto")
@@ -197,7 +204,7 @@ def test_retrofit_starts_identical_and_trains_only_new_parts(setup, tmp_path):
     assert any(not torch.equal(before[n], p) for n, p in trainer.model.named_parameters() if n.startswith("cca."))
 
 
-def test_retro_generation_and_facts_benchmark(setup, tmp_path):
+def test_retro_generation_and_facts_benchmark(setup, run_a, tmp_path):
     import shutil
 
     from lmforge.eval.facts import run_facts_benchmark
@@ -206,7 +213,7 @@ def test_retro_generation_and_facts_benchmark(setup, tmp_path):
     from lmforge.retrieval.generation import generate_with_retrieval
 
     tmp, base, db = setup
-    model, config, ckpt = load_model(tmp / "runs" / "a")
+    model, config, ckpt = load_model(run_a)
     out, used = generate_with_retrieval(model, db, db.tokenizer.encode("the king and the queen"), 40,
                                         temperature=0)
     assert len(out) == 40 and len(used) == (len(db.tokenizer.encode("the king and the queen")) + 39) // M
@@ -232,13 +239,13 @@ def test_retro_generation_and_facts_benchmark(setup, tmp_path):
     assert all(isinstance(v["retrieval_hurts"], bool) for v in result["guard"]["domains"].values())
 
 
-def test_reading_benchmark_defeats_copying_and_is_summarised_over_seeds(setup, tmp_path):
+def test_reading_benchmark_defeats_copying_and_is_summarised_over_seeds(setup, run_a, tmp_path):
     import shutil
 
     from lmforge.eval.facts import run_facts_benchmark, summarise_seeds
 
     tmp, base, db = setup
-    model, _, _ = load_model(tmp / "runs" / "a")
+    model, _, _ = load_model(run_a)
     copy = tmp_path / "db"
     shutil.copytree(db.path, copy)
     per_seed = [run_facts_benchmark(model, db.tokenizer, copy, n_entities=4, seed=s, variant="reading")

@@ -19,7 +19,7 @@ from conftest import run_cli, tiny_run_dict, train_losses, write_config
 from lmforge.core.device import autocast_context
 from lmforge.nn.config import ModelConfig
 from lmforge.nn.cross_entropy import linear_cross_entropy
-from lmforge.nn.moe import MoE, WeightedCombine, expert_kernel, padded_runs, row_multiple
+from lmforge.nn.moe import MoE, WeightedCombine, expert_kernel, padded_runs, row_multiple, run_lengths
 from lmforge.nn.norm import rms_norm
 from lmforge.nn.rope import RotaryEmbedding
 
@@ -69,21 +69,24 @@ def test_expert_compute_is_checked_and_resolved():
     with pytest.raises(Exception, match="expert_compute"):
         ModelConfig.from_dict({"moe": {"expert_compute": "fast"}})
     assert expert_kernel("auto", torch.device("cpu")) == "loop"
+    assert expert_kernel("auto", torch.device("cpu"), torch.bfloat16) == "batched"
     assert expert_kernel("auto", torch.device("cuda"), torch.bfloat16, (128, 384)) == "grouped_mm"
     assert expert_kernel("auto", torch.device("cuda"), torch.float32, (128, 384)) == "loop"
     assert expert_kernel("auto", torch.device("cuda"), torch.bfloat16, (128, 100)) == "loop"
     assert expert_kernel("loop", torch.device("cuda")) == "loop"
 
 
+@pytest.mark.parametrize("kernel", ["loop", "batched"])
 @pytest.mark.parametrize("moe", [{}, {"top_k": 1}, {"n_shared_experts": 1}])
-def test_padded_expert_runs_compute_what_the_unpadded_loop_computes(moe):
-    """moe.expert_rows_multiple: each expert's rows padded (slots reading token 0 with weight 0)
-    give the same output and the same gradients as no padding."""
+def test_padded_expert_runs_compute_what_the_unpadded_loop_computes(moe, kernel):
+    """moe.expert_rows_multiple: each expert's rows padded (slots reading token 0 with weight 0;
+    for ``batched``, every run to the longest) give the same output and the same gradients as the
+    loop without padding."""
     x = torch.randn(3, 21, 32)
     reference = _forward_backward(_moe(**moe, expert_rows_multiple=1), "loop", x)
-    for multiple in (7, 64):
+    for multiple in (1, 7, 64):
         layer = _moe(**moe, expert_rows_multiple=multiple)
-        for ours, theirs in zip(_forward_backward(layer, "loop", x), reference):
+        for ours, theirs in zip(_forward_backward(layer, kernel, x), reference):
             torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-7)
         assert layer.last_tokens_per_expert.sum() == 63 * layer.top_k  # the statistics count real slots only
 
@@ -92,13 +95,16 @@ def test_padded_runs_layout():
     counts = torch.tensor([3, 0, 5])
     slot_tokens = torch.tensor([4, 5, 6, 1, 2, 3, 7, 8])
     weights = torch.arange(1.0, 9.0)[:, None]
-    tokens, padded_weights, runs = padded_runs(slot_tokens, weights, torch.tensor([0, 0, 0, 2, 2, 2, 2, 2]), counts, 4)
+    runs = run_lengths(counts, 4, "loop")
     assert runs.tolist() == [4, 0, 8]
+    assert run_lengths(counts, 4, "batched").tolist() == [8, 8, 8]
+    tokens, padded_weights = padded_runs(slot_tokens, weights, torch.tensor([0, 0, 0, 2, 2, 2, 2, 2]), counts, runs)
     assert tokens.tolist() == [4, 5, 6, 0, 1, 2, 3, 7, 8, 0, 0, 0]
     assert padded_weights.squeeze(1).tolist() == [1, 2, 3, 0, 4, 5, 6, 7, 8, 0, 0, 0]
     assert row_multiple(None, torch.device("cpu"), "loop", torch.bfloat16) == 64
     assert row_multiple(None, torch.device("cpu"), "loop", torch.float32) == 1
-    assert row_multiple(None, torch.device("cpu"), "batched", torch.bfloat16) == 1
+    assert row_multiple(None, torch.device("cpu"), "batched", torch.bfloat16) == 64
+    assert row_multiple(16, torch.device("cpu"), "grouped_mm", torch.bfloat16) == 1
     assert row_multiple(None, torch.device("cuda"), "loop") == 1
     assert row_multiple(16, torch.device("cuda"), "loop") == 16
     with pytest.raises(Exception, match="expert_rows_multiple"):
@@ -133,7 +139,7 @@ def test_weighted_combine_by_hand_equals_autograd_of_the_textbook_form():
     torch.testing.assert_close(w_grad.double(), theirs[0], rtol=3e-2, atol=3e-2)
 
 
-@pytest.mark.parametrize("moe", [{}, {"top_k": 1}, {"expert_rows_multiple": 64}])
+@pytest.mark.parametrize("moe", [{}, {"top_k": 1}, {"expert_rows_multiple": 64}, {"expert_compute": "loop"}])
 def test_moe_gradients_under_bf16_autocast_stay_near_float64(moe):
     """The MoE layer under CPU bf16 autocast (bf16 experts and combine, fp32 router softmax) against
     the same layer in float64: output and every gradient within bf16-level error (norm-relative),

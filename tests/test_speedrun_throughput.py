@@ -92,6 +92,9 @@ def test_throughput_variants_train_in_the_same_rounds_and_bad_specs_are_refused(
     assert variants["unpadded"]["params_total"] == base_params
     assert variants["narrow"]["params_total"] < base_params  # the override reached the variant's model
     assert variants["batched"]["overrides"] == ["batched:moe.expert_compute=batched", "batched:moe.expert_rows_multiple=1"]
+    per_round = json.loads(result.stdout)["tokens_per_s_per_round"]
+    assert set(per_round) == {"lmforge", "dense", "unpadded", "batched", "narrow"}
+    assert len({len(values) for values in per_round.values()}) == 1 and min(map(min, per_round.values())) > 0
     for report in variants.values():
         assert report["tokens_per_s"] > 0
         for key in ("ratio_over_lmforge_over_rounds", "ratio_over_dense_over_rounds"):
@@ -114,6 +117,15 @@ def test_moe_layer_bench_splits_the_layer_against_the_dense_feed_forward(tmp_pat
     assert report["routing_ms"] == pytest.approx(ms["moe"] - ms["moe_routed"], abs=0.011)
     assert report["dispatch_combine_ms"] == pytest.approx(ms["moe_routed"] - ms["experts"], abs=0.011)
     assert set(report["ratios_per_round"]) == {"experts / dense", "moe / dense", "moe / experts", "moe_routed / experts"}
+    assert report["moe_kernel"] == "loop" and report["run_lengths"] == report["slots_per_expert"]  # fp32: no padding
+    assert sum(report["slots_per_expert"]) == 64 * 2
+    kernels = _bench("moe_layer.py", "--config", str(config), "--tokens", "64", "--calls", "1", "--rounds", "2",
+                     "--precision", "bf16", "--kernel", "loop")
+    assert kernels.returncode == 0, kernels.stderr[-3000:]
+    report = json.loads(kernels.stdout)
+    assert report["moe_kernel"] == "batched" and report["ms_per_call"]["moe_loop"] > 0
+    assert len(set(report["run_lengths"])) == 1 and report["run_lengths"][0] % 64 == 0  # one block, 64-row multiple
+    assert report["ratios_per_round"]["moe / moe_loop"] > 0
     dense_only = _bench("moe_layer.py", "--config", str(_tiny_config(tmp_path)))
     assert dense_only.returncode != 0 and "model.moe" in dense_only.stderr
     shared = _bench("moe_layer.py", "--config", str(_tiny_config(tmp_path, moe={"n_experts": 4, "n_shared_experts": 1})))

@@ -11,17 +11,19 @@ runs of rows are multiplied:
 
 - ``grouped_mm``: ``torch._grouped_mm``, all experts in one call (the grouped kernel MoE training
   uses on recent GPUs; on CPU torch 2.13 runs it as a slow reference, ~15x slower here);
-- ``batched``: the runs laid out in a padded [experts, most rows of any expert, d_model] buffer,
-  one ``torch.bmm`` each for gate, up and down; padding rows are zeros and never read back;
+- ``batched``: every expert's run padded to the longest (:func:`run_lengths`), so the gathered
+  rows are one [experts, rows, d_model] block: one ``torch.bmm`` each for gate, up and down,
+  forward and backward; padding rows read token 0 with weight 0;
 - ``loop``: each run through its expert's ``SwiGLU`` (one matmul call per expert and weight, on
   a contiguous slice: no per-expert gather or scatter);
-- ``auto``: ``grouped_mm`` for bf16 on CUDA, ``loop`` elsewhere. On a 2-core CPU at 4 experts the runs'
-  matmuls are the whole cost and ``batched`` measured ~15% slower than ``loop`` (its padded
-  buffer and strided weight gradients), see docs/speedrun.md.
+- ``auto``: ``grouped_mm`` for bf16 on CUDA; on CPU ``batched`` in bf16/fp16 and ``loop`` in fp32.
+  A CPU bf16 matmul call has a fixed cost before any arithmetic (oneDNN's), which 4 experts'
+  9 calls each pay 4 times and ``batched``'s 9 calls once: the whole layer 6-10% faster than
+  ``loop`` at 4 experts in bf16; in fp32 ``loop`` is ~4% faster (its runs are not padded to the
+  longest). ``bench/moe_layer.py --kernel``, docs/benchmarks.md.
 
-With ``loop`` on CPU in bf16, each expert's run is padded to a multiple of
-``moe.expert_rows_multiple`` rows (64 by default) so that the matmul shapes repeat from step to
-step: see :func:`padded_runs`.
+On CPU in bf16, each expert's run is padded to a multiple of ``moe.expert_rows_multiple`` rows
+(64 by default) so that the matmul shapes repeat from step to step: see :func:`padded_runs`.
 
 The weights stay one ``SwiGLU`` (three 2-D matrices) per expert, so checkpoints, the Hugging
 Face export and Muon (which orthogonalises each 2-D matrix) see the same parameters whatever
@@ -55,45 +57,56 @@ def load_balance_loss(slot_fraction: torch.Tensor, mean_probability: torch.Tenso
 def expert_kernel(choice: str, device: torch.device, dtype: torch.dtype = torch.float32,
                   widths: tuple[int, ...] = ()) -> str:
     """The kernel ``moe.expert_compute`` resolves to: ``auto`` is ``grouped_mm`` for bf16 on CUDA
-    with every width a multiple of 16 (the kernel's alignment), else ``loop``."""
+    with every width a multiple of 16 (the kernel's alignment), ``batched`` on CPU in bf16/fp16
+    (fewer matmul calls, each with a fixed cost; see the module), else ``loop``."""
     if choice != "auto":
         return choice
     if device.type == "cuda" and dtype == torch.bfloat16 and all(w % 16 == 0 for w in widths):
         return "grouped_mm"
+    if device.type == "cpu" and dtype in (torch.bfloat16, torch.float16):
+        return "batched"
     return "loop"
 
 
 def row_multiple(choice: int | None, device: torch.device, kernel: str, dtype: torch.dtype = torch.float32) -> int:
-    """The multiple ``moe.expert_rows_multiple`` resolves to: None is 64 for the ``loop`` kernel
-    on CPU in bf16/fp16 (where a new shape costs a kernel build), 1 (no padding) elsewhere; an
-    fp32 matmul of a new shape costs nothing extra here (bench/matmul_shapes.py)."""
+    """The multiple ``moe.expert_rows_multiple`` resolves to (the ``loop`` and ``batched`` kernels;
+    ``grouped_mm`` takes runs of any length): None is 64 on CPU in bf16/fp16 (where a new shape
+    costs a kernel build), 1 (no padding) elsewhere; an fp32 matmul of a new shape costs nothing
+    extra here (bench/matmul_shapes.py)."""
+    if kernel not in ("loop", "batched"):
+        return 1
     if choice is not None:
-        return choice if kernel == "loop" else 1
-    return 64 if device.type == "cpu" and kernel == "loop" and dtype != torch.float32 else 1
+        return choice
+    return 64 if device.type == "cpu" and dtype != torch.float32 else 1
 
 
 def padded_runs(slot_tokens: torch.Tensor, slot_weights: torch.Tensor, slot_experts: torch.Tensor,
-                counts: torch.Tensor, multiple: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Each expert's run of sorted slots padded to a multiple of ``multiple`` rows.
+                counts: torch.Tensor, run_lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each expert's run of sorted slots padded from ``counts`` to ``run_lengths`` rows.
 
     On CPU, oneDNN builds (and caches by shape) a kernel for every new bf16 matrix shape: a matmul
     whose row count was not seen before costs ~20x one that was (1.34 ms against 0.065 ms for
     1,024 x 128 @ 128 x 192 on an AMX Xeon, bench/matmul_shapes.py), and each expert's row count
-    changes every step. Padded to a multiple, the shapes repeat and stay cached. The padding
-    slots read token 0 and carry weight 0, so they add exact zeros to its output and pass zero
-    gradients to the experts' weights; the cost is on average ``multiple / 2`` extra rows per
-    expert. ``slot_experts``: the expert of each sorted slot. Returns the padded slot tokens, slot
-    weights and run lengths.
+    changes every step. Padded to a multiple (:func:`run_lengths`), the shapes repeat and stay
+    cached. The padding slots read token 0 and carry weight 0, so they add exact zeros to its
+    output and pass zero gradients to the experts' weights. ``slot_experts``: the expert of each
+    sorted slot. Returns the padded slot tokens and slot weights.
     """
-    padded = (counts + multiple - 1) // multiple * multiple
     starts = counts.cumsum(0) - counts
-    padded_starts = padded.cumsum(0) - padded
+    padded_starts = run_lengths.cumsum(0) - run_lengths
     destination = (torch.arange(slot_tokens.numel(), device=counts.device) - starts[slot_experts]
                    + padded_starts[slot_experts])
-    total = int(padded.sum())
+    total = int(run_lengths.sum())
     tokens = slot_tokens.new_zeros(total).index_copy_(0, destination, slot_tokens)
     weights = slot_weights.new_zeros(total, *slot_weights.shape[1:]).index_copy(0, destination, slot_weights)
-    return tokens, weights, padded
+    return tokens, weights
+
+
+def run_lengths(counts: torch.Tensor, multiple: int, kernel: str) -> torch.Tensor:
+    """Rows of each expert's run: its slots rounded up to ``multiple``; for the ``batched`` kernel
+    every run as long as the longest (the experts' rows as one [experts, rows, d_model] block)."""
+    lengths = (counts + multiple - 1) // multiple * multiple
+    return torch.full_like(counts, int(lengths.max())) if kernel == "batched" else lengths
 
 
 class WeightedCombine(torch.autograd.Function):
@@ -202,11 +215,9 @@ class MoE(nn.Module):
         kernel = expert_kernel(self.expert_compute, tokens.device, compute_dtype,
                                (tokens.shape[-1], self.experts[0].gate.out_features))
         multiple = row_multiple(self.expert_rows_multiple, tokens.device, kernel, compute_dtype)
-        if multiple > 1:
-            slot_tokens, slot_weights, run_lengths = padded_runs(slot_tokens, slot_weights, slot_experts, counts,
-                                                                 multiple)
-        else:
-            run_lengths = counts
+        lengths = run_lengths(counts, multiple, kernel)
+        if not torch.equal(lengths, counts):
+            slot_tokens, slot_weights = padded_runs(slot_tokens, slot_weights, slot_experts, counts, lengths)
 
         slot_fraction = counts.float() / flat_experts.numel()
         mean_probability = (logits - log_normaliser).exp().mean(dim=1)
@@ -215,7 +226,7 @@ class MoE(nn.Module):
         self.last_expert_load = slot_fraction.detach()
         self.last_tokens_per_expert = counts.detach()
         self.last_top_experts = top_experts.t()
-        return SlotLayout(slot_tokens, slot_weights, slot_experts, counts, run_lengths, kernel, compute_dtype)
+        return SlotLayout(slot_tokens, slot_weights, slot_experts, counts, lengths, kernel, compute_dtype)
 
     def compute(self, tokens: torch.Tensor, layout: SlotLayout) -> torch.Tensor:
         """The routed tokens through their experts, weighted and combined back (plus the shared
@@ -226,8 +237,10 @@ class MoE(nn.Module):
         rows = tokens.to(layout.compute_dtype).index_select(0, layout.slot_tokens)
         if layout.kernel == "loop":
             runs = [expert(run) for expert, run in zip(self.experts, rows.split(layout.run_lengths.tolist()))]
+        elif layout.kernel == "batched":
+            runs = [self._batched(rows, layout.compute_dtype)]
         else:
-            runs = [self._grouped(rows, layout.slot_experts, layout.counts, layout.kernel, layout.compute_dtype)]
+            runs = [self._grouped(rows, layout.counts, layout.kernel, layout.compute_dtype)]
         out = WeightedCombine.apply(layout.slot_tokens, layout.slot_weights, tokens.shape[0], *runs).to(tokens.dtype)
         for shared in self.shared_experts:
             out = out + shared(tokens)
@@ -239,23 +252,21 @@ class MoE(nn.Module):
         return tuple(torch.stack([getattr(e, name).weight for e in self.experts]).transpose(1, 2).to(dtype)
                      for name in ("gate", "up", "down"))  # type: ignore[return-value]
 
-    def _grouped(self, rows: torch.Tensor, row_experts: torch.Tensor, counts: torch.Tensor,
-                 kernel: str, dtype: torch.dtype) -> torch.Tensor:
-        """Sorted rows [N*k, d] through their experts, computed in ``dtype`` (the autocast dtype
-        when autocast is on): ``grouped_mm`` or ``batched`` (see the module)."""
+    def _batched(self, rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """The runs, all of one length (:func:`run_lengths`), as one [experts, rows, d_model] block:
+        one ``torch.bmm`` for gate, up and down each, forward and backward, in ``dtype``."""
+        gate, up, down = self._stacked(dtype)
+        block = rows.view(self.n_experts, -1, rows.shape[-1])
+        out = torch.bmm(F.silu(torch.bmm(block, gate)) * torch.bmm(block, up), down)
+        return out.view(rows.shape[0], -1)
+
+    def _grouped(self, rows: torch.Tensor, counts: torch.Tensor, kernel: str, dtype: torch.dtype) -> torch.Tensor:
+        """Sorted rows [N*k, d] through their experts with ``torch._grouped_mm``, computed in ``dtype``
+        (the autocast dtype when autocast is on)."""
+        if kernel != "grouped_mm":
+            raise ValueError(f"moe.expert_compute: unknown kernel {kernel!r} (known: auto, batched, grouped_mm, loop)")
         rows = rows.to(dtype)
         gate, up, down = self._stacked(dtype)
-        if kernel == "grouped_mm":
-            offsets = counts.cumsum(0).to(torch.int32)
-            hidden = F.silu(torch._grouped_mm(rows, gate, offs=offsets)) * torch._grouped_mm(rows, up, offs=offsets)
-            return torch._grouped_mm(hidden, down, offs=offsets)
-        if kernel != "batched":
-            raise ValueError(f"moe.expert_compute: unknown kernel {kernel!r} (known: auto, batched, grouped_mm, loop)")
-        # Row i of the sorted slots is row (i - start of its expert) of its expert's block.
-        capacity = int(counts.max())
-        starts = counts.cumsum(0) - counts
-        slot = row_experts * capacity + torch.arange(rows.shape[0], device=rows.device) - starts[row_experts]
-        padded = rows.new_zeros(self.n_experts * capacity, rows.shape[1]).index_copy(0, slot, rows)
-        padded = padded.view(self.n_experts, capacity, -1)
-        out = torch.bmm(F.silu(torch.bmm(padded, gate)) * torch.bmm(padded, up), down)
-        return out.view(self.n_experts * capacity, -1).index_select(0, slot)
+        offsets = counts.cumsum(0).to(torch.int32)
+        hidden = F.silu(torch._grouped_mm(rows, gate, offs=offsets)) * torch._grouped_mm(rows, up, offs=offsets)
+        return torch._grouped_mm(hidden, down, offs=offsets)
