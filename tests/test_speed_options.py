@@ -91,6 +91,28 @@ def test_padded_expert_runs_compute_what_the_unpadded_loop_computes(moe, kernel)
         assert layer.last_tokens_per_expert.sum() == 63 * layer.top_k  # the statistics count real slots only
 
 
+def test_auto_batches_the_experts_on_cpu_in_bf16_unless_the_load_is_too_uneven():
+    """moe.expert_compute: auto on CPU under bf16 autocast pads every run to the longest and batches
+    the experts; a router that sends every token to the same two experts would pad the idle ones
+    to 2,048 rows each, so that step takes the loop instead (nn/moe.py, auto_layout)."""
+    layer = _moe()
+    x = torch.randn(2048, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        balanced = layer.route(x)
+    assert balanced.kernel == "batched" and len(set(balanced.run_lengths.tolist())) == 1
+    with torch.no_grad():
+        layer.router.weight.zero_()
+        layer.router.weight[:2, 0], layer.router.weight[2:, 0] = 5.0, -5.0
+    x[:, 0] = x[:, 0].abs() + 1.0
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        skewed = layer.route(x)
+    assert skewed.counts.tolist() == [2048, 2048, 0, 0]
+    assert skewed.kernel == "loop" and skewed.run_lengths.tolist() == [2048, 2048, 0, 0]
+    layer.expert_compute = "batched"  # asked for by name: batched whatever the load
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert layer.route(x).run_lengths.tolist() == [2048] * 4
+
+
 def test_padded_runs_layout():
     counts = torch.tensor([3, 0, 5])
     slot_tokens = torch.tensor([4, 5, 6, 1, 2, 3, 7, 8])

@@ -16,7 +16,8 @@ runs of rows are multiplied:
   forward and backward; padding rows read token 0 with weight 0;
 - ``loop``: each run through its expert's ``SwiGLU`` (one matmul call per expert and weight, on
   a contiguous slice: no per-expert gather or scatter);
-- ``auto``: ``grouped_mm`` for bf16 on CUDA; on CPU ``batched`` in bf16/fp16 and ``loop`` in fp32.
+- ``auto``: ``grouped_mm`` for bf16 on CUDA; on CPU ``batched`` in bf16/fp16 (``loop`` for a step
+  whose load is too uneven to pad every run to the longest, :func:`auto_layout`) and ``loop`` in fp32.
   A CPU bf16 matmul call has a fixed cost before any arithmetic (oneDNN's), which 4 experts'
   9 calls each pay 4 times and ``batched``'s 9 calls once: the whole layer 6-10% faster than
   ``loop`` at 4 experts in bf16; in fp32 ``loop`` is ~4% faster (its runs are not padded to the
@@ -107,6 +108,23 @@ def run_lengths(counts: torch.Tensor, multiple: int, kernel: str) -> torch.Tenso
     every run as long as the longest (the experts' rows as one [experts, rows, d_model] block)."""
     lengths = (counts + multiple - 1) // multiple * multiple
     return torch.full_like(counts, int(lengths.max())) if kernel == "batched" else lengths
+
+
+# What ``auto``'s batched block may add, in rows per expert, over the loop's padded runs before the
+# step falls back to the loop: about what one expert's 9 separate bf16 matmul calls cost on the
+# CPU measured (batched pays for its padding rows, the loop for its calls; bench/moe_layer.py
+# --kernel loop: batched faster at 4, 16 and 64 experts with the block 1.03-2x the slots).
+BATCHED_ALLOWANCE_ROWS = 256
+
+
+def auto_layout(counts: torch.Tensor, multiple: int) -> tuple[str, torch.Tensor]:
+    """``auto``'s CPU bf16 choice for one step: ``batched`` unless the router's load is so uneven
+    that padding every run to the longest would cost more rows than the loop's calls (a router
+    sending most tokens to a few experts: early in training, or collapsing), then ``loop``."""
+    batched, loop = run_lengths(counts, multiple, "batched"), run_lengths(counts, multiple, "loop")
+    if int(batched.sum()) <= int(loop.sum()) + BATCHED_ALLOWANCE_ROWS * counts.numel():
+        return "batched", batched
+    return "loop", loop
 
 
 class WeightedCombine(torch.autograd.Function):
@@ -215,7 +233,10 @@ class MoE(nn.Module):
         kernel = expert_kernel(self.expert_compute, tokens.device, compute_dtype,
                                (tokens.shape[-1], self.experts[0].gate.out_features))
         multiple = row_multiple(self.expert_rows_multiple, tokens.device, kernel, compute_dtype)
-        lengths = run_lengths(counts, multiple, kernel)
+        if kernel == "batched" and self.expert_compute == "auto":
+            kernel, lengths = auto_layout(counts, multiple)
+        else:
+            lengths = run_lengths(counts, multiple, kernel)
         if not torch.equal(lengths, counts):
             slot_tokens, slot_weights = padded_runs(slot_tokens, slot_weights, slot_experts, counts, lengths)
 
