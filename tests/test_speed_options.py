@@ -69,7 +69,8 @@ def test_expert_compute_is_checked_and_resolved():
     with pytest.raises(Exception, match="expert_compute"):
         ModelConfig.from_dict({"moe": {"expert_compute": "fast"}})
     assert expert_kernel("auto", torch.device("cpu")) == "loop"
-    assert expert_kernel("auto", torch.device("cpu"), torch.bfloat16) == "batched"
+    assert expert_kernel("auto", torch.device("cpu"), torch.bfloat16, (128, 192)) == "batched"
+    assert expert_kernel("auto", torch.device("cpu"), torch.bfloat16, (512, 768)) == "loop"  # large experts
     assert expert_kernel("auto", torch.device("cuda"), torch.bfloat16, (128, 384)) == "grouped_mm"
     assert expert_kernel("auto", torch.device("cuda"), torch.float32, (128, 384)) == "loop"
     assert expert_kernel("auto", torch.device("cuda"), torch.bfloat16, (128, 100)) == "loop"

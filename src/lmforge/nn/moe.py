@@ -16,12 +16,14 @@ runs of rows are multiplied:
   forward and backward; padding rows read token 0 with weight 0;
 - ``loop``: each run through its expert's ``SwiGLU`` (one matmul call per expert and weight, on
   a contiguous slice: no per-expert gather or scatter);
-- ``auto``: ``grouped_mm`` for bf16 on CUDA; on CPU ``batched`` in bf16/fp16 (``loop`` for a step
-  whose load is too uneven to pad every run to the longest, :func:`auto_layout`) and ``loop`` in fp32.
-  A CPU bf16 matmul call has a fixed cost before any arithmetic (oneDNN's), which 4 experts'
-  9 calls each pay 4 times and ``batched``'s 9 calls once: the whole layer 6-10% faster than
-  ``loop`` at 4 experts in bf16; in fp32 ``loop`` is ~4% faster (its runs are not padded to the
-  longest). ``bench/moe_layer.py --kernel``, docs/benchmarks.md.
+- ``auto``: ``grouped_mm`` for bf16 on CUDA; on CPU ``batched`` in bf16/fp16 for small experts
+  (``BATCHED_MAX_MATRIX``; ``loop`` for a step whose load is too uneven to pad every run to the
+  longest, :func:`auto_layout`), ``loop`` for larger experts and in fp32. A CPU bf16 matmul call
+  has a fixed cost before any arithmetic (oneDNN's), which 4 experts' 9 calls each pay 4 times
+  and ``batched``'s 9 calls once: the whole layer 6-10% faster than ``loop`` at 4 experts of
+  128 x 192 in bf16, 18-25% at 16 and 64 experts; at 512 x 768 the calls are large, the padding
+  costs more than they do and ``loop`` is faster; in fp32 ``loop`` is ~4% faster.
+  ``bench/moe_layer.py --kernel``, docs/benchmarks.md.
 
 On CPU in bf16, each expert's run is padded to a multiple of ``moe.expert_rows_multiple`` rows
 (64 by default) so that the matmul shapes repeat from step to step: see :func:`padded_runs`.
@@ -40,6 +42,7 @@ Auxiliary losses (their weights live in MoEConfig):
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -55,16 +58,24 @@ def load_balance_loss(slot_fraction: torch.Tensor, mean_probability: torch.Tenso
     return slot_fraction.numel() * (slot_fraction * mean_probability).sum()
 
 
+# The largest expert matrix (d_model x d_expert) for which ``auto`` batches the experts on CPU in bf16:
+# each call's fixed cost matters while the matmuls are small, the padding to the longest run once
+# they are large (bench/moe_layer.py --kernel loop, batched / loop: 0.91-0.94 at 128 x 192, 0.96 at
+# 256 x 384, 1.11 at 512 x 768; docs/benchmarks.md).
+BATCHED_MAX_MATRIX = 2**17
+
+
 def expert_kernel(choice: str, device: torch.device, dtype: torch.dtype = torch.float32,
                   widths: tuple[int, ...] = ()) -> str:
     """The kernel ``moe.expert_compute`` resolves to: ``auto`` is ``grouped_mm`` for bf16 on CUDA
     with every width a multiple of 16 (the kernel's alignment), ``batched`` on CPU in bf16/fp16
-    (fewer matmul calls, each with a fixed cost; see the module), else ``loop``."""
+    for experts of at most ``BATCHED_MAX_MATRIX`` weights per matrix (``widths``: d_model and
+    d_expert; fewer matmul calls, each with a fixed cost, see the module), else ``loop``."""
     if choice != "auto":
         return choice
     if device.type == "cuda" and dtype == torch.bfloat16 and all(w % 16 == 0 for w in widths):
         return "grouped_mm"
-    if device.type == "cpu" and dtype in (torch.bfloat16, torch.float16):
+    if device.type == "cpu" and dtype in (torch.bfloat16, torch.float16) and math.prod(widths) <= BATCHED_MAX_MATRIX:
         return "batched"
     return "loop"
 
