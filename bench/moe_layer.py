@@ -16,7 +16,9 @@ dense`` is what the smaller matmuls cost; ``moe - experts`` (``routing_dispatch_
 routing, dispatch and combine cost, together with what the real layer's runs add over the equal
 ones: their padding to ``moe.expert_rows_multiple`` rows and the router's uneven load; split into
 ``moe - moe_routed`` (``routing_ms``: router, top-k, sort, padding, auxiliary losses) and
-``moe_routed - experts`` (``dispatch_combine_ms``). MoE layers with shared experts are refused
+``moe_routed - experts`` (``dispatch_combine_ms``; ``experts`` is always the per-expert loop, so
+where the layer's kernel is ``batched`` this also holds the difference between the two kernels,
+and can be negative). MoE layers with shared experts are refused
 (neither comparison would include them). ``--kernel K`` (repeatable) adds ``moe_K``: the same
 layer, same weights, with ``moe.expert_compute: K``, in the same rounds (``moe / moe_K``).
 

@@ -112,6 +112,12 @@ def test_auto_batches_the_experts_on_cpu_in_bf16_unless_the_load_is_too_uneven()
     layer.expert_compute = "batched"  # asked for by name: batched whatever the load
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert layer.route(x).run_lengths.tolist() == [2048] * 4
+    layer.expert_compute = "auto"
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert layer.route(torch.randn(8, 32)).kernel == "loop"  # a few tokens (decoding): the loop
+        for kernel in ("auto", "batched"):  # and no tokens at all
+            layer.expert_compute = kernel
+            assert layer(torch.randn(2, 0, 32)).shape == (2, 0, 32)
 
 
 def test_padded_runs_layout():

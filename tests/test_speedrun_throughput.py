@@ -119,8 +119,8 @@ def test_moe_layer_bench_splits_the_layer_against_the_dense_feed_forward(tmp_pat
     assert set(report["ratios_per_round"]) == {"experts / dense", "moe / dense", "moe / experts", "moe_routed / experts"}
     assert report["moe_kernel"] == "loop" and report["run_lengths"] == report["slots_per_expert"]  # fp32: no padding
     assert sum(report["slots_per_expert"]) == 64 * 2
-    kernels = _bench("moe_layer.py", "--config", str(config), "--tokens", "64", "--calls", "1", "--rounds", "2",
-                     "--precision", "bf16", "--kernel", "loop")
+    kernels = _bench("moe_layer.py", "--config", str(config), "--tokens", "256", "--calls", "1", "--rounds", "2",
+                     "--precision", "bf16", "--kernel", "loop")  # enough slots per expert for auto to batch
     assert kernels.returncode == 0, kernels.stderr[-3000:]
     report = json.loads(kernels.stdout)
     assert report["moe_kernel"] == "batched" and report["ms_per_call"]["moe_loop"] > 0

@@ -21,7 +21,7 @@ class MoEConfig(Config):
     load_balance_weight: float = 0.01  # weight of the Switch load-balancing loss
     z_loss_weight: float = 0.001       # weight of the router z-loss
     every_n_layers: int = 1            # MoE in layers i with i % every_n_layers == every_n_layers - 1
-    expert_compute: Literal["auto", "batched", "grouped_mm", "loop"] = "auto"  # experts' kernel, nn/moe.py; auto: grouped_mm for bf16 on CUDA, batched on CPU in bf16, loop elsewhere
+    expert_compute: Literal["auto", "batched", "grouped_mm", "loop"] = "auto"  # experts' kernel, nn/moe.py; auto: grouped_mm for bf16 on CUDA, batched on CPU in bf16 for small experts and full batches (per step), loop elsewhere
     expert_rows_multiple: int | None = None  # loop/batched kernels: each expert's rows padded to a multiple (repeating matmul shapes); None: 64 on CPU in bf16, 1 (none) elsewhere
 
     def __post_init__(self) -> None:

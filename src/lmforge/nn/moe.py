@@ -126,13 +126,21 @@ def run_lengths(counts: torch.Tensor, multiple: int, kernel: str) -> torch.Tenso
 # CPU measured (batched pays for its padding rows, the loop for its calls; bench/moe_layer.py
 # --kernel loop: batched faster at 4, 16 and 64 experts with the block 1.03-2x the slots).
 BATCHED_ALLOWANCE_ROWS = 256
+# Fewer slots than this per expert on average (a few tokens: decoding, a tiny batch) and ``auto``
+# takes the loop: the block would be mostly padding, and stacking every expert's weights for it
+# costs more than the few small calls it saves.
+BATCHED_MIN_SLOTS_PER_EXPERT = 64
 
 
 def auto_layout(counts: torch.Tensor, multiple: int) -> tuple[str, torch.Tensor]:
-    """``auto``'s CPU bf16 choice for one step: ``batched`` unless the router's load is so uneven
-    that padding every run to the longest would cost more rows than the loop's calls (a router
-    sending most tokens to a few experts: early in training, or collapsing), then ``loop``."""
-    batched, loop = run_lengths(counts, multiple, "batched"), run_lengths(counts, multiple, "loop")
+    """``auto``'s CPU bf16 choice for one step: ``batched`` unless the step has few slots per expert
+    or the router's load is so uneven that padding every run to the longest would cost more rows
+    than the loop's calls (a router sending most tokens to a few experts: early in training, or
+    collapsing), then ``loop``."""
+    loop = run_lengths(counts, multiple, "loop")
+    if int(counts.sum()) < BATCHED_MIN_SLOTS_PER_EXPERT * counts.numel():
+        return "loop", loop
+    batched = run_lengths(counts, multiple, "batched")
     if int(batched.sum()) <= int(loop.sum()) + BATCHED_ALLOWANCE_ROWS * counts.numel():
         return "batched", batched
     return "loop", loop
@@ -188,7 +196,7 @@ class SlotLayout(NamedTuple):
 
     slot_tokens: torch.Tensor    # the token of each sorted slot (padding slots: token 0)
     slot_weights: torch.Tensor   # its router weight, fp32 (padding slots: 0)
-    slot_experts: torch.Tensor   # the expert of each real sorted slot (unpadded; the grouped kernels)
+    slot_experts: torch.Tensor   # the expert of each real sorted slot (unpadded; where padding puts it)
     counts: torch.Tensor         # real slots per expert
     run_lengths: torch.Tensor    # rows of each expert's run (``counts``, padded where asked)
     kernel: str                  # what ``moe.expert_compute`` resolved to
@@ -221,7 +229,8 @@ class MoE(nn.Module):
 
     def route(self, tokens: torch.Tensor) -> SlotLayout:
         """Router, top-k and the slots sorted by expert (padded where ``moe.expert_rows_multiple``
-        asks); sets the auxiliary losses and the routing statistics of this forward."""
+        asks, and for ``batched`` every run to the longest); sets the auxiliary losses and the
+        routing statistics of this forward."""
         n_tokens = tokens.shape[0]
         # The router's logits as [experts, tokens]: the softmax, top-k and logsumexp then reduce across
         # contiguous rows of tokens instead of over a last dimension of a few experts, where torch's CPU
@@ -248,7 +257,7 @@ class MoE(nn.Module):
             kernel, lengths = auto_layout(counts, multiple)
         else:
             lengths = run_lengths(counts, multiple, kernel)
-        if not torch.equal(lengths, counts):
+        if kernel == "batched" or multiple > 1:  # (no comparison of lengths and counts: a host sync on GPU)
             slot_tokens, slot_weights = padded_runs(slot_tokens, slot_weights, slot_experts, counts, lengths)
 
         slot_fraction = counts.float() / flat_experts.numel()
@@ -288,9 +297,9 @@ class MoE(nn.Module):
         """The runs, all of one length (:func:`run_lengths`), as one [experts, rows, d_model] block:
         one ``torch.bmm`` for gate, up and down each, forward and backward, in ``dtype``."""
         gate, up, down = self._stacked(dtype)
-        block = rows.view(self.n_experts, -1, rows.shape[-1])
+        block = rows.view(self.n_experts, rows.shape[0] // self.n_experts, rows.shape[-1])  # no -1: 0 rows too
         out = torch.bmm(F.silu(torch.bmm(block, gate)) * torch.bmm(block, up), down)
-        return out.view(rows.shape[0], -1)
+        return out.view(rows.shape[0], rows.shape[-1])
 
     def _grouped(self, rows: torch.Tensor, counts: torch.Tensor, kernel: str, dtype: torch.dtype) -> torch.Tensor:
         """Sorted rows [N*k, d] through their experts with ``torch._grouped_mm``, computed in ``dtype``
