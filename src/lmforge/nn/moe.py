@@ -196,7 +196,6 @@ class SlotLayout(NamedTuple):
 
     slot_tokens: torch.Tensor    # the token of each sorted slot (padding slots: token 0)
     slot_weights: torch.Tensor   # its router weight, fp32 (padding slots: 0)
-    slot_experts: torch.Tensor   # the expert of each real sorted slot (unpadded; where padding puts it)
     counts: torch.Tensor         # real slots per expert
     run_lengths: torch.Tensor    # rows of each expert's run (``counts``, padded where asked)
     kernel: str                  # what ``moe.expert_compute`` resolved to
@@ -246,7 +245,6 @@ class MoE(nn.Module):
         order = flat_experts.argsort(stable=True)               # group token-slots by expert
         counts = torch.bincount(flat_experts, minlength=self.n_experts)
         slot_tokens = order % n_tokens                          # the token of each sorted slot
-        slot_experts = flat_experts[order]                      # and its expert
         slot_weights = top_weights.flatten()[order]
         autocast = torch.is_autocast_enabled(tokens.device.type)
         compute_dtype = torch.get_autocast_dtype(tokens.device.type) if autocast else tokens.dtype
@@ -258,6 +256,7 @@ class MoE(nn.Module):
         else:
             lengths = run_lengths(counts, multiple, kernel)
         if kernel == "batched" or multiple > 1:  # (no comparison of lengths and counts: a host sync on GPU)
+            slot_experts = flat_experts[order]                  # the expert of each sorted slot
             slot_tokens, slot_weights = padded_runs(slot_tokens, slot_weights, slot_experts, counts, lengths)
 
         slot_fraction = counts.float() / flat_experts.numel()
@@ -267,7 +266,7 @@ class MoE(nn.Module):
         self.last_expert_load = slot_fraction.detach()
         self.last_tokens_per_expert = counts.detach()
         self.last_top_experts = top_experts.t()
-        return SlotLayout(slot_tokens, slot_weights, slot_experts, counts, lengths, kernel, compute_dtype)
+        return SlotLayout(slot_tokens, slot_weights, counts, lengths, kernel, compute_dtype)
 
     def compute(self, tokens: torch.Tensor, layout: SlotLayout) -> torch.Tensor:
         """The routed tokens through their experts, weighted and combined back (plus the shared
@@ -306,7 +305,6 @@ class MoE(nn.Module):
         (the autocast dtype when autocast is on)."""
         if kernel != "grouped_mm":
             raise ValueError(f"moe.expert_compute: unknown kernel {kernel!r} (known: auto, batched, grouped_mm, loop)")
-        rows = rows.to(dtype)
         gate, up, down = self._stacked(dtype)
         offsets = counts.cumsum(0).to(torch.int32)
         hidden = F.silu(torch._grouped_mm(rows, gate, offs=offsets)) * torch._grouped_mm(rows, up, offs=offsets)
