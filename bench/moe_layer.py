@@ -106,14 +106,16 @@ def main() -> None:
         return moe.compute(tokens, layout)
 
     rows, rows_grad = torch.randn(run * cfg.moe.n_experts, cfg.d_model), torch.randn(run * cfg.moe.n_experts, cfg.d_model)
+    def auxiliary_loss(layer: MoE) -> Callable[[], torch.Tensor]:
+        """The layer's auxiliary losses of its last forward, with their configured weights."""
+        return lambda: cfg.moe.load_balance_weight * layer.last_load_balance_loss + cfg.moe.z_loss_weight * layer.last_z_loss
+
     steps = {"dense": forward_backward(dense, x, grad, bf16),
              "experts": forward_backward(experts_alone, rows, rows_grad, bf16),
-             "moe": forward_backward(moe, x, grad, bf16, lambda: cfg.moe.load_balance_weight * moe.last_load_balance_loss
-                                     + cfg.moe.z_loss_weight * moe.last_z_loss),
+             "moe": forward_backward(moe, x, grad, bf16, auxiliary_loss(moe)),
              "moe_routed": forward_backward(routed, x, grad, bf16)}
     for kernel, other in others.items():
-        steps[f"moe_{kernel}"] = forward_backward(other, x, grad, bf16, lambda other=other: (
-            cfg.moe.load_balance_weight * other.last_load_balance_loss + cfg.moe.z_loss_weight * other.last_z_loss))
+        steps[f"moe_{kernel}"] = forward_backward(other, x, grad, bf16, auxiliary_loss(other))
     for step in steps.values():
         for _ in range(5):
             step()

@@ -117,7 +117,7 @@ def padded_runs(slot_tokens: torch.Tensor, slot_weights: torch.Tensor, slot_expe
 def run_lengths(counts: torch.Tensor, multiple: int, kernel: str) -> torch.Tensor:
     """Rows of each expert's run: its slots rounded up to ``multiple``; for the ``batched`` kernel
     every run as long as the longest (the experts' rows as one [experts, rows, d_model] block)."""
-    lengths = (counts + multiple - 1) // multiple * multiple
+    lengths = counts if multiple == 1 else (counts + multiple - 1) // multiple * multiple
     return torch.full_like(counts, int(lengths.max())) if kernel == "batched" else lengths
 
 
